@@ -1,0 +1,123 @@
+"""Built-in plugin: the ``litert`` backend runs ``.tflite`` files with ``ai_edge_litert``.
+
+Batched (the batch dimension is resized to fit), multi-threaded, and transparent about
+quantized inputs and outputs: float data is quantized with each input tensor's scale and
+zero point, integer outputs are dequantized with the output tensor's.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+import qpipe
+from qpipe import Artifact, Backend, LoadedModel, QpipeError, Runner
+from qpipe.tfenv import quiet
+
+
+def default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class LiteRTOptions(qpipe.Options):
+    threads: int = Field(default_factory=default_threads, ge=1, description="interpreter threads")
+    batch_size: int = Field(256, ge=1, description="samples per invoke during evaluation")
+    xnnpack: bool = Field(True, description="use the XNNPACK delegate (else the built-in kernels)")
+
+
+def quantize_array(values: np.ndarray, detail: dict) -> np.ndarray:
+    """Float values -> the tensor's integer type, with its scale and zero point."""
+    dtype = np.dtype(detail["dtype"])
+    if dtype.kind == "f":
+        return values.astype(dtype, copy=False)
+    scale, zero_point = detail["quantization"]
+    if not scale:
+        return values.astype(dtype)
+    info = np.iinfo(dtype)
+    q = np.round(values / scale + zero_point)
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def dequantize_array(values: np.ndarray, detail: dict) -> np.ndarray:
+    """The tensor's integer values -> float32, with its scale and zero point."""
+    scale, zero_point = detail["quantization"]
+    if np.dtype(detail["dtype"]).kind == "f" or not scale:
+        return values.astype(np.float32, copy=False)
+    return ((values.astype(np.float32) - zero_point) * scale).astype(np.float32)
+
+
+class LiteRTRunner(Runner):
+    """One interpreter; inputs matched by signature name (or position for one input)."""
+
+    def __init__(self, path: str, threads: int, xnnpack: bool):
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+        self.path, self.threads, self.xnnpack = path, threads, xnnpack
+        resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        try:
+            with quiet():
+                self.interpreter = Interpreter(model_path=path, num_threads=threads,
+                                               experimental_op_resolver_type=resolver)
+                self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise QpipeError(f"LiteRT cannot load {os.path.basename(path)}: {exc}") from exc
+        self.inputs = self._named(self.interpreter.get_input_details(), "inputs")
+        outputs = self._named(self.interpreter.get_output_details(), "outputs")
+        self.output = next(iter(outputs.values()))
+        self._shapes = {d["index"]: tuple(d["shape"]) for d in self.interpreter.get_input_details()}
+
+    def _named(self, details: list[dict], kind: str) -> dict[str, dict]:
+        signatures = self.interpreter.get_signature_list()
+        if signatures:
+            key = "serving_default" if "serving_default" in signatures else next(iter(signatures))
+            runner = self.interpreter.get_signature_runner(key)
+            by_name = runner.get_input_details() if kind == "inputs" else runner.get_output_details()
+            by_index = {d["index"]: d for d in details}
+            return {name: by_index[d["index"]] for name, d in by_name.items()}
+        return {d["name"]: d for d in details}
+
+    def _set(self, detail: dict, values: np.ndarray) -> None:
+        index = detail["index"]
+        if self._shapes.get(index) != values.shape:
+            self.interpreter.resize_tensor_input(index, list(values.shape))
+            self.interpreter.allocate_tensors()
+            self._shapes[index] = values.shape
+        self.interpreter.set_tensor(index, quantize_array(values, detail))
+
+    def predict_batch(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        if len(self.inputs) == 1 and len(inputs) == 1:
+            pairs = [(next(iter(self.inputs.values())), next(iter(inputs.values())))]
+        else:
+            missing = [name for name in self.inputs if name not in inputs]
+            if missing:
+                raise QpipeError(f"the .tflite expects inputs {sorted(self.inputs)}; missing {missing}")
+            pairs = [(detail, inputs[name]) for name, detail in self.inputs.items()]
+        for detail, values in pairs:
+            self._set(detail, np.asarray(values))
+        self.interpreter.invoke()
+        return dequantize_array(self.interpreter.get_tensor(self.output["index"]), self.output)
+
+    def with_threads(self, threads: int) -> "LiteRTRunner":
+        return self if threads == self.threads else LiteRTRunner(self.path, threads, self.xnnpack)
+
+    def close(self) -> None:
+        self.interpreter = None
+
+
+class LiteRTBackend(Backend):
+    """Runs .tflite models with the LiteRT interpreter (ai_edge_litert)."""
+
+    name = "litert"
+    formats = ("tflite",)
+    Options = LiteRTOptions
+
+    def load(self, artifact: Artifact, model: LoadedModel | None = None) -> Runner:
+        return LiteRTRunner(str(artifact.path), self.options.threads, self.options.xnnpack)
+
+
+@qpipe.hookimpl
+def qpipe_register_backends(register: Any) -> None:
+    register(LiteRTBackend)

@@ -1,0 +1,140 @@
+"""Built-in plugin: the evaluators ``accuracy``, ``regression``, ``fidelity``, ``size``, ``latency``."""
+
+from __future__ import annotations
+
+import gzip
+import time
+
+import numpy as np
+from pydantic import Field, field_validator
+
+import qpipe
+from qpipe import EvalContext, Evaluator, QpipeError
+
+
+def _flat(outputs: np.ndarray) -> np.ndarray:
+    arr = np.asarray(outputs, dtype=np.float64)
+    return arr.reshape(len(arr), -1)
+
+
+class AccuracyOptions(qpipe.Options):
+    top_k: list[int] = Field(default_factory=list, description="also report top-k accuracy for these k")
+
+    @field_validator("top_k")
+    @classmethod
+    def _positive(cls, values: list[int]) -> list[int]:
+        if any(k < 1 for k in values):
+            raise ValueError("top_k values must be >= 1")
+        return values
+
+
+class Accuracy(Evaluator):
+    """Top-1 (and optional top-k) classification accuracy against the labels."""
+
+    name = "accuracy"
+    needs_labels = True
+    Options = AccuracyOptions
+
+    def evaluate(self, ctx: EvalContext) -> dict[str, float]:
+        labels = ctx.data.class_labels()
+        scores = _flat(ctx.outputs)
+        if scores.shape[1] == 1:  # a single sigmoid unit: binary classifier
+            predicted = (scores[:, 0] >= 0.5).astype(np.int64)
+        else:
+            predicted = scores.argmax(axis=1)
+        metrics = {"accuracy": float(np.mean(predicted == labels))}
+        for k in self.options.top_k:
+            top = np.argsort(-scores, axis=1)[:, :k]
+            metrics[f"top{k}_accuracy"] = float(np.mean((top == labels[:, None]).any(axis=1)))
+        return metrics
+
+
+class Regression(Evaluator):
+    """Mean absolute error and root-mean-square error against the labels."""
+
+    name = "regression"
+    needs_labels = True
+
+    def evaluate(self, ctx: EvalContext) -> dict[str, float]:
+        predicted = _flat(ctx.outputs)
+        target = np.asarray(ctx.data.labels, dtype=np.float64).reshape(predicted.shape)
+        error = predicted - target
+        return {"mae": float(np.mean(np.abs(error))), "rmse": float(np.sqrt(np.mean(error ** 2)))}
+
+
+class Fidelity(Evaluator):
+    """Agreement with the baseline's outputs: top-1 agreement, abs. error, cosine similarity."""
+
+    name = "fidelity"
+
+    def evaluate(self, ctx: EvalContext) -> dict[str, float]:
+        if ctx.baseline_outputs is None:
+            return {}
+        ours, theirs = _flat(ctx.outputs), _flat(ctx.baseline_outputs)
+        if ours.shape != theirs.shape:
+            raise QpipeError(f"fidelity: output shape {ours.shape} differs from the baseline's {theirs.shape}")
+        error = np.abs(ours - theirs)
+        norms = np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1)
+        cosine = np.sum(ours * theirs, axis=1) / np.where(norms == 0, 1, norms)
+        metrics = {"max_abs_error": float(error.max()), "mean_abs_error": float(error.mean()),
+                   "cosine_similarity": float(cosine.mean())}
+        if ours.shape[1] > 1:
+            metrics["top1_agreement"] = float(np.mean(ours.argmax(1) == theirs.argmax(1)))
+        return metrics
+
+
+def gzip_size(path) -> int:
+    """Bytes of the file after gzip -9 (how well it compresses for download)."""
+    with open(path, "rb") as fh:
+        return len(gzip.compress(fh.read(), compresslevel=9, mtime=0))
+
+
+class Size(Evaluator):
+    """Bytes on disk, gzip bytes, and the baseline's size divided by this variant's."""
+
+    name = "size"
+
+    def evaluate(self, ctx: EvalContext) -> dict[str, float]:
+        size = ctx.artifact.size_bytes()
+        metrics = {"size_bytes": float(size)}
+        if ctx.artifact.path.is_file():
+            metrics["size_gzip_bytes"] = float(gzip_size(ctx.artifact.path))
+        if ctx.baseline_artifact is not None and size:
+            metrics["size_ratio"] = ctx.baseline_artifact.size_bytes() / size
+        return metrics
+
+
+class LatencyOptions(qpipe.Options):
+    batch_size: int = Field(1, ge=1, description="samples per timed invoke")
+    warmup: int = Field(5, ge=0, description="untimed invokes first")
+    runs: int = Field(50, ge=1, description="timed invokes")
+    threads: int | None = Field(None, ge=1, description="threads (default: the backend's)")
+
+
+class Latency(Evaluator):
+    """Wall time per invoke after warm-up: p50/p95 per batch and per sample, in ms."""
+
+    name = "latency"
+    Options = LatencyOptions
+
+    def evaluate(self, ctx: EvalContext) -> dict[str, float]:
+        opts = self.options
+        runner = ctx.runner if opts.threads is None else ctx.runner.with_threads(opts.threads)
+        batch = next(ctx.data.batches(opts.batch_size))
+        for _ in range(opts.warmup):
+            runner.predict_batch(batch)
+        times = []
+        for _ in range(opts.runs):
+            start = time.perf_counter()
+            runner.predict_batch(batch)
+            times.append((time.perf_counter() - start) * 1000.0)
+        n = len(next(iter(batch.values())))
+        p50, p95 = np.percentile(times, [50, 95])
+        return {"latency_ms_p50": float(p50), "latency_ms_p95": float(p95),
+                "latency_ms_per_sample_p50": float(p50 / n), "latency_ms_per_sample_p95": float(p95 / n)}
+
+
+@qpipe.hookimpl
+def qpipe_register_evaluators(register) -> None:
+    for evaluator in (Accuracy, Regression, Fidelity, Size, Latency):
+        register(evaluator)

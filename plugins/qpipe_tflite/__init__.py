@@ -1,0 +1,161 @@
+"""Built-in plugin: post-training quantization with the TFLite converter.
+
+``tflite.float32`` (the baseline), ``tflite.dynamic``, ``tflite.float16``, ``tflite.int8``
+and ``tflite.int16x8``. Each converts the model's SavedModel (exported once per run) with
+``tf.lite.TFLiteConverter``; the full-integer ones take representative samples from the
+variant's calibrator.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator, Literal
+
+import numpy as np
+from pydantic import Field
+
+import qpipe
+from qpipe import Artifact, Calibration, QpipeError, QuantizeContext, Quantizer
+from qpipe.tfenv import quiet, tensorflow
+
+
+def representative_dataset(calibration: Calibration) -> Iterator[Any]:
+    """One sample at a time, as the converter wants it (a list, or a dict for several inputs)."""
+    data = calibration.samples
+    names = list(data.inputs)
+    for i in range(len(data)):
+        if len(names) == 1:
+            yield [data.inputs[names[0]][i:i + 1].astype(np.float32)]
+        else:
+            yield {name: data.inputs[name][i:i + 1].astype(np.float32) for name in names}
+
+
+def set_per_tensor(converter: Any) -> None:
+    """Ask the converter for one weight scale per tensor instead of per output channel.
+
+    These are private converter flags (there is no public switch): check they still exist.
+    """
+    if not hasattr(converter, "_experimental_disable_per_channel"):
+        raise QpipeError("this TensorFlow's converter has no per-tensor switch; use per_channel: true")
+    converter._experimental_disable_per_channel = True
+    if hasattr(converter, "_experimental_disable_per_channel_quantization_for_dense_layers"):
+        converter._experimental_disable_per_channel_quantization_for_dense_layers = True
+
+
+class ConverterQuantizer(Quantizer):
+    """Base of the converter quantizers: subclasses set up the converter in ``configure``."""
+
+    engine = "tflite-converter"
+
+    def configure(self, converter: Any, ctx: QuantizeContext) -> None:
+        """Set the converter's optimization flags for this variant."""
+
+    def quantize(self, ctx: QuantizeContext) -> Artifact:
+        tf = tensorflow()
+        if "saved_model_dir" not in ctx.model._memo:
+            ctx.report("exporting SavedModel")
+        with quiet():
+            saved_model = ctx.model.saved_model_dir()
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+        self.configure(converter, ctx)
+        ctx.report("converting")
+        started = time.perf_counter()
+        try:
+            with quiet() as log:
+                flatbuffer = converter.convert()
+        except Exception as exc:
+            raise QpipeError(f"TFLite conversion failed: {_short(exc)}") from exc
+        del log
+        path = ctx.artifact_path(".tflite")
+        path.write_bytes(flatbuffer)
+        return Artifact(path=path, format="tflite", metadata={
+            "engine": self.engine, "convert_seconds": round(time.perf_counter() - started, 3)})
+
+
+def _short(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or [type(exc).__name__])[0][:400]
+
+
+class Float32(ConverterQuantizer):
+    """No quantization: the float32 .tflite, the usual baseline."""
+
+    name = "tflite.float32"
+
+
+class Dynamic(ConverterQuantizer):
+    """Dynamic-range quantization: int8 weights, float activations, no calibration data."""
+
+    name = "tflite.dynamic"
+
+    def configure(self, converter, ctx) -> None:
+        converter.optimizations = [tensorflow().lite.Optimize.DEFAULT]
+
+
+class Float16(ConverterQuantizer):
+    """float16 weights (half the size), float32 compute on CPU."""
+
+    name = "tflite.float16"
+
+    def configure(self, converter, ctx) -> None:
+        tf = tensorflow()
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+
+
+class Int8Options(qpipe.Options):
+    io: Literal["int8", "uint8", "float32"] = Field(
+        "int8", description="type of the model's input and output tensors")
+    per_channel: bool = Field(True, description="one weight scale per output channel (else per tensor)")
+
+
+class Int8(ConverterQuantizer):
+    """Full-integer int8: int8 weights and activations, ranges from calibration samples."""
+
+    name = "tflite.int8"
+    needs_calibration = True
+    Options = Int8Options
+
+    def configure(self, converter, ctx) -> None:
+        tf = tensorflow()
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: representative_dataset(ctx.calibration)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if self.options.io != "float32":
+            io_type = {"int8": tf.int8, "uint8": tf.uint8}[self.options.io]
+            converter.inference_input_type = io_type
+            converter.inference_output_type = io_type
+        if not self.options.per_channel:
+            set_per_tensor(converter)
+
+
+class Int16x8Options(qpipe.Options):
+    io: Literal["float32", "int16"] = Field("float32", description="type of the input and output tensors")
+    per_channel: bool = Field(True, description="one weight scale per output channel (else per tensor)")
+
+
+class Int16x8(ConverterQuantizer):
+    """int16 activations with int8 weights: closer to float, reference kernels (slower)."""
+
+    name = "tflite.int16x8"
+    needs_calibration = True
+    Options = Int16x8Options
+
+    def configure(self, converter, ctx) -> None:
+        tf = tensorflow()
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: representative_dataset(ctx.calibration)
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+        if self.options.io == "int16":
+            converter.inference_input_type = tf.int16
+            converter.inference_output_type = tf.int16
+        if not self.options.per_channel:
+            set_per_tensor(converter)
+
+
+@qpipe.hookimpl
+def qpipe_register_quantizers(register) -> None:
+    for quantizer in (Float32, Dynamic, Float16, Int8, Int16x8):
+        register(quantizer)

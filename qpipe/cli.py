@@ -1,0 +1,202 @@
+"""The ``qpipe`` command line (typer). Plugins add sub-commands with ``qpipe_add_commands``.
+
+Exit codes: 0 all variants ok; 1 a variant failed; 2 bad input (one line, no traceback
+unless ``--debug``); 3 the accuracy gate failed; 70 an internal error; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from qpipe import __version__
+from qpipe.errors import QpipeError
+
+EXIT_VARIANT_FAILED = 1
+EXIT_USER_ERROR = 2
+EXIT_GATE_FAILED = 3
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"qpipe {__version__}")
+        raise typer.Exit()
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> "typer.Exit":
+    """Print ``error: message`` on stderr and return the Exit to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+class _Guard:
+    """Turns exceptions into one-line errors and exit codes (tracebacks only with --debug)."""
+
+    def __init__(self, debug: bool):
+        self.debug = debug
+
+    def __enter__(self) -> "_Guard":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None or isinstance(exc, (typer.Exit, typer.Abort, SystemExit)):
+            return False
+        if self.debug:
+            import traceback
+
+            traceback.print_exception(kind, exc, tb)
+        if isinstance(exc, KeyboardInterrupt):
+            raise fail("interrupted; results so far are in the output folder", EXIT_INTERRUPTED)
+        if isinstance(exc, QpipeError):
+            raise fail(str(exc), exc.exit_code)
+        hint = "" if self.debug else " (rerun with --debug for the traceback)"
+        raise fail(f"internal error: {type(exc).__name__}: {exc}{hint}", EXIT_INTERNAL)
+
+
+def build_app(pm: Any = None) -> typer.Typer:
+    """The typer app; ``pm`` (a plugin manager) is created on first need when not given."""
+    app = typer.Typer(add_completion=False, no_args_is_help=True,
+                      help="Quantize a trained model into every variant, evaluate each, track them side by side.")
+    state: dict[str, Any] = {"pm": pm}
+
+    def get_pm():
+        if state["pm"] is None:
+            from qpipe.plugins import get_plugin_manager
+
+            state["pm"] = get_plugin_manager()
+        return state["pm"]
+
+    @app.callback()
+    def _main(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                           help="Show the version and exit.")) -> None:
+        """qpipe: quantization pipelines for TensorFlow/LiteRT models."""
+
+    @app.command()
+    def run(
+        pipeline: Path = typer.Argument(..., help="The pipeline YAML file."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (default: runs/<name>-<timestamp>)."),
+        only: Optional[list[str]] = typer.Option(None, "--only", help="Run only this variant (repeatable); the baseline always runs."),
+        tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (overrides the YAML and MLFLOW_TRACKING_URI)."),
+        no_tracking: bool = typer.Option(False, "--no-tracking", help="Run without MLflow tracking."),
+        debug: bool = typer.Option(False, "--debug", help="Show tracebacks and TensorFlow logs."),
+    ) -> None:
+        """Run every variant of PIPELINE and write results.json to the output folder."""
+        from qpipe.tfenv import prepare_environment
+
+        if debug:
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
+        prepare_environment()
+        with _Guard(debug):
+            from qpipe.config import load_config, resolve
+            from qpipe.display import ConsoleDisplay, print_summary
+            from qpipe.pipeline import run_pipeline
+            from qpipe.registry import Registry
+
+            pm = get_pm()
+            resolved = resolve(load_config(pipeline), Registry.from_plugins(pm), only)
+            display = ConsoleDisplay(total=len(resolved.variants))
+            pm.register(display, name="qpipe-console")
+            try:
+                settings = {"tracking_uri": tracking_uri, "no_tracking": no_tracking, "debug": debug}
+                results, warnings = run_pipeline(pm, resolved, output, settings)
+            finally:
+                display.stop()
+                pm.unregister(name="qpipe-console")
+            for warning in warnings:
+                typer.echo(f"warning: {warning}", err=True)
+            print_summary(results, Path(output) if output else None)
+            failed = [v.name for v in results.variants if v.status != "ok"]
+            if failed:
+                raise fail(f"{len(failed)} variant(s) failed: {', '.join(failed)} (see results.json)",
+                           EXIT_VARIANT_FAILED)
+
+    @app.command()
+    def validate(
+        pipeline: Path = typer.Argument(..., help="The pipeline YAML file."),
+        debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    ) -> None:
+        """Check PIPELINE (structure, component names, options) without running anything."""
+        with _Guard(debug):
+            from qpipe.config import load_config, resolve
+            from qpipe.registry import Registry
+
+            resolved = resolve(load_config(pipeline), Registry.from_plugins(get_pm()))
+            names = ", ".join(f"{rv.config.name} ({rv.config.quantizer})" for rv in resolved.variants)
+            typer.echo(f"{pipeline}: ok; {len(resolved.variants)} variants: {names}; baseline: {resolved.baseline}")
+
+    @app.command()
+    def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+        """List installed plugins, their versions and the components each registers."""
+        with _Guard(False):
+            from qpipe.registry import Registry
+
+            pm = get_pm()
+            registry = Registry.from_plugins(pm)
+            listing: dict[str, Any] = {}
+            for name, info in sorted(pm.infos.items()):
+                listing[name] = {"distribution": info.distribution, "version": info.version,
+                                 "module": info.module, "components": {}, "hooks": []}
+            for kind, entries in registry.entries.items():
+                for cname, entry in sorted(entries.items()):
+                    plugin = listing.setdefault(entry.plugin, {"components": {}, "hooks": []})
+                    plugin["components"].setdefault(kind, []).append(cname)
+            for name in listing:
+                plugin_obj = pm.get_plugin(name)
+                if plugin_obj is not None:
+                    listing[name]["hooks"] = sorted(h.name for h in pm.get_hookcallers(plugin_obj) or [])
+            failures = dict(pm.load_failures)
+            if as_json:
+                typer.echo(json.dumps({"plugins": listing, "load_failures": failures}, indent=2))
+                return
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(title="qpipe plugins")
+            for col in ("plugin", "version", "components"):
+                table.add_column(col)
+            for name, item in listing.items():
+                comps = "\n".join(f"{kind}: {', '.join(names)}" for kind, names in item["components"].items())
+                table.add_row(name, item.get("version") or "", comps or "(hooks: " + ", ".join(item["hooks"]) + ")")
+            console = Console()
+            console.print(table)
+            for name, error in failures.items():
+                console.print(f"[red]failed to load plugin '{name}':[/red] {error}")
+
+    @app.command(name="log")
+    def log_cmd(
+        output_dir: Path = typer.Argument(..., help="Output folder of a finished 'qpipe run'."),
+        tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Tracking URI (overrides the YAML)."),
+        debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    ) -> None:
+        """Replay a finished run's results.json to the trackers (e.g. after the server was down)."""
+        with _Guard(debug):
+            from qpipe.replay import replay
+
+            warnings = replay(get_pm(), output_dir, {"tracking_uri": tracking_uri})
+            for warning in warnings:
+                typer.echo(f"warning: {warning}", err=True)
+            typer.echo(f"logged {output_dir}")
+
+    if pm is not None or os.environ.get("QPIPE_NO_PLUGIN_COMMANDS") is None:
+        try:
+            get_pm().hook.qpipe_add_commands(app=app)
+        except Exception as exc:  # a broken command plugin must not break the CLI
+            typer.echo(f"warning: a plugin failed to add its commands: {exc}", err=True)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    app = build_app()
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="qpipe")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

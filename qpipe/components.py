@@ -1,0 +1,281 @@
+"""The component base classes plugins subclass, and the small values passed between stages.
+
+Every component declares a dotted ``name`` (``tflite.int8``) and an ``Options`` pydantic
+model. The host validates a pipeline's options against ``Options`` before any work starts
+and hands the component an instance of it. Nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from qpipe.data import Dataset
+
+
+class Options(BaseModel):
+    """Base for component options: unknown keys are errors, values are type-checked."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Component:
+    """Base of the four component kinds. Subclasses set ``name`` and may set ``Options``."""
+
+    kind: ClassVar[str] = "component"
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[Options]] = Options
+
+    def __init__(self, options: Options | None = None):
+        self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the class docstring, shown by ``qpipe plugins``."""
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+
+# --------------------------------------------------------------------------- values
+
+
+@dataclass
+class TensorInfo:
+    """Name, shape (``None`` for free dimensions) and dtype name of a model input or output."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: str = "float32"
+
+
+@dataclass
+class LoadedModel:
+    """A model as loaded by a ``qpipe_load_model`` hook.
+
+    ``model`` is the framework object (a Keras 3 or tf_keras model, or a loaded SavedModel);
+    ``flavor`` says which (``keras3``, ``tf_keras``, ``saved_model``, or a plugin's own).
+    ``path`` is the file or folder it came from (``None`` for ``module:function`` models).
+    """
+
+    model: Any
+    flavor: str
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    path: Path | None = None
+    sha256: str | None = None
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    #: set by the loading plugin: writes the model as a TF SavedModel into the given folder
+    exporter: Callable[[Path], None] | None = field(default=None, repr=False)
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def memo(self, key: str, make: Callable[[], Any]) -> Any:
+        """Compute a derived value once per pipeline run (e.g. an exported SavedModel)."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    def saved_model_dir(self) -> Path:
+        """The model as a TF SavedModel folder, exported once per run and shared by variants."""
+        if self.path is not None and self.flavor == "saved_model":
+            return self.path
+        if self.exporter is None:
+            raise NotImplementedError(f"a {self.flavor} model cannot be exported as a SavedModel")
+
+        def export() -> Path:
+            import tempfile
+
+            folder = Path(tempfile.mkdtemp(prefix="qpipe-savedmodel-"))
+            self.exporter(folder / "model")
+            return folder / "model"
+
+        return self.memo("saved_model_dir", export)
+
+
+@dataclass
+class Artifact:
+    """What a quantizer produced: a file (``format`` says which kind) and facts about it."""
+
+    path: Path
+    format: str = "tflite"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def size_bytes(self) -> int:
+        """Bytes on disk (summed over a folder's files)."""
+        if self.path.is_dir():
+            return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        return self.path.stat().st_size
+
+    def sha256(self) -> str:
+        """Hex digest of the artifact file."""
+        return file_sha256(self.path)
+
+
+@dataclass
+class Calibration:
+    """What a calibrator produced: representative samples and, optionally, activation ranges.
+
+    ``samples`` is a Dataset (inputs by model input name, labels if known); ``ranges`` maps a
+    tensor name to ``(min, max)`` for quantizers that honour estimated ranges.
+    """
+
+    samples: "Dataset"
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- contexts
+
+
+@dataclass
+class Context:
+    """Shared by every stage of one variant: where to write, how to report progress."""
+
+    variant: str
+    work_dir: Path
+    report: Callable[[str], None] = lambda message: None
+    log_metrics: Callable[[dict[str, float], int | None], None] = lambda m, step=None: None
+
+    def artifact_path(self, suffix: str = ".tflite") -> Path:
+        """Where this variant's artifact goes: ``<output>/<variant><suffix>``."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        return self.work_dir / f"{self.variant}{suffix}"
+
+
+@dataclass
+class CalibrateContext(Context):
+    """Input to ``Calibrator.calibrate``."""
+
+    model: LoadedModel | None = None
+    data: "Dataset | None" = None
+
+
+@dataclass
+class QuantizeContext(Context):
+    """Input to ``Quantizer.quantize``: the model and whatever data the quantizer asked for."""
+
+    model: LoadedModel | None = None
+    calibration: Calibration | None = None
+    training: "Dataset | None" = None
+    validation: "Dataset | None" = None
+
+
+@dataclass
+class EvalContext(Context):
+    """Input to ``Evaluator.evaluate``.
+
+    ``outputs`` are the variant's predictions on ``data``; ``baseline_outputs`` and
+    ``baseline_artifact`` are the baseline variant's (the same objects when this variant is
+    the baseline).
+    """
+
+    data: "Dataset | None" = None
+    outputs: np.ndarray | None = None
+    artifact: Artifact | None = None
+    runner: "Runner | None" = None
+    baseline_outputs: np.ndarray | None = None
+    baseline_artifact: Artifact | None = None
+    model: LoadedModel | None = None
+
+
+# --------------------------------------------------------------------------- kinds
+
+
+class Quantizer(Component):
+    """Turns the loaded model into an artifact (a ``.tflite`` for the built-ins)."""
+
+    kind: ClassVar[str] = "quantizer"
+    #: whether the host must run a calibrator and pass ``ctx.calibration``
+    needs_calibration: ClassVar[bool] = False
+    #: whether the host must load ``data.training`` and pass ``ctx.training``
+    needs_training: ClassVar[bool] = False
+    #: backend used when the variant names none
+    default_backend: ClassVar[str] = "litert"
+    #: the ``Artifact.format`` this quantizer produces
+    output_format: ClassVar[str] = "tflite"
+
+    def quantize(self, ctx: QuantizeContext) -> Artifact:
+        raise NotImplementedError
+
+
+class Calibrator(Component):
+    """Chooses representative samples (and optionally activation ranges) for a quantizer."""
+
+    kind: ClassVar[str] = "calibrator"
+
+    def calibrate(self, ctx: CalibrateContext) -> Calibration:
+        raise NotImplementedError
+
+
+class Runner:
+    """A loaded artifact that predicts. Returned by ``Backend.load``."""
+
+    def predict_batch(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Predict one batch given as input name -> array; return the (first) output."""
+        raise NotImplementedError
+
+    def predict(self, data: "Dataset", batch_size: int) -> np.ndarray:
+        """Predict a whole dataset batch by batch and concatenate the outputs."""
+        parts = [self.predict_batch(batch) for batch in data.batches(batch_size)]
+        return np.concatenate(parts, axis=0)
+
+    def with_threads(self, threads: int) -> "Runner":
+        """A runner like this one using ``threads`` threads (default: this runner)."""
+        return self
+
+    def close(self) -> None:
+        """Release resources (optional)."""
+
+
+class Backend(Component):
+    """Loads an artifact into a Runner."""
+
+    kind: ClassVar[str] = "backend"
+    #: artifact formats this backend can run
+    formats: ClassVar[tuple[str, ...]] = ()
+
+    def load(self, artifact: Artifact, model: LoadedModel) -> Runner:
+        raise NotImplementedError
+
+    @property
+    def batch_size(self) -> int:
+        """Batch size for evaluation; backends with a ``batch_size`` option override it."""
+        return int(getattr(self.options, "batch_size", 256))
+
+
+class Evaluator(Component):
+    """Computes named metrics for one variant."""
+
+    kind: ClassVar[str] = "evaluator"
+    #: set when the evaluator cannot run without labels
+    needs_labels: ClassVar[bool] = False
+
+    def evaluate(self, ctx: EvalContext) -> dict[str, float]:
+        raise NotImplementedError
+
+
+KINDS: dict[str, type[Component]] = {
+    "quantizer": Quantizer,
+    "calibrator": Calibrator,
+    "backend": Backend,
+    "evaluator": Evaluator,
+}
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, or of a folder's files in sorted order."""
+    digest = hashlib.sha256()
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            digest.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,395 @@
+"""pipeline.yaml -> validated pydantic models, with errors that name the key path and line.
+
+Two steps: ``load_config`` checks the file's own structure; ``resolve`` checks every
+component name against the registry and every ``options`` block against the component's
+``Options`` model. Both run before any work starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from qpipe.components import Component
+from qpipe.errors import ConfigError, QpipeError
+from qpipe.registry import Registry, unknown_name_message
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+
+
+class Strict(BaseModel):
+    """Base for pipeline sections: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _one_of_path_or_function(model: Any, what: str) -> Any:
+    if bool(model.path) == bool(model.function):
+        raise ValueError(f"{what} needs exactly one of 'path' or 'function'")
+    if model.function and not re.match(r"^[\w.]+:[\w.]+$", model.function):
+        raise ValueError(f"function must look like 'package.module:function', got {model.function!r}")
+    return model
+
+
+class ModelSource(Strict):
+    """Where the model comes from: a Keras file / SavedModel folder, or ``module:function``."""
+
+    path: str | None = Field(None, description="a .keras or .h5 file, or a SavedModel folder")
+    function: str | None = Field(None, description="'module:function' returning a model")
+    safe_mode: bool = Field(True, description="load Keras files in safe mode (no arbitrary code)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSource":
+        return _one_of_path_or_function(self, "model")
+
+
+class DataSource(Strict):
+    """An .npz file (arrays picked by key) or ``module:function`` returning arrays."""
+
+    path: str | None = Field(None, description=".npz file with named arrays")
+    function: str | None = Field(None, description="'module:function' returning arrays or a tf.data.Dataset")
+    inputs: str | dict[str, str] | None = Field(
+        None, description="array key of the input, or a mapping of model input name to key"
+    )
+    labels: str | None = Field(None, description="array key of the labels")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataSource":
+        return _one_of_path_or_function(self, "data source")
+
+
+class DataConfig(Strict):
+    evaluation: DataSource
+    calibration: DataSource | None = None
+    training: DataSource | None = None
+    validation: DataSource | None = None
+
+
+class ComponentRef(Strict):
+    """A component by name with its options; a plain string means no options."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+class VariantConfig(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    quantizer: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    calibrator: ComponentRef | None = None
+    backend: ComponentRef | None = None
+
+
+class RegisterConfig(Strict):
+    name: str
+    variant: str
+
+
+class TrackingConfig(Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    enabled: bool = True
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///mlflow.db beside the pipeline")
+    experiment: str | None = Field(None, description="MLflow experiment; default the pipeline's name")
+    register_model: RegisterConfig | None = Field(
+        None, alias="register", description="register one variant in the MLflow model registry")
+    log_models: bool = Field(True, description="log each variant's artifact file")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bool(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+
+class OutputConfig(Strict):
+    dir: str | None = Field(None, description="output folder; default runs/<name>-<timestamp>")
+
+
+DEFAULT_EVALUATORS = ["accuracy", "fidelity", "size", "latency"]
+
+
+class PipelineConfig(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    model: ModelSource
+    data: DataConfig
+    calibrator: ComponentRef = Field(default_factory=lambda: ComponentRef(name="sample"))
+    backends: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="default options per backend name"
+    )
+    variants: list[VariantConfig] = Field(min_length=1)
+    evaluators: list[ComponentRef] = Field(
+        default_factory=lambda: [ComponentRef(name=n) for n in DEFAULT_EVALUATORS]
+    )
+    baseline: str | None = None
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_names(cls, variants: list[VariantConfig]) -> list[VariantConfig]:
+        seen: set[str] = set()
+        for v in variants:
+            if v.name in seen:
+                raise ValueError(f"variant name '{v.name}' is used twice")
+            seen.add(v.name)
+        return variants
+
+    @model_validator(mode="after")
+    def _baseline_exists(self) -> "PipelineConfig":
+        names = [v.name for v in self.variants]
+        if self.baseline is not None and self.baseline not in names:
+            raise ValueError(unknown_name_message("baseline variant", self.baseline, names))
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedConfig:
+    """A validated pipeline file: the model, its path and the YAML it came from."""
+
+    config: PipelineConfig
+    path: Path
+    text: str
+    root: yaml.Node | None
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def error(self, loc: tuple, message: str) -> ConfigError:
+        """A ConfigError prefixed with file:line and the dotted key path."""
+        return ConfigError(f"{self.path.name}:{_line_of(self.root, loc)}: {format_loc(loc)}: {message}")
+
+
+def load_config(path: str | Path) -> LoadedConfig:
+    """Read and validate a pipeline file; raise ConfigError naming the key and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pipeline file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path.name}{where}: malformed YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path.name}: expected a mapping of sections (name, model, data, variants, ...)")
+    try:
+        config = PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise _config_error(path, root, exc, PipelineConfig) from None
+    return LoadedConfig(config=config, path=path.resolve(), text=text, root=root)
+
+
+def _config_error(path: Path, root: yaml.Node | None, exc: ValidationError, model: type[BaseModel],
+                  prefix: tuple = ()) -> ConfigError:
+    errors = exc.errors()
+    first = errors[0]
+    loc = prefix + tuple(part for part in first["loc"] if not _is_union_tag(part))
+    message = _describe(first, model, tuple(p for p in first["loc"] if not _is_union_tag(p)))
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return ConfigError(f"{path.name}:{_line_of(root, loc)}: {format_loc(loc)}: {message}{more}")
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic adds the union member's name ('str', 'dict[str,str]', 'function-before[...]') to loc
+    return isinstance(part, str) and (part in {"str", "bool", "int", "float"} or "[" in part)
+
+
+def _describe(error: dict, model: type[BaseModel], loc: tuple) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        valid = _fields_at(model, loc[:-1])
+        close = difflib.get_close_matches(key, valid, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown key '{key}'{hint}; valid keys: {', '.join(valid)}"
+    if kind == "missing":
+        return "required key is missing"
+    msg = error["msg"]
+    return msg.removeprefix("Value error, ")
+
+
+def _fields_at(model: Any, loc: tuple) -> list[str]:
+    """Field names of the pydantic model found by following ``loc`` from ``model``."""
+    current: Any = model
+    for part in loc:
+        current = _unwrap(current, want_container=isinstance(part, int))
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return []
+            current = field.annotation
+        else:  # list[...] / dict[str, ...]
+            args = typing.get_args(current)
+            current = args[-1] if args else None
+    current = _unwrap(current, want_container=False)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _unwrap(annotation: Any, want_container: bool) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        for member in members:
+            is_model = isinstance(member, type) and issubclass(member, BaseModel)
+            is_container = typing.get_origin(member) in (list, dict)
+            if (want_container and is_container) or (not want_container and is_model):
+                return member
+        return members[0] if members else annotation
+    return annotation
+
+
+def format_loc(loc: tuple) -> str:
+    """('variants', 1, 'options', 'x') -> 'variants[1].options.x'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _line_of(root: yaml.Node | None, loc: tuple) -> int:
+    """1-based line of the YAML node at ``loc``; the deepest existing parent if it is missing."""
+    node = root
+    line = (node.start_mark.line + 1) if node is not None else 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.value == str(part):
+                    line = key_node.start_mark.line + 1
+                    node = value_node
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+@dataclass
+class Bound:
+    """A component instance with its validated options and where it was declared."""
+
+    component: Component
+    plugin: str
+    loc: tuple
+
+
+@dataclass
+class ResolvedVariant:
+    config: VariantConfig
+    index: int
+    quantizer: Bound
+    backend: Bound
+    calibrator: Bound | None
+
+
+@dataclass
+class ResolvedPipeline:
+    """Every name resolved, every option validated: ready to run."""
+
+    loaded: LoadedConfig
+    registry: Registry
+    variants: list[ResolvedVariant]
+    evaluators: list[Bound]
+    baseline: str
+
+    @property
+    def config(self) -> PipelineConfig:
+        return self.loaded.config
+
+
+def _bind(loaded: LoadedConfig, registry: Registry, kind: str, name: str, options: dict,
+          name_loc: tuple, options_loc: tuple) -> Bound:
+    try:
+        entry = registry.get(kind, name)
+    except QpipeError as exc:
+        raise loaded.error(name_loc, str(exc)) from None
+    cls = entry.cls
+    try:
+        opts = cls.Options.model_validate(options or {})
+    except ValidationError as exc:
+        raise _config_error(loaded.path, loaded.root, exc, cls.Options, options_loc) from None
+    return Bound(component=cls(opts), plugin=entry.plugin, loc=name_loc)
+
+
+def resolve(loaded: LoadedConfig, registry: Registry, only: list[str] | None = None) -> ResolvedPipeline:
+    """Bind every component of ``loaded`` from ``registry``; ``only`` limits the variants."""
+    cfg = loaded.config
+    names = [v.name for v in cfg.variants]
+    for wanted in only or []:
+        if wanted not in names:
+            raise ConfigError(unknown_name_message("variant", wanted, names) + " (from --only)")
+
+    baseline = cfg.baseline or _default_baseline(cfg)
+    variants: list[ResolvedVariant] = []
+    for i, v in enumerate(cfg.variants):
+        if only and v.name not in only and v.name != baseline:
+            continue
+        quantizer = _bind(loaded, registry, "quantizer", v.quantizer, v.options,
+                          ("variants", i, "quantizer"), ("variants", i, "options"))
+        qcls = type(quantizer.component)
+        if v.backend is not None:
+            bname, bopts, bloc = v.backend.name, v.backend.options, ("variants", i, "backend")
+        else:
+            bname, bopts, bloc = qcls.default_backend, {}, ("variants", i, "quantizer")
+        merged = {**cfg.backends.get(bname, {}), **bopts}
+        backend = _bind(loaded, registry, "backend", bname, merged, bloc, bloc + ("options",))
+        calibrator = None
+        if qcls.needs_calibration:
+            ref = v.calibrator or cfg.calibrator
+            cloc = ("variants", i, "calibrator") if v.calibrator else ("calibrator",)
+            calibrator = _bind(loaded, registry, "calibrator", ref.name, ref.options, cloc, cloc + ("options",))
+            if cfg.data.calibration is None:
+                raise loaded.error(("data",), f"variant '{v.name}' ({v.quantizer}) needs calibration data: "
+                                              "add data.calibration")
+        elif v.calibrator is not None:
+            raise loaded.error(("variants", i, "calibrator"),
+                               f"{v.quantizer} does not use a calibrator; remove this key")
+        formats = type(backend.component).formats
+        if formats and qcls.output_format not in formats:
+            raise loaded.error(bloc, f"backend '{bname}' runs {', '.join(formats)} artifacts, but "
+                                     f"{v.quantizer} produces {qcls.output_format}")
+        variants.append(ResolvedVariant(v, i, quantizer, backend, calibrator))
+    evaluators = [
+        _bind(loaded, registry, "evaluator", ref.name, ref.options, ("evaluators", i), ("evaluators", i, "options"))
+        for i, ref in enumerate(cfg.evaluators)
+    ]
+    # the baseline runs first: deltas of every other variant are computed against it
+    variants.sort(key=lambda rv: rv.config.name != baseline)
+    return ResolvedPipeline(loaded, registry, variants, evaluators, baseline)
+
+
+def _default_baseline(cfg: PipelineConfig) -> str:
+    for v in cfg.variants:
+        if v.quantizer == "tflite.float32":
+            return v.name
+    return cfg.variants[0].name
+
+

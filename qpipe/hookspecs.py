@@ -1,0 +1,155 @@
+"""The plugin contract: every hook qpipe calls, what it receives and what it returns.
+
+A plugin is a module or object with functions marked ``@qpipe.hookimpl`` whose names match
+the specs below; it is found through the ``qpipe`` entry-point group (built-ins too).
+Hooks are called with keyword arguments, and an implementation may accept fewer arguments
+than the spec lists. Heavy libraries (TensorFlow, MLflow) are imported inside plugins at
+first use, never here.
+
+Component hooks (``qpipe_register_*``) are called once per plugin manager. Each receives a
+``register`` callable; call it with a subclass of the matching base class from
+``qpipe.components``::
+
+    @qpipe.hookimpl
+    def qpipe_register_quantizers(register):
+        register(MyQuantizer)
+
+Lifecycle hooks run in every plugin that implements them, in registration order; the
+tracking plugin (MLflow) is built on them. An exception in a lifecycle hook stops the run
+and is reported with the plugin's name, except in ``qpipe_variant_failed``, whose errors
+are reported and ignored so the remaining variants still run.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import typer
+
+    from qpipe.components import Backend, Calibrator, Evaluator, LoadedModel, Quantizer
+    from qpipe.config import ModelSource
+    from qpipe.results import PipelineResults, PipelineRun, VariantResult
+
+hookspec = pluggy.HookspecMarker("qpipe")
+
+
+# --------------------------------------------------------------------------- components
+
+
+@hookspec
+def qpipe_register_quantizers(register: Callable[[type[Quantizer]], None]) -> None:
+    """Register quantizers: ``register(cls)`` for each ``Quantizer`` subclass.
+
+    A quantizer turns the loaded model into an ``Artifact`` (``Quantizer.quantize``).
+    """
+
+
+@hookspec
+def qpipe_register_calibrators(register: Callable[[type[Calibrator]], None]) -> None:
+    """Register calibrators: ``register(cls)`` for each ``Calibrator`` subclass.
+
+    A calibrator picks representative samples (and may estimate activation ranges) for
+    quantizers with ``needs_calibration = True``.
+    """
+
+
+@hookspec
+def qpipe_register_backends(register: Callable[[type[Backend]], None]) -> None:
+    """Register backends: ``register(cls)`` for each ``Backend`` subclass.
+
+    A backend loads an artifact of one of its ``formats`` into a ``Runner`` that predicts.
+    """
+
+
+@hookspec
+def qpipe_register_evaluators(register: Callable[[type[Evaluator]], None]) -> None:
+    """Register evaluators: ``register(cls)`` for each ``Evaluator`` subclass.
+
+    An evaluator returns a ``dict`` of named float metrics for one variant.
+    """
+
+
+@hookspec(firstresult=True)
+def qpipe_load_model(source: ModelSource, base_dir: Path) -> LoadedModel | None:
+    """Load the pipeline's model; return ``None`` if this plugin does not handle ``source``.
+
+    ``source`` is the validated ``model`` section; relative paths resolve against
+    ``base_dir``. The first non-None result wins; the built-in Keras loader is ``trylast``
+    so a plugin can take over any source.
+    """
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+@hookspec
+def qpipe_pipeline_started(run: PipelineRun) -> None:
+    """Called once the pipeline is validated and its model is loaded, before any variant.
+
+    Raise a ``qpipe.QpipeError`` to stop the run before any conversion (a tracker whose
+    server is unreachable does this).
+    """
+
+
+@hookspec
+def qpipe_variant_started(run: PipelineRun, variant: str) -> None:
+    """Called when the variant named ``variant`` starts."""
+
+
+@hookspec
+def qpipe_variant_progress(run: PipelineRun, variant: str, message: str) -> None:
+    """Called as a variant moves through its stages (``calibrating``, ``converting``, ...)."""
+
+
+@hookspec
+def qpipe_variant_metrics(
+    run: PipelineRun, variant: str, metrics: dict[str, float], step: int | None
+) -> None:
+    """Called with intermediate metrics of a variant, e.g. per-epoch loss while training."""
+
+
+@hookspec
+def qpipe_variant_finished(run: PipelineRun, result: VariantResult) -> None:
+    """Called when a variant finished with status ``ok``; ``result.metrics`` include deltas."""
+
+
+@hookspec
+def qpipe_variant_failed(run: PipelineRun, result: VariantResult, error: BaseException | None) -> None:
+    """Called when a variant failed; ``result.error`` holds the message.
+
+    ``error`` is the exception, or ``None`` when replaying a recorded run (``qpipe log``).
+    """
+
+
+@hookspec
+def qpipe_pipeline_finished(run: PipelineRun, results: PipelineResults) -> None:
+    """Called after every variant ran and ``results.json`` is written."""
+
+
+@hookspec
+def qpipe_pipeline_failed(run: PipelineRun, error: BaseException, interrupted: bool) -> None:
+    """Called when the run stops early: a crash, or Ctrl-C (``interrupted=True``).
+
+    Trackers end their open runs here (FAILED or KILLED); nothing is left RUNNING.
+    """
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@hookspec
+def qpipe_add_commands(app: typer.Typer) -> None:
+    """Add sub-commands to the ``qpipe`` command line (``@app.command()``)."""
+
+
+def hook_names() -> list[str]:
+    """Names of every hook in this contract (for docs and tests)."""
+    return sorted(name for name, value in globals().items() if name.startswith("qpipe_"))
+
+
+__all__: list[Any] = ["hookspec", "hook_names"]

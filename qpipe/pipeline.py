@@ -1,0 +1,325 @@
+"""The runner: load the model and data, then calibrate, quantize, run and evaluate each variant.
+
+Data flows one way. The baseline variant runs first so every other variant's deltas can be
+computed as soon as it ends; a failing variant is recorded as ``failed`` through the same
+path as a finished one, and ``results.json`` is rewritten after every variant.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qpipe import __version__
+from qpipe.components import (
+    Artifact,
+    Calibration,
+    CalibrateContext,
+    EvalContext,
+    LoadedModel,
+    QuantizeContext,
+    file_sha256,
+)
+from qpipe.config import Bound, ResolvedPipeline, ResolvedVariant
+from qpipe.data import Dataset, bind_to_model, load_source
+from qpipe.errors import PluginError, QpipeError
+from qpipe.plugins import QpipePluginManager
+from qpipe.results import PipelineResults, PipelineRun, VariantResult
+
+
+def timestamp() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def default_output_dir(resolved: ResolvedPipeline) -> Path:
+    """``output.dir`` from the YAML, else ``runs/<name>-<timestamp>`` beside the pipeline."""
+    cfg = resolved.config
+    base = resolved.loaded.base_dir
+    if cfg.output.dir:
+        return base / cfg.output.dir.replace("{name}", cfg.name).replace("{timestamp}", timestamp())
+    return base / "runs" / f"{cfg.name}-{timestamp()}"
+
+
+def call_lifecycle(pm: QpipePluginManager, hook: str, strict: bool = False, **kwargs: Any) -> list[str]:
+    """Call a lifecycle hook implementation by implementation, naming a plugin that raises.
+
+    With ``strict`` the first error is raised as a PluginError (or the plugin's own
+    QpipeError); otherwise errors are returned as messages and the others still run.
+    """
+    problems: list[str] = []
+    for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):
+        name = pm.get_name(impl.plugin) or repr(impl.plugin)
+        try:
+            impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+        except QpipeError as exc:
+            if strict:
+                raise
+            problems.append(f"plugin '{name}' ({hook}): {exc}")
+        except Exception as exc:
+            if strict:
+                raise PluginError(f"plugin '{name}' failed in {hook}: {type(exc).__name__}: {exc}") from exc
+            problems.append(f"plugin '{name}' failed in {hook}: {type(exc).__name__}: {exc}")
+    return problems
+
+
+@dataclass
+class Inputs:
+    """The model and the datasets, loaded once per run."""
+
+    model: LoadedModel
+    evaluation: Dataset
+    calibration: Dataset | None = None
+    training: Dataset | None = None
+    validation: Dataset | None = None
+    data_files: dict[str, Path] = field(default_factory=dict)
+
+
+def load_model(pm: QpipePluginManager, resolved: ResolvedPipeline) -> LoadedModel:
+    """Load the model through the ``qpipe_load_model`` hook."""
+    source = resolved.config.model
+    try:
+        model = pm.hook.qpipe_load_model(source=source, base_dir=resolved.loaded.base_dir)
+    except QpipeError:
+        raise
+    except Exception as exc:
+        raise QpipeError(f"model: cannot load {source.path or source.function}: {type(exc).__name__}: {exc}") from exc
+    if model is None:
+        raise QpipeError(f"model: no plugin can load {source.path or source.function}")
+    return model
+
+
+def load_inputs(pm: QpipePluginManager, resolved: ResolvedPipeline) -> Inputs:
+    """Load the model and every data section the selected variants need; fail early."""
+    model = load_model(pm, resolved)
+    data_cfg = resolved.config.data
+    base = resolved.loaded.base_dir
+
+    def load(section: str) -> Dataset | None:
+        source = getattr(data_cfg, section)
+        if source is None:
+            return None
+        return bind_to_model(load_source(source, base, f"data.{section}"), model.inputs, f"data.{section}")
+
+    needs_calibration = any(rv.calibrator is not None for rv in resolved.variants)
+    needs_training = any(type(rv.quantizer.component).needs_training for rv in resolved.variants)
+    inputs = Inputs(
+        model=model,
+        evaluation=load("evaluation"),
+        calibration=load("calibration") if needs_calibration else None,
+        training=load("training") if needs_training else None,
+        validation=load("validation") if needs_training else None,
+    )
+    for section in ("evaluation", "calibration", "training", "validation"):
+        source = getattr(data_cfg, section)
+        if source is not None and source.path:
+            inputs.data_files[section] = (base / source.path).resolve()
+    return inputs
+
+
+class Runner:
+    """Runs a resolved pipeline once. Use ``run_pipeline`` for the usual path."""
+
+    def __init__(self, pm: QpipePluginManager, resolved: ResolvedPipeline, output_dir: Path,
+                 settings: dict[str, Any] | None = None):
+        self.pm = pm
+        self.resolved = resolved
+        self.output_dir = Path(output_dir)
+        self.settings = settings or {}
+        self._calibrations: dict[str, Calibration] = {}
+        self.warnings: list[str] = []
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> PipelineResults:
+        cfg = self.resolved.config
+        if (self.output_dir / "results.json").exists():
+            raise QpipeError(f"output folder {self.output_dir} already holds a run; choose another --output")
+        inputs = load_inputs(self.pm, self.resolved)
+        self.inputs = inputs
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        results = PipelineResults(
+            pipeline=cfg.name,
+            baseline=self.resolved.baseline,
+            started=_dt.datetime.now().isoformat(timespec="seconds"),
+            qpipe_version=__version__,
+            model={"source": inputs.model.source, "flavor": inputs.model.flavor, "sha256": inputs.model.sha256},
+            data={k: {"path": str(p), "sha256": file_sha256(p)} for k, p in inputs.data_files.items()},
+        )
+        self.run_info = PipelineRun(
+            name=cfg.name, config=cfg, config_path=self.resolved.loaded.path,
+            config_text=self.resolved.loaded.text, output_dir=self.output_dir, results=results,
+            model=inputs.model, data_files=inputs.data_files, settings=self.settings,
+        )
+        results.extra["pipeline_file"] = str(self.resolved.loaded.path)
+        (self.output_dir / "pipeline.yaml").write_text(self.resolved.loaded.text, encoding="utf-8")
+        results.write(self.output_dir)
+        try:
+            call_lifecycle(self.pm, "qpipe_pipeline_started", strict=True, run=self.run_info)
+            for rv in self.resolved.variants:
+                result = self.run_variant(rv)
+                results.variants.append(result)
+                results.write(self.output_dir)
+                hook = "qpipe_variant_finished" if result.status == "ok" else "qpipe_variant_failed"
+                extra = {"error": getattr(result, "_exception", None)} if result.status != "ok" else {}
+                self.warnings += call_lifecycle(self.pm, hook, run=self.run_info, result=result, **extra)
+        except BaseException as exc:
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            results.status = "interrupted" if interrupted else "crashed"
+            results.finished = _dt.datetime.now().isoformat(timespec="seconds")
+            results.write(self.output_dir)
+            call_lifecycle(self.pm, "qpipe_pipeline_failed", run=self.run_info, error=exc, interrupted=interrupted)
+            raise
+        results.status = "finished"
+        results.finished = _dt.datetime.now().isoformat(timespec="seconds")
+        results.write(self.output_dir)
+        self.warnings += call_lifecycle(self.pm, "qpipe_pipeline_finished", run=self.run_info, results=results)
+        results.write(self.output_dir)  # plugins may add to results.extra
+        return results
+
+    # ------------------------------------------------------------------ one variant
+    def run_variant(self, rv: ResolvedVariant) -> VariantResult:
+        v = rv.config
+        result = VariantResult(
+            name=v.name, quantizer=v.quantizer, options=_plain(rv.quantizer.component.options),
+            backend={"name": rv.backend.component.name, "options": _plain(rv.backend.component.options)},
+            calibrator=None if rv.calibrator is None else {
+                "name": rv.calibrator.component.name, "options": _plain(rv.calibrator.component.options)},
+        )
+        call_lifecycle(self.pm, "qpipe_variant_started", strict=True, run=self.run_info, variant=v.name)
+        started = time.perf_counter()
+        try:
+            self._run_stages(rv, result)
+        except Exception as exc:  # the variant fails; the others still run
+            result.status = "failed"
+            result.error = _one_line(exc)
+            result.metadata["traceback"] = traceback.format_exc()
+            result._exception = exc  # type: ignore[attr-defined]
+        result.seconds = round(time.perf_counter() - started, 3)
+        return result
+
+    def _progress(self, variant: str):
+        def report(message: str) -> None:
+            call_lifecycle(self.pm, "qpipe_variant_progress", run=self.run_info, variant=variant, message=message)
+        return report
+
+    def _metrics_logger(self, variant: str):
+        def log(metrics: dict[str, float], step: int | None = None) -> None:
+            call_lifecycle(self.pm, "qpipe_variant_metrics", run=self.run_info, variant=variant,
+                           metrics=metrics, step=step)
+        return log
+
+    def _run_stages(self, rv: ResolvedVariant, result: VariantResult) -> None:
+        v = rv.config
+        report = self._progress(v.name)
+        common = dict(variant=v.name, work_dir=self.output_dir, report=report,
+                      log_metrics=self._metrics_logger(v.name))
+        quantizer = rv.quantizer.component
+        calibration = None
+        if rv.calibrator is not None:
+            report("calibrating")
+            calibration = self._calibrate(rv.calibrator, common)
+        if type(quantizer).needs_training and self.inputs.training is None:
+            raise QpipeError(f"{v.quantizer} trains the model: add data.training to the pipeline")
+
+        report("quantizing")
+        t0 = time.perf_counter()
+        artifact = _call(rv.quantizer, "quantize", QuantizeContext(
+            **common, model=self.inputs.model, calibration=calibration,
+            training=self.inputs.training, validation=self.inputs.validation))
+        if not isinstance(artifact, Artifact):
+            raise PluginError(f"plugin '{rv.quantizer.plugin}': {v.quantizer}.quantize returned "
+                              f"{type(artifact).__name__}, expected qpipe.Artifact")
+        quantize_seconds = time.perf_counter() - t0
+        result.artifact = _relative(artifact.path, self.output_dir)
+        result.metadata.update({k: val for k, val in artifact.metadata.items() if k != "metrics"})
+        metrics: dict[str, float] = {"quantize_seconds": round(quantize_seconds, 3)}
+        metrics.update(artifact.metadata.get("metrics", {}))
+
+        report("loading")
+        backend = rv.backend.component
+        runner = _call(rv.backend, "load", artifact, self.inputs.model)
+        try:
+            report(f"predicting {len(self.inputs.evaluation)} samples")
+            outputs = np.asarray(runner.predict(self.inputs.evaluation, backend.batch_size))
+            baseline = self._baseline_state(v.name, outputs, artifact)
+            ctx = EvalContext(**common, data=self.inputs.evaluation, outputs=outputs, artifact=artifact,
+                              runner=runner, baseline_outputs=baseline[0], baseline_artifact=baseline[1],
+                              model=self.inputs.model)
+            for ev in self.resolved.evaluators:
+                if type(ev.component).needs_labels and self.inputs.evaluation.labels is None:
+                    continue
+                report(f"evaluating: {ev.component.name}")
+                produced = _call(ev, "evaluate", ctx)
+                metrics.update({k: float(val) for k, val in (produced or {}).items()})
+        finally:
+            runner.close()
+        result.metrics = self._with_deltas(v.name, metrics)
+
+    def _calibrate(self, bound: Bound, common: dict) -> Calibration:
+        key = json.dumps([bound.component.name, _plain(bound.component.options)], sort_keys=True)
+        if key not in self._calibrations:
+            ctx = CalibrateContext(**common, model=self.inputs.model, data=self.inputs.calibration)
+            calibration = _call(bound, "calibrate", ctx)
+            if not isinstance(calibration, Calibration) or len(calibration.samples) == 0:
+                raise QpipeError(f"calibrator '{bound.component.name}' produced no samples; "
+                                 "check data.calibration")
+            self._calibrations[key] = calibration
+        return self._calibrations[key]
+
+    def _baseline_state(self, name: str, outputs: np.ndarray, artifact: Artifact):
+        if name == self.resolved.baseline:
+            self._baseline_outputs, self._baseline_artifact = outputs, artifact
+        return getattr(self, "_baseline_outputs", None), getattr(self, "_baseline_artifact", None)
+
+    def _with_deltas(self, name: str, metrics: dict[str, float]) -> dict[str, float]:
+        if name == self.resolved.baseline:
+            self._baseline_metrics = dict(metrics)
+        base = getattr(self, "_baseline_metrics", None)
+        if base is None:
+            return metrics
+        out = dict(metrics)
+        for key, value in metrics.items():
+            if key.endswith("_delta") or key not in base:
+                continue
+            out[f"{key}_delta"] = round(value - base[key], 10)
+        return out
+
+
+def run_pipeline(pm: QpipePluginManager, resolved: ResolvedPipeline, output_dir: Path | None = None,
+                 settings: dict[str, Any] | None = None) -> tuple[PipelineResults, list[str]]:
+    """Run ``resolved``; return the results and any warnings raised by lifecycle plugins."""
+    runner = Runner(pm, resolved, output_dir or default_output_dir(resolved), settings)
+    results = runner.run()
+    return results, runner.warnings
+
+
+def _call(bound: Bound, method: str, *args: Any) -> Any:
+    """Call a component method; a non-qpipe error is re-raised naming the component's plugin."""
+    try:
+        return getattr(bound.component, method)(*args)
+    except QpipeError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"{bound.component.name} (plugin '{bound.plugin}'): {type(exc).__name__}: {exc}") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _plain(options: Any) -> dict[str, Any]:
+    return options.model_dump(mode="json") if hasattr(options, "model_dump") else dict(options or {})
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path)

@@ -1,0 +1,92 @@
+"""Build the plugin manager: built-ins and third-party plugins load through one path.
+
+Every plugin, built-in or not, is an entry point in the group ``qpipe``. A plugin that
+fails to import is recorded in ``load_failures`` (shown by ``qpipe plugins``) while the
+others keep working. ``QPIPE_DISABLE_PLUGINS=a,b`` blocks plugins by entry-point name;
+``QPIPE_TRACE=1`` prints every hook call.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from qpipe import hookspecs
+
+ENTRY_POINT_GROUP = "qpipe"
+
+
+@dataclass
+class PluginInfo:
+    """One loaded plugin: its entry-point name, distribution and version."""
+
+    name: str
+    distribution: str | None = None
+    version: str | None = None
+    module: str | None = None
+
+
+class QpipePluginManager(pluggy.PluginManager):
+    """A pluggy manager that also remembers where each plugin came from and what failed."""
+
+    def __init__(self) -> None:
+        super().__init__(ENTRY_POINT_GROUP)
+        self.add_hookspecs(hookspecs)
+        self.infos: dict[str, PluginInfo] = {}
+        self.load_failures: dict[str, str] = {}
+
+    def register_plugin(self, plugin: Any, name: str, info: PluginInfo | None = None) -> None:
+        """Register ``plugin`` under ``name`` and check that all its hooks exist."""
+        self.register(plugin, name=name)
+        self.infos[name] = info or PluginInfo(name=name, module=getattr(plugin, "__name__", None))
+        try:
+            self.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self.unregister(name=name)
+            self.infos.pop(name, None)
+            from qpipe.errors import PluginError
+
+            raise PluginError(f"plugin '{name}': {exc}") from exc
+
+    def load_entry_points(self, disabled: set[str] | None = None) -> None:
+        """Import and register every ``qpipe`` entry point not in ``disabled``."""
+        disabled = disabled if disabled is not None else disabled_plugins()
+        seen: set[str] = set()
+        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            if ep.name in disabled or ep.name in seen or self.has_plugin(ep.name):
+                continue
+            seen.add(ep.name)
+            dist = getattr(ep, "dist", None)
+            info = PluginInfo(
+                name=ep.name,
+                distribution=dist.metadata["Name"] if dist else None,
+                version=dist.version if dist else None,
+                module=ep.value,
+            )
+            try:
+                plugin = ep.load()
+                self.register_plugin(plugin, ep.name, info)
+            except Exception as exc:  # a broken plugin must not take the others down
+                self.load_failures[ep.name] = f"{type(exc).__name__}: {exc}"
+
+
+def disabled_plugins() -> set[str]:
+    """Plugin names listed in ``QPIPE_DISABLE_PLUGINS`` (comma-separated)."""
+    raw = os.environ.get("QPIPE_DISABLE_PLUGINS", "")
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def get_plugin_manager(load_entry_points: bool = True) -> QpipePluginManager:
+    """A fresh plugin manager with the hook specs and (by default) all installed plugins."""
+    pm = QpipePluginManager()
+    if load_entry_points:
+        pm.load_entry_points()
+    if os.environ.get("QPIPE_TRACE"):
+        pm.trace.root.setwriter(lambda text: sys.stderr.write(text))
+        pm.enable_tracing()
+    return pm

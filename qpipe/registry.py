@@ -1,0 +1,85 @@
+"""Named components gathered from the ``qpipe_register_*`` hooks, looked up by name."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from qpipe.components import KINDS, Component
+from qpipe.errors import PluginError, QpipeError
+from qpipe.plugins import QpipePluginManager
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered component class and the plugin that registered it."""
+
+    cls: type[Component]
+    plugin: str
+
+
+class Registry:
+    """All components by kind and name; built once per plugin manager."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+
+    @classmethod
+    def from_plugins(cls, pm: QpipePluginManager) -> "Registry":
+        """Call every plugin's register hooks, attributing each component to its plugin."""
+        registry = cls()
+        for kind in KINDS:
+            caller = getattr(pm.hook, f"qpipe_register_{kind}s")
+            for impl in caller.get_hookimpls():
+                plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
+                try:
+                    impl.function(register=registry._registrar(kind, plugin_name))
+                except QpipeError:
+                    raise
+                except Exception as exc:
+                    raise PluginError(
+                        f"plugin '{plugin_name}' raised in qpipe_register_{kind}s: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+        return registry
+
+    def _registrar(self, kind: str, plugin: str):
+        base = KINDS[kind]
+
+        def register(component: type[Component]) -> None:
+            if not (isinstance(component, type) and issubclass(component, base)):
+                raise PluginError(
+                    f"plugin '{plugin}' registered {component!r} as a {kind}; "
+                    f"expected a subclass of qpipe.{base.__name__}"
+                )
+            if not component.name:
+                raise PluginError(f"plugin '{plugin}': {component.__name__} has no 'name'")
+            existing = self.entries[kind].get(component.name)
+            if existing is not None and existing.cls is not component:
+                raise PluginError(
+                    f"{kind} '{component.name}' is registered twice: by plugin "
+                    f"'{existing.plugin}' and by plugin '{plugin}'; disable one with "
+                    f"QPIPE_DISABLE_PLUGINS"
+                )
+            self.entries[kind][component.name] = Entry(component, plugin)
+
+        return register
+
+    def names(self, kind: str) -> list[str]:
+        """Sorted names of the registered components of ``kind``."""
+        return sorted(self.entries[kind])
+
+    def get(self, kind: str, name: str) -> Entry:
+        """The entry for ``name``, or a QpipeError listing the valid names."""
+        try:
+            return self.entries[kind][name]
+        except KeyError:
+            raise QpipeError(unknown_name_message(kind, name, self.names(kind))) from None
+
+
+def unknown_name_message(what: str, name: str, valid: list[str]) -> str:
+    """"unknown quantizer 'x' (did you mean 'y'?); valid: a, b"."""
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    listing = ", ".join(valid) if valid else "none registered"
+    return f"unknown {what} '{name}'{hint}; valid: {listing}"

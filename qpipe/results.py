@@ -1,0 +1,117 @@
+"""What a run produced: per-variant results and ``results.json``, written as each variant ends."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class VariantResult:
+    """One variant's outcome. ``artifact`` is relative to the output folder."""
+
+    name: str
+    quantizer: str
+    status: str = "ok"  # "ok" | "failed"
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifact: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    calibrator: dict[str, Any] | None = None
+    backend: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    seconds: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VariantResult":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class PipelineResults:
+    """Everything ``results.json`` holds."""
+
+    pipeline: str
+    baseline: str
+    variants: list[VariantResult] = field(default_factory=list)
+    started: str | None = None
+    finished: str | None = None
+    status: str = "running"  # running | finished | interrupted | crashed
+    qpipe_version: str | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def variant(self, name: str) -> VariantResult | None:
+        return next((v for v in self.variants if v.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        return _finite(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PipelineResults":
+        variants = [VariantResult.from_dict(v) for v in data.get("variants", [])]
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "variants"}
+        return cls(variants=variants, **known)
+
+    def write(self, output_dir: Path) -> Path:
+        """Atomically (re)write ``results.json`` in ``output_dir``."""
+        path = Path(output_dir) / RESULTS_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+
+def read_results(output_dir: Path) -> PipelineResults:
+    """Read ``results.json`` from an output folder."""
+    from qpipe.errors import QpipeError
+
+    path = Path(output_dir) / RESULTS_FILE
+    if not path.is_file():
+        raise QpipeError(f"no {RESULTS_FILE} in {output_dir}: pass the output folder of a 'qpipe run'")
+    return PipelineResults.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def _finite(value: Any) -> Any:
+    """Replace NaN/inf (not valid JSON) with None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+@dataclass
+class PipelineRun:
+    """The run in progress, passed to every lifecycle hook.
+
+    ``settings`` carries command-line choices for plugins (e.g. ``tracking_uri``,
+    ``no_tracking``); ``state`` is scratch space a plugin may keep per run, under its name.
+    """
+
+    name: str
+    config: Any  # qpipe.config.PipelineConfig
+    config_path: Path
+    config_text: str
+    output_dir: Path
+    results: PipelineResults
+    model: Any = None  # qpipe.components.LoadedModel once loaded
+    data_files: dict[str, Path] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+    replay: bool = False
+
+    @property
+    def base_dir(self) -> Path:
+        return self.config_path.parent
