@@ -1,0 +1,1 @@
+"""Built-in plugin: quantization-aware training with TF-MOT (work in progress)."""
