@@ -140,6 +140,10 @@ class Context:
     work_dir: Path
     report: Callable[[str], None] = lambda message: None
     log_metrics: Callable[[dict[str, float], int | None], None] = lambda m, step=None: None
+    #: record a warning for this variant (kept in results.json, shown after the run)
+    warn: Callable[[str], None] = lambda message: None
+    #: record a non-numeric fact about this variant in its results (``metadata[key]``)
+    record: Callable[[str, Any], None] = lambda key, value: None
 
     def artifact_path(self, suffix: str = ".tflite") -> Path:
         """Where this variant's artifact goes: ``<output>/<variant><suffix>``."""

@@ -123,6 +123,8 @@ def print_summary(results: PipelineResults, output_dir: Path | None = None) -> N
     for v in results.variants:
         if v.status != "ok":
             console.print(f"[red]{v.name} failed:[/red] {v.error}", highlight=False)
+        for warning in v.metadata.get("warnings", []):
+            console.print(f"[yellow]{v.name} warning:[/yellow] {warning}", highlight=False)
     selected = results.extra.get("selected")
     if selected:
         console.print(f"selected: [bold]{selected.get('variant')}[/bold] ({selected.get('reason')})")

@@ -217,8 +217,15 @@ class Runner:
     def _run_stages(self, rv: ResolvedVariant, result: VariantResult) -> None:
         v = rv.config
         report = self._progress(v.name)
+        def warn(message: str) -> None:
+            result.metadata.setdefault("warnings", []).append(message)
+            report(f"warning: {message}")
+
+        def record(key: str, value: Any) -> None:
+            result.metadata[key] = value
+
         common = dict(variant=v.name, work_dir=self.output_dir, report=report,
-                      log_metrics=self._metrics_logger(v.name))
+                      log_metrics=self._metrics_logger(v.name), warn=warn, record=record)
         quantizer = rv.quantizer.component
         calibration = None
         if rv.calibrator is not None:
