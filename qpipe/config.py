@@ -147,12 +147,6 @@ class PipelineConfig(Strict):
             seen.add(v.name)
         return variants
 
-    @model_validator(mode="after")
-    def _baseline_exists(self) -> "PipelineConfig":
-        names = [v.name for v in self.variants]
-        if self.baseline is not None and self.baseline not in names:
-            raise ValueError(unknown_name_message("baseline variant", self.baseline, names))
-        return self
 
 
 # --------------------------------------------------------------------------- loading
@@ -196,7 +190,11 @@ def load_config(path: str | Path) -> LoadedConfig:
         config = PipelineConfig.model_validate(raw)
     except ValidationError as exc:
         raise _config_error(path, root, exc, PipelineConfig) from None
-    return LoadedConfig(config=config, path=path.resolve(), text=text, root=root)
+    loaded = LoadedConfig(config=config, path=path.resolve(), text=text, root=root)
+    names = [v.name for v in config.variants]
+    if config.baseline is not None and config.baseline not in names:
+        raise loaded.error(("baseline",), unknown_name_message("baseline variant", config.baseline, names))
+    return loaded
 
 
 def _config_error(path: Path, root: yaml.Node | None, exc: ValidationError, model: type[BaseModel],

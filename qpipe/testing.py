@@ -142,6 +142,11 @@ def run_pipeline_file(path: Path, pm: QpipePluginManager | None = None, output: 
 
     pm = pm if pm is not None else plugin_manager()
     resolved = resolve(load_config(path), Registry.from_plugins(pm), only)
-    output = output if output is not None else Path(path).parent / "out"
+    if output is None:  # "out", then "out-2", "out-3", ... so repeated runs never collide
+        output = Path(path).parent / "out"
+        n = 1
+        while output.exists():
+            n += 1
+            output = Path(path).parent / f"out-{n}"
     results, _ = run_pipeline(pm, resolved, output, settings or {"no_tracking": True})
     return results

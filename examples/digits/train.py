@@ -2,8 +2,9 @@
 
 Writes ``model.keras`` and ``data.npz`` (x_train, y_train, x_test, y_test) beside this file.
 Real data with no download: the 1,797 handwritten digits ship inside scikit-learn.
+``--keras3`` trains the same network with Keras 3 and writes ``model_keras3.keras``.
 
-    python examples/digits/train.py
+    python examples/digits/train.py [--keras3]
 """
 
 from __future__ import annotations
@@ -58,21 +59,26 @@ def train(keras, data: dict[str, np.ndarray], epochs: int = 30, seed: int = 0):
     return model
 
 
-def main(out_dir: Path = HERE) -> None:
+def main(out_dir: Path = HERE, keras3: bool = False) -> None:
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tf_keras
+    if keras3:
+        import keras
+    else:
+        import tf_keras as keras
 
     data = load_split()
-    model = train(tf_keras, data)
+    model = train(keras, data)
     _, accuracy = model.evaluate(data["x_test"], data["y_test"], verbose=0)
     # a fresh optimizer keeps the compile config (loss, metrics) but not Adam's slot weights
-    model.compile(optimizer=tf_keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
-    model.save(out_dir / "model.keras")
+    target = out_dir / ("model_keras3.keras" if keras3 else "model.keras")
+    model.save(target)
     np.savez_compressed(out_dir / "data.npz", **data)
-    print(f"test accuracy {accuracy:.4f}; wrote {out_dir / 'model.keras'} and {out_dir / 'data.npz'}")
+    print(f"test accuracy {accuracy:.4f}; wrote {target} and {out_dir / 'data.npz'}")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE)
+    args = [a for a in sys.argv[1:] if a != "--keras3"]
+    main(Path(args[0]) if args else HERE, keras3="--keras3" in sys.argv)

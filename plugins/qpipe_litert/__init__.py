@@ -79,24 +79,29 @@ class LiteRTRunner(Runner):
             return {name: by_index[d["index"]] for name, d in by_name.items()}
         return {d["name"]: d for d in details}
 
-    def _set(self, detail: dict, values: np.ndarray) -> None:
-        index = detail["index"]
-        if self._shapes.get(index) != values.shape:
-            self.interpreter.resize_tensor_input(index, list(values.shape))
+    def _resize(self, pairs: list[tuple[dict, np.ndarray]]) -> None:
+        """Resize every input whose shape changed, then re-allocate once."""
+        changed = False
+        for detail, values in pairs:
+            index = detail["index"]
+            if self._shapes.get(index) != values.shape:
+                self.interpreter.resize_tensor_input(index, list(values.shape))
+                self._shapes[index] = values.shape
+                changed = True
+        if changed:
             self.interpreter.allocate_tensors()
-            self._shapes[index] = values.shape
-        self.interpreter.set_tensor(index, quantize_array(values, detail))
 
     def predict_batch(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         if len(self.inputs) == 1 and len(inputs) == 1:
-            pairs = [(next(iter(self.inputs.values())), next(iter(inputs.values())))]
+            pairs = [(next(iter(self.inputs.values())), np.asarray(next(iter(inputs.values()))))]
         else:
             missing = [name for name in self.inputs if name not in inputs]
             if missing:
                 raise QpipeError(f"the .tflite expects inputs {sorted(self.inputs)}; missing {missing}")
-            pairs = [(detail, inputs[name]) for name, detail in self.inputs.items()]
+            pairs = [(detail, np.asarray(inputs[name])) for name, detail in self.inputs.items()]
+        self._resize(pairs)
         for detail, values in pairs:
-            self._set(detail, np.asarray(values))
+            self.interpreter.set_tensor(detail["index"], quantize_array(values, detail))
         self.interpreter.invoke()
         return dequantize_array(self.interpreter.get_tensor(self.output["index"]), self.output)
 

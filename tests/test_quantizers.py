@@ -1,0 +1,127 @@
+"""Every built-in converter quantizer on a real model, checked inside the produced .tflite."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from ai_edge_litert.interpreter import Interpreter
+
+from qpipe.testing import run_pipeline_file
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, _tiny_session):
+    """Run every converter quantizer once on the tiny model; share the output folder."""
+    from qpipe.testing import TinyProject, plugin_manager
+    import shutil
+
+    root = tmp_path_factory.mktemp("quantizers")
+    shutil.copy(_tiny_session.model_path, root / "model.keras")
+    shutil.copy(_tiny_session.data_path, root / "data.npz")
+    project = TinyProject(root, root / "model.keras", root / "data.npz")
+    path = project.write_pipeline([
+        {"name": "dynamic", "quantizer": "tflite.dynamic"},
+        {"name": "float16", "quantizer": "tflite.float16"},
+        {"name": "int8", "quantizer": "tflite.int8"},
+        {"name": "int8_float_io", "quantizer": "tflite.int8", "options": {"io": "float32"}},
+        {"name": "int8_uint8_io", "quantizer": "tflite.int8", "options": {"io": "uint8"}},
+        {"name": "int8_per_tensor", "quantizer": "tflite.int8", "options": {"per_channel": False}},
+        {"name": "int16x8", "quantizer": "tflite.int16x8"},
+        {"name": "int16x8_int16_io", "quantizer": "tflite.int16x8", "options": {"io": "int16"}},
+    ])
+    results = run_pipeline_file(path, plugin_manager(), output=root / "out")
+    return root / "out", results
+
+
+def test_all_variants_ok_and_accurate(converted):
+    out, results = converted
+    failed = {v.name: v.error for v in results.variants if v.status != "ok"}
+    assert failed == {}
+    base = results.variant("float32").metrics["accuracy"]
+    assert base > 0.9
+    for v in results.variants:
+        assert v.metrics["accuracy"] >= base - 0.05, v.name
+        assert (out / v.artifact).is_file()
+    on_disk = json.loads((out / "results.json").read_text())
+    assert [v["name"] for v in on_disk["variants"]][0] == "float32"
+    assert on_disk["baseline"] == "float32"
+
+
+def _io(path):
+    interpreter = Interpreter(model_path=str(path))
+    return interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+
+
+def _weights(path):
+    """Constant tensors with two or more dimensions (the conv and dense kernels)."""
+    interpreter = Interpreter(model_path=str(path))
+    ops = interpreter._get_ops_details()
+    produced = {i for op in ops for i in op["outputs"]}
+    model_inputs = {d["index"] for d in interpreter.get_input_details()}
+    details = interpreter.get_tensor_details()
+    constants = {i for op in ops for i in op["inputs"] if i >= 0 and i not in produced and i not in model_inputs}
+    return [details[i] for i in sorted(constants) if len(details[i]["shape"]) >= 2]
+
+
+def test_float32_has_float_weights_and_io(converted):
+    out, _ = converted
+    inp, outp = _io(out / "float32.tflite")
+    assert inp["dtype"] == np.float32 and outp["dtype"] == np.float32
+    assert {d["dtype"] for d in _weights(out / "float32.tflite")} == {np.float32}
+
+
+def test_dynamic_stores_int8_weights_with_float_io(converted):
+    out, _ = converted
+    inp, _ = _io(out / "dynamic.tflite")
+    assert inp["dtype"] == np.float32
+    assert np.int8 in {d["dtype"] for d in _weights(out / "dynamic.tflite")}
+
+
+def test_float16_stores_half_weights(converted):
+    out, results = converted
+    assert np.float16 in {d["dtype"] for d in _weights(out / "float16.tflite")}
+    assert results.variant("float16").metrics["size_ratio"] > 1.5  # tiny model: fixed overhead weighs more
+
+
+def test_int8_io_types(converted):
+    out, _ = converted
+    assert [d["dtype"] for d in _io(out / "int8.tflite")] == [np.int8, np.int8]
+    assert [d["dtype"] for d in _io(out / "int8_float_io.tflite")] == [np.float32, np.float32]
+    assert [d["dtype"] for d in _io(out / "int8_uint8_io.tflite")] == [np.uint8, np.uint8]
+    assert [d["dtype"] for d in _io(out / "int16x8_int16_io.tflite")] == [np.int16, np.int16]
+    assert [d["dtype"] for d in _io(out / "int16x8.tflite")] == [np.float32, np.float32]
+
+
+def _conv_scales(path):
+    interpreter = Interpreter(model_path=str(path))
+    ops = interpreter._get_ops_details()
+    conv = next(op for op in ops if op["op_name"] == "CONV_2D")
+    weight = interpreter.get_tensor_details()[conv["inputs"][1]]
+    return weight["quantization_parameters"]["scales"], weight["dtype"]
+
+
+def test_per_channel_vs_per_tensor_weight_scales(converted):
+    out, _ = converted
+    per_channel, dtype = _conv_scales(out / "int8.tflite")
+    per_tensor, _ = _conv_scales(out / "int8_per_tensor.tflite")
+    assert dtype == np.int8
+    assert len(per_channel) == 8  # one scale per output channel of Conv2D(8)
+    assert len(per_tensor) == 1
+
+
+def test_int16x8_has_int16_activations(converted):
+    out, _ = converted
+    interpreter = Interpreter(model_path=str(out / "int16x8.tflite"))
+    dtypes = {d["dtype"] for d in interpreter.get_tensor_details()}
+    assert np.int16 in dtypes and np.int8 in dtypes
+
+
+def test_sizes_shrink_as_expected(converted):
+    _, results = converted
+    m = {v.name: v.metrics for v in results.variants}
+    assert m["int8"]["size_bytes"] < m["float16"]["size_bytes"] < m["float32"]["size_bytes"]
+    assert m["float32"]["size_ratio"] == pytest.approx(1.0)
+    assert m["int8"]["size_ratio"] == pytest.approx(m["float32"]["size_bytes"] / m["int8"]["size_bytes"])
+    assert m["int8"]["size_bytes_delta"] == pytest.approx(m["int8"]["size_bytes"] - m["float32"]["size_bytes"])
