@@ -85,6 +85,7 @@ def build_app(pm: Any = None) -> typer.Typer:
         only: Optional[list[str]] = typer.Option(None, "--only", help="Run only this variant (repeatable); the baseline always runs."),
         tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (overrides the YAML and MLFLOW_TRACKING_URI)."),
         no_tracking: bool = typer.Option(False, "--no-tracking", help="Run without MLflow tracking."),
+        gate: bool = typer.Option(False, "--gate", help=f"Exit with code {EXIT_GATE_FAILED} when no variant meets the constraints."),
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks and TensorFlow logs."),
     ) -> None:
         """Run every variant of PIPELINE and write results.json to the output folder."""
@@ -104,7 +105,8 @@ def build_app(pm: Any = None) -> typer.Typer:
             display = ConsoleDisplay(total=len(resolved.variants))
             pm.register(display, name="qpipe-console")
             try:
-                settings = {"tracking_uri": tracking_uri, "no_tracking": no_tracking, "debug": debug}
+                settings = {"tracking_uri": tracking_uri, "no_tracking": no_tracking, "debug": debug,
+                            "gate": gate}
                 results, warnings = run_pipeline(pm, resolved, output, settings)
             finally:
                 display.stop()
@@ -112,6 +114,9 @@ def build_app(pm: Any = None) -> typer.Typer:
             for warning in warnings:
                 typer.echo(f"warning: {warning}", err=True)
             print_summary(results, Path(output) if output else None)
+            if results.gate is not None and not results.gate["passed"]:
+                raise fail(f"gate: {results.gate['reason']} ({', '.join(results.gate['constraints'])}); "
+                           "see 'gate' in results.json", EXIT_GATE_FAILED)
             failed = [v.name for v in results.variants if v.status != "ok"]
             if failed:
                 raise fail(f"{len(failed)} variant(s) failed: {', '.join(failed)} (see results.json)",

@@ -121,12 +121,20 @@ class Calibration:
     """What a calibrator produced: representative samples and, optionally, activation ranges.
 
     ``samples`` is a Dataset (inputs by model input name, labels if known); ``ranges`` maps a
-    tensor name to ``(min, max)`` for quantizers that honour estimated ranges.
+    tensor name to ``(min, max)`` for quantizers that honour estimated ranges (estimated for
+    8-bit activations). ``estimate``, if set, gives ranges for another activation width
+    (16 for int16x8): quantizers call ``ranges_for(bits)``. ``metadata`` holds JSON-friendly
+    facts (the estimator, how the statistics were computed) a quantizer may record.
     """
 
     samples: "Dataset"
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    estimate: Callable[[int], dict[str, tuple[float, float]]] | None = field(default=None, repr=False)
+
+    def ranges_for(self, bits: int) -> dict[str, tuple[float, float]]:
+        """Activation ranges for ``bits``-bit activations (empty: let the quantizer calibrate)."""
+        return self.estimate(bits) if self.estimate is not None else self.ranges
 
 
 # --------------------------------------------------------------------------- contexts
@@ -167,6 +175,10 @@ class QuantizeContext(Context):
     calibration: Calibration | None = None
     training: "Dataset | None" = None
     validation: "Dataset | None" = None
+    #: the pipeline's constraints (``qpipe.selection.Constraint``), for quantizers that search
+    constraints: list = field(default_factory=list)
+    #: run an artifact through the variant's backend and evaluators: metrics with deltas
+    evaluate: Callable[["Artifact"], dict[str, float]] | None = None
 
 
 @dataclass

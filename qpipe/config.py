@@ -12,14 +12,15 @@ import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qpipe.components import Component
 from qpipe.errors import ConfigError, QpipeError
 from qpipe.registry import Registry, unknown_name_message
+from qpipe.selection import Constraint
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
@@ -117,6 +118,27 @@ class OutputConfig(Strict):
     dir: str | None = Field(None, description="output folder; default runs/<name>-<timestamp>")
 
 
+def _check_constraint(text: str) -> str:
+    Constraint.parse(text)
+    return text
+
+
+ConstraintText = Annotated[str, AfterValidator(_check_constraint)]
+
+
+class Objective(Strict):
+    """What the selection optimizes: exactly one of ``maximize`` or ``minimize`` a metric."""
+
+    maximize: str | None = None
+    minimize: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "Objective":
+        if bool(self.maximize) == bool(self.minimize):
+            raise ValueError("objective needs exactly one of 'maximize' or 'minimize' (a metric name)")
+        return self
+
+
 DEFAULT_EVALUATORS = ["accuracy", "fidelity", "size", "latency"]
 
 
@@ -134,8 +156,19 @@ class PipelineConfig(Strict):
         default_factory=lambda: [ComponentRef(name=n) for n in DEFAULT_EVALUATORS]
     )
     baseline: str | None = None
+    objective: Objective | None = Field(None, description="{maximize: METRIC} or {minimize: METRIC}")
+    constraints: list[ConstraintText] = Field(default_factory=list, description="'METRIC OP NUMBER' strings")
+    gate: bool = Field(False, description="exit with code 3 when no variant meets the constraints")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def objective_pair(self) -> tuple[str, str] | None:
+        """("maximize" | "minimize", metric), or None."""
+        if self.objective is None:
+            return None
+        if self.objective.maximize:
+            return "maximize", self.objective.maximize
+        return "minimize", str(self.objective.minimize)
 
     @field_validator("variants")
     @classmethod
@@ -319,6 +352,10 @@ class ResolvedPipeline:
     baseline: str
 
     @property
+    def constraints(self) -> list[Constraint]:
+        return [Constraint.parse(text) for text in self.loaded.config.constraints]
+
+    @property
     def config(self) -> PipelineConfig:
         return self.loaded.config
 
@@ -340,15 +377,21 @@ def _bind(loaded: LoadedConfig, registry: Registry, kind: str, name: str, option
 def resolve(loaded: LoadedConfig, registry: Registry, only: list[str] | None = None) -> ResolvedPipeline:
     """Bind every component of ``loaded`` from ``registry``; ``only`` limits the variants."""
     cfg = loaded.config
-    names = [v.name for v in cfg.variants]
+    expanded = [(i, ev) for i, v in enumerate(cfg.variants) for ev in expand_grid(v, registry)]
+    names = [v.name for v in cfg.variants] + [ev.name for _, ev in expanded]
     for wanted in only or []:
         if wanted not in names:
             raise ConfigError(unknown_name_message("variant", wanted, names) + " (from --only)")
 
     baseline = cfg.baseline or _default_baseline(cfg)
     variants: list[ResolvedVariant] = []
-    for i, v in enumerate(cfg.variants):
-        if only and v.name not in only and v.name != baseline:
+    seen: set[str] = set()
+    for i, v in expanded:
+        if v.name in seen:
+            raise loaded.error(("variants", i, "name"), f"variant name '{v.name}' is used twice "
+                                                        "(after expanding option lists)")
+        seen.add(v.name)
+        if only and v.name not in only and v.name != baseline and cfg.variants[i].name not in only:
             continue
         quantizer = _bind(loaded, registry, "quantizer", v.quantizer, v.options,
                           ("variants", i, "quantizer"), ("variants", i, "options"))
@@ -382,6 +425,44 @@ def resolve(loaded: LoadedConfig, registry: Registry, only: list[str] | None = N
     # the baseline runs first: deltas of every other variant are computed against it
     variants.sort(key=lambda rv: rv.config.name != baseline)
     return ResolvedPipeline(loaded, registry, variants, evaluators, baseline)
+
+
+def expand_grid(variant: VariantConfig, registry: Registry) -> list[VariantConfig]:
+    """A variant whose options give a list where the option takes one value becomes one
+    variant per combination, named ``<name>-<option>-<value>...`` (a small grid search)."""
+    entry = registry.entries["quantizer"].get(variant.quantizer)
+    if entry is None:
+        return [variant]
+    fields = entry.cls.Options.model_fields
+    axes = [(key, value) for key, value in variant.options.items()
+            if isinstance(value, list) and key in fields and not _accepts_list(fields[key].annotation)]
+    if not axes:
+        return [variant]
+    if any(len(values) == 0 for _, values in axes):
+        return [variant]  # an empty list fails option validation with its own message
+    combos: list[dict[str, Any]] = [{}]
+    for key, values in axes:
+        combos = [{**combo, key: value} for combo in combos for value in values]
+    out = []
+    for combo in combos:
+        suffix = "-".join(f"{key}-{_slug(value)}" for key, value in combo.items())
+        out.append(variant.model_copy(update={"name": f"{variant.name}-{suffix}",
+                                              "options": {**variant.options, **combo}}))
+    return out
+
+
+def _accepts_list(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple, set, frozenset):
+        return True
+    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
+        return any(_accepts_list(a) for a in typing.get_args(annotation))
+    return False
+
+
+def _slug(value: Any) -> str:
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", text)
 
 
 def _default_baseline(cfg: PipelineConfig) -> str:

@@ -125,6 +125,10 @@ def print_summary(results: PipelineResults, output_dir: Path | None = None) -> N
             console.print(f"[red]{v.name} failed:[/red] {v.error}", highlight=False)
         for warning in v.metadata.get("warnings", []):
             console.print(f"[yellow]{v.name} warning:[/yellow] {warning}", highlight=False)
-    selected = results.extra.get("selected")
-    if selected:
-        console.print(f"selected: [bold]{selected.get('variant')}[/bold] ({selected.get('reason')})")
+    selected = results.selected
+    if selected and selected.get("variant"):
+        console.print(f"selected: [bold]{selected['variant']}[/bold] ({selected['reason']})", highlight=False)
+    elif selected:
+        console.print(f"[red]no variant selected:[/red] {selected['reason']}", highlight=False)
+        for name, why in selected.get("rejected", {}).items():
+            console.print(f"  {name}: {why}", highlight=False)

@@ -32,6 +32,7 @@ from qpipe.data import Dataset, bind_to_model, load_source
 from qpipe.errors import PluginError, QpipeError
 from qpipe.plugins import QpipePluginManager
 from qpipe.results import PipelineResults, PipelineRun, VariantResult
+from qpipe.selection import select
 
 
 def timestamp() -> str:
@@ -177,10 +178,28 @@ class Runner:
             raise
         results.status = "finished"
         results.finished = _dt.datetime.now().isoformat(timespec="seconds")
+        self._select(results)
         results.write(self.output_dir)
         self.warnings += call_lifecycle(self.pm, "qpipe_pipeline_finished", run=self.run_info, results=results)
         results.write(self.output_dir)  # plugins may add to results.extra
         return results
+
+    def _select(self, results: PipelineResults) -> None:
+        """Name the variant to ship and, when gating, whether the build passes."""
+        cfg = self.resolved.config
+        constraints = self.resolved.constraints
+        if constraints or cfg.objective is not None:
+            results.selected = select(results.variants, constraints, cfg.objective_pair())
+        if cfg.gate or self.settings.get("gate"):
+            chosen = (results.selected or {}).get("variant")
+            if not constraints:
+                results.gate = {"passed": True, "reason": "no constraints declared"}
+            elif chosen:
+                results.gate = {"passed": True, "reason": f"{chosen} meets {', '.join(map(str, constraints))}"}
+            else:
+                results.gate = {"passed": False, "reason": "no variant meets the constraints",
+                                "constraints": [str(c) for c in constraints],
+                                "failures": (results.selected or {}).get("rejected", {})}
 
     # ------------------------------------------------------------------ one variant
     def run_variant(self, rv: ResolvedVariant) -> VariantResult:
@@ -238,7 +257,8 @@ class Runner:
         t0 = time.perf_counter()
         artifact = _call(rv.quantizer, "quantize", QuantizeContext(
             **common, model=self.inputs.model, calibration=calibration,
-            training=self.inputs.training, validation=self.inputs.validation))
+            training=self.inputs.training, validation=self.inputs.validation,
+            constraints=self.resolved.constraints, evaluate=self._trial_evaluator(rv, common)))
         if not isinstance(artifact, Artifact):
             raise PluginError(f"plugin '{rv.quantizer.plugin}': {v.quantizer}.quantize returned "
                               f"{type(artifact).__name__}, expected qpipe.Artifact")
@@ -248,13 +268,24 @@ class Runner:
         metrics: dict[str, float] = {"quantize_seconds": round(quantize_seconds, 3)}
         metrics.update(artifact.metadata.get("metrics", {}))
 
+        metrics.update(self._evaluate(rv, artifact, common))
+        result.metrics = self._with_deltas(v.name, metrics)
+
+    def _evaluate(self, rv: ResolvedVariant, artifact: Artifact, common: dict,
+                  record_baseline: bool = True) -> dict[str, float]:
+        """Run ``artifact`` on the evaluation data with the variant's backend; return raw metrics."""
+        report = common["report"]
         report("loading")
         backend = rv.backend.component
         runner = _call(rv.backend, "load", artifact, self.inputs.model)
+        metrics: dict[str, float] = {}
         try:
             report(f"predicting {len(self.inputs.evaluation)} samples")
             outputs = np.asarray(runner.predict(self.inputs.evaluation, backend.batch_size))
-            baseline = self._baseline_state(v.name, outputs, artifact)
+            if record_baseline:
+                baseline = self._baseline_state(rv.config.name, outputs, artifact)
+            else:
+                baseline = (getattr(self, "_baseline_outputs", None), getattr(self, "_baseline_artifact", None))
             ctx = EvalContext(**common, data=self.inputs.evaluation, outputs=outputs, artifact=artifact,
                               runner=runner, baseline_outputs=baseline[0], baseline_artifact=baseline[1],
                               model=self.inputs.model)
@@ -266,7 +297,14 @@ class Runner:
                 metrics.update({k: float(val) for k, val in (produced or {}).items()})
         finally:
             runner.close()
-        result.metrics = self._with_deltas(v.name, metrics)
+        return metrics
+
+    def _trial_evaluator(self, rv: ResolvedVariant, common: dict):
+        """``ctx.evaluate`` for quantizers that search (e.g. float fallback): metrics with deltas."""
+        def evaluate(artifact: Artifact) -> dict[str, float]:
+            raw = self._evaluate(rv, artifact, common, record_baseline=False)
+            return self._with_deltas(rv.config.name, raw, record=False)
+        return evaluate
 
     def _calibrate(self, bound: Bound, common: dict) -> Calibration:
         key = json.dumps([bound.component.name, _plain(bound.component.options)], sort_keys=True)
@@ -284,8 +322,8 @@ class Runner:
             self._baseline_outputs, self._baseline_artifact = outputs, artifact
         return getattr(self, "_baseline_outputs", None), getattr(self, "_baseline_artifact", None)
 
-    def _with_deltas(self, name: str, metrics: dict[str, float]) -> dict[str, float]:
-        if name == self.resolved.baseline:
+    def _with_deltas(self, name: str, metrics: dict[str, float], record: bool = True) -> dict[str, float]:
+        if name == self.resolved.baseline and record:
             self._baseline_metrics = dict(metrics)
         base = getattr(self, "_baseline_metrics", None)
         if base is None:

@@ -47,6 +47,10 @@ class PipelineResults:
     qpipe_version: str | None = None
     model: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+    #: the variant to ship and why (when the pipeline declares constraints or an objective)
+    selected: dict[str, Any] | None = None
+    #: the CI gate's verdict (when gating): passed, reason, failures
+    gate: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def variant(self, name: str) -> VariantResult | None:

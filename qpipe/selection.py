@@ -1,0 +1,90 @@
+"""Constraints, the objective, and picking the variant to ship (and the CI gate).
+
+A constraint is a string ``"<metric> <op> <number>"`` (``accuracy_delta >= -0.01``); the
+objective is ``{maximize: METRIC}`` or ``{minimize: METRIC}``. The selected variant is the
+best one, by the objective, among the variants that finished and meet every constraint.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,
+}
+_PATTERN = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(>=|<=|==|>|<)\s*([-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """``metric op value``, e.g. ``accuracy_delta >= -0.01``."""
+
+    metric: str
+    op: str
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> "Constraint":
+        match = _PATTERN.match(str(text))
+        if not match:
+            raise ValueError(f"constraint {text!r} must look like 'METRIC >= NUMBER' "
+                             f"(operators: {', '.join(OPERATORS)})")
+        return cls(match.group(1), match.group(2), float(match.group(3)))
+
+    def check(self, metrics: dict[str, float]) -> str | None:
+        """None when met, else why not."""
+        value = metrics.get(self.metric)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return f"{self.metric} was not measured"
+        if not OPERATORS[self.op](value, self.value):
+            return f"{self.metric} = {value:.6g}, needs {self.op} {self.value:g}"
+        return None
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.value:g}"
+
+
+def unmet(constraints: list[Constraint], metrics: dict[str, float]) -> list[str]:
+    """Reasons the metrics miss the constraints (empty when all hold)."""
+    return [reason for c in constraints if (reason := c.check(metrics)) is not None]
+
+
+def select(variants: list[Any], constraints: list[Constraint], objective: tuple[str, str] | None) -> dict[str, Any]:
+    """Choose among VariantResults; returns the ``selected`` record for results.json.
+
+    ``objective`` is ``("maximize" | "minimize", metric)``; without one, the smallest
+    variant (by ``size_bytes``) that meets the constraints wins.
+    """
+    direction, metric = objective or ("minimize", "size_bytes")
+    rejected: dict[str, str] = {}
+    eligible = []
+    for v in variants:
+        if v.status != "ok":
+            rejected[v.name] = f"failed: {v.error}"
+            continue
+        reasons = unmet(constraints, v.metrics)
+        if metric not in v.metrics:
+            reasons.append(f"objective metric {metric} was not measured")
+        if reasons:
+            rejected[v.name] = "; ".join(reasons)
+        else:
+            eligible.append(v)
+    record: dict[str, Any] = {
+        "objective": f"{direction} {metric}",
+        "constraints": [str(c) for c in constraints],
+        "rejected": rejected,
+        "variant": None,
+    }
+    if not eligible:
+        record["reason"] = "no variant meets the constraints" if constraints else "no variant finished"
+        return record
+    best = (max if direction == "maximize" else min)(eligible, key=lambda v: v.metrics[metric])
+    met = f" and meets {', '.join(str(c) for c in constraints)}" if constraints else ""
+    record.update(variant=best.name, value=best.metrics[metric],
+                  reason=f"{direction}s {metric} ({best.metrics[metric]:.6g}) among "
+                         f"{len(eligible)} eligible variant(s){met}")
+    return record
