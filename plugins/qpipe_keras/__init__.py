@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 import qpipe
 from qpipe import Artifact, Backend, LoadedModel, QpipeError, Quantizer, Runner, TensorInfo
@@ -190,7 +191,7 @@ class KerasRunner(Runner):
 
 
 class KerasBackendOptions(qpipe.Options):
-    batch_size: int = 256
+    batch_size: int = Field(256, ge=1, description="samples per call during evaluation")
 
 
 class KerasBackend(Backend):
