@@ -3,13 +3,16 @@
 ``tflite.float32`` (the baseline), ``tflite.dynamic``, ``tflite.float16``, ``tflite.int8``
 and ``tflite.int16x8``. Each converts the model's SavedModel (exported once per run) with
 ``tf.lite.TFLiteConverter``; the full-integer ones take representative samples from the
-variant's calibrator.
+variant's calibrator. When the calibrator estimated activation ranges (``estimator:``),
+int8 and int16x8 quantize with those ranges instead of the converter's min/max
+(``qpipe_tflite.ranges``).
 """
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Any, Iterator, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 import numpy as np
 from pydantic import Field
@@ -50,7 +53,8 @@ class ConverterQuantizer(Quantizer):
     def configure(self, converter: Any, ctx: QuantizeContext) -> None:
         """Set the converter's optimization flags for this variant."""
 
-    def quantize(self, ctx: QuantizeContext) -> Artifact:
+    def make_converter(self, ctx: QuantizeContext) -> Any:
+        """A TFLiteConverter over the model's SavedModel, configured for this variant."""
         tf = tensorflow()
         if "saved_model_dir" not in ctx.model._memo:
             ctx.report("exporting SavedModel")
@@ -58,18 +62,28 @@ class ConverterQuantizer(Quantizer):
             saved_model = ctx.model.saved_model_dir()
         converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
         self.configure(converter, ctx)
+        return converter
+
+    def quantize(self, ctx: QuantizeContext) -> Artifact:
+        converter = self.make_converter(ctx)
         ctx.report("converting")
         started = time.perf_counter()
         try:
             with quiet() as log:
-                flatbuffer = converter.convert()
+                flatbuffer, facts = self.convert(converter, ctx)
+        except QpipeError:
+            raise
         except Exception as exc:
             raise QpipeError(f"TFLite conversion failed: {_short(exc)}") from exc
         del log
         path = ctx.artifact_path(".tflite")
         path.write_bytes(flatbuffer)
         return Artifact(path=path, format="tflite", metadata={
-            "engine": self.engine, "convert_seconds": round(time.perf_counter() - started, 3)})
+            "engine": self.engine, "convert_seconds": round(time.perf_counter() - started, 3), **facts})
+
+    def convert(self, converter: Any, ctx: QuantizeContext) -> tuple[bytes, dict[str, Any]]:
+        """The .tflite flatbuffer and facts to record about it."""
+        return converter.convert(), {}
 
 
 def _short(exc: BaseException) -> str:
@@ -104,18 +118,74 @@ class Float16(ConverterQuantizer):
         converter.target_spec.supported_types = [tf.float16]
 
 
+class FullInteger(ConverterQuantizer):
+    """Base of int8 and int16x8: honours activation ranges estimated by the calibrator."""
+
+    needs_calibration = True
+    #: activation bits, for the calibrator's estimator
+    bits: ClassVar[int] = 8
+
+    def requantize(self, calibrated: bytes) -> bytes:
+        """Quantize a calibrated float model whose ranges were replaced."""
+        raise NotImplementedError
+
+    def convert(self, converter: Any, ctx: QuantizeContext) -> tuple[bytes, dict[str, Any]]:
+        from qpipe_tflite import ranges as estimated
+
+        wanted = ctx.calibration.ranges_for(self.bits) if ctx.calibration is not None else {}
+        if not wanted:
+            return converter.convert(), {}
+        calibrated = estimated.calibrated_model(converter)
+        edited, applied = estimated.set_ranges(calibrated, wanted)
+        if not applied:
+            raise QpipeError(f"none of the calibrator's {len(wanted)} activation ranges names a tensor of "
+                             "the converted model; the calibrator and quantizer disagree on tensor names")
+        flatbuffer = self.requantize(edited)
+        ranges_file = ctx.artifact_path(".ranges.json")
+        ranges_file.write_text(json.dumps({k: list(v) for k, v in applied.items()}, indent=1))
+        calibration = {k: v for k, v in ctx.calibration.metadata.items()
+                       if isinstance(v, (str, int, float, bool, dict))}
+        return flatbuffer, {
+            "calibration": calibration,
+            "activation_ranges": {"estimator": calibration.get("estimator", {}).get("name", "custom"),
+                                  "bits": self.bits, "tensors": len(applied), "file": ranges_file.name},
+        }
+
+
 class Int8Options(qpipe.Options):
     io: Literal["int8", "uint8", "float32"] = Field(
         "int8", description="type of the model's input and output tensors")
     per_channel: bool = Field(True, description="one weight scale per output channel (else per tensor)")
+    fallback: Literal["off", "auto"] = Field(
+        "off", description="auto: keep the layers int8 hurts most in float until the pipeline's "
+                           "constraints hold")
+    fallback_max_layers: int = Field(5, ge=1, description="most layers fallback may keep in float")
+    analyze: bool = Field(False, description="rank layers by int8 error; write <variant>.sensitivity.csv/.png")
 
 
-class Int8(ConverterQuantizer):
+class Int8(FullInteger):
     """Full-integer int8: int8 weights and activations, ranges from calibration samples."""
 
     name = "tflite.int8"
-    needs_calibration = True
     Options = Int8Options
+    bits = 8
+    #: ``qpipe analyze`` and ``fallback: auto`` can rank this quantizer's layers
+    supports_sensitivity = True
+
+    def quantize(self, ctx: QuantizeContext) -> Artifact:
+        artifact = super().quantize(ctx)
+        if self.options.analyze or self.options.fallback == "auto":
+            from qpipe_tflite.fallback import analyze, fall_back
+
+            layers = analyze(self, ctx, write=self.options.analyze)
+            if self.options.fallback == "auto":
+                artifact = fall_back(self, ctx, artifact, layers)
+        return artifact
+
+    def requantize(self, calibrated: bytes) -> bytes:
+        from qpipe_tflite.ranges import quantize_int8
+
+        return quantize_int8(calibrated, self.options.io, self.options.per_channel)
 
     def configure(self, converter, ctx) -> None:
         tf = tensorflow()
@@ -135,12 +205,17 @@ class Int16x8Options(qpipe.Options):
     per_channel: bool = Field(True, description="one weight scale per output channel (else per tensor)")
 
 
-class Int16x8(ConverterQuantizer):
+class Int16x8(FullInteger):
     """int16 activations with int8 weights: closer to float, reference kernels (slower)."""
 
     name = "tflite.int16x8"
-    needs_calibration = True
     Options = Int16x8Options
+    bits = 16
+
+    def requantize(self, calibrated: bytes) -> bytes:
+        from qpipe_tflite.ranges import quantize_int16x8
+
+        return quantize_int16x8(calibrated, self.options.io, self.options.per_channel)
 
     def configure(self, converter, ctx) -> None:
         tf = tensorflow()
@@ -159,3 +234,10 @@ class Int16x8(ConverterQuantizer):
 def qpipe_register_quantizers(register) -> None:
     for quantizer in (Float32, Dynamic, Float16, Int8, Int16x8):
         register(quantizer)
+
+
+@qpipe.hookimpl
+def qpipe_add_commands(app) -> None:
+    from qpipe_tflite.analyze import register_command
+
+    register_command(app)
