@@ -36,13 +36,16 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> "typer.Exit":
     return typer.Exit(code)
 
 
-class _Guard:
-    """Turns exceptions into one-line errors and exit codes (tracebacks only with --debug)."""
+class ErrorGuard:
+    """Turns exceptions into one-line errors and exit codes (tracebacks only with --debug).
+
+    Plugins adding commands use it too: ``with ErrorGuard(debug): ...``.
+    """
 
     def __init__(self, debug: bool):
         self.debug = debug
 
-    def __enter__(self) -> "_Guard":
+    def __enter__(self) -> "ErrorGuard":
         return self
 
     def __exit__(self, kind, exc, tb) -> bool:
@@ -86,6 +89,8 @@ def build_app(pm: Any = None) -> typer.Typer:
         tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (overrides the YAML and MLFLOW_TRACKING_URI)."),
         no_tracking: bool = typer.Option(False, "--no-tracking", help="Run without MLflow tracking."),
         gate: bool = typer.Option(False, "--gate", help=f"Exit with code {EXIT_GATE_FAILED} when no variant meets the constraints."),
+        jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Run N variants at once in worker processes (overrides executor.jobs)."),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Neither reuse nor store cached variants."),
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks and TensorFlow logs."),
     ) -> None:
         """Run every variant of PIPELINE and write results.json to the output folder."""
@@ -94,7 +99,7 @@ def build_app(pm: Any = None) -> typer.Typer:
         if debug:
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
         prepare_environment()
-        with _Guard(debug):
+        with ErrorGuard(debug):
             from qpipe.config import load_config, resolve
             from qpipe.display import ConsoleDisplay, print_summary
             from qpipe.pipeline import run_pipeline
@@ -106,7 +111,7 @@ def build_app(pm: Any = None) -> typer.Typer:
             pm.register(display, name="qpipe-console")
             try:
                 settings = {"tracking_uri": tracking_uri, "no_tracking": no_tracking, "debug": debug,
-                            "gate": gate}
+                            "gate": gate, "jobs": jobs, "no_cache": no_cache}
                 results, warnings = run_pipeline(pm, resolved, output, settings)
             finally:
                 display.stop()
@@ -128,7 +133,7 @@ def build_app(pm: Any = None) -> typer.Typer:
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     ) -> None:
         """Check PIPELINE (structure, component names, options) without running anything."""
-        with _Guard(debug):
+        with ErrorGuard(debug):
             from qpipe.config import load_config, resolve
             from qpipe.registry import Registry
 
@@ -139,7 +144,7 @@ def build_app(pm: Any = None) -> typer.Typer:
     @app.command()
     def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
         """List installed plugins, their versions and the components each registers."""
-        with _Guard(False):
+        with ErrorGuard(False):
             from qpipe.registry import Registry
 
             pm = get_pm()
@@ -181,7 +186,7 @@ def build_app(pm: Any = None) -> typer.Typer:
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     ) -> None:
         """Replay a finished run's results.json to the trackers (e.g. after the server was down)."""
-        with _Guard(debug):
+        with ErrorGuard(debug):
             from qpipe.replay import replay
 
             warnings = replay(get_pm(), output_dir, {"tracking_uri": tracking_uri})
