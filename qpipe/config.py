@@ -139,7 +139,7 @@ class Objective(Strict):
         return self
 
 
-DEFAULT_EVALUATORS = ["accuracy", "fidelity", "size", "latency"]
+DEFAULT_EVALUATORS = ["accuracy", "fidelity", "size", "storage", "latency"]
 
 
 class PipelineConfig(Strict):

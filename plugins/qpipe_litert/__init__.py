@@ -126,3 +126,17 @@ class LiteRTBackend(Backend):
 @qpipe.hookimpl
 def qpipe_register_backends(register: Any) -> None:
     register(LiteRTBackend)
+
+
+@qpipe.hookimpl
+def qpipe_register_quantizers(register: Any) -> None:
+    from qpipe_litert.aiq import Int4
+
+    register(Int4)
+
+
+@qpipe.hookimpl
+def qpipe_register_evaluators(register: Any) -> None:
+    from qpipe_litert.inspect import Storage
+
+    register(Storage)

@@ -1,0 +1,83 @@
+"""Wrap a tf_keras model for quantization-aware training, keeping chosen layers in float.
+
+Layers named in ``keep_float`` (by layer name or class name) are left unannotated, which is
+TF-MOT's way (``quantize_annotate_layer``) of keeping them in float. A layer TF-MOT cannot
+quantize (a BatchNormalization that does not directly follow a linear convolution, an
+unknown layer type) is a clear error, or with ``unsupported: float`` is kept in float too.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+from qpipe import QpipeError
+from qpipe.tfenv import quiet, tf_keras
+
+_UNSUPPORTED = re.compile(r"Layer (?P<name>[^:\s]+):<class '(?P<cls>[^']+)'> is not supported")
+
+
+def match_layers(model: Any, patterns: list[str], what: str) -> set[str]:
+    """Names of the layers matching ``patterns`` (layer names or class names); unknown ones fail."""
+    names = {layer.name: type(layer).__name__ for layer in model.layers}
+    chosen: set[str] = set()
+    for pattern in patterns:
+        hits = {n for n, cls in names.items() if pattern in (n, cls)}
+        if not hits:
+            raise QpipeError(f"{what}: keep_float: no layer is named or of type '{pattern}'; layers: "
+                             + ", ".join(f"{n} ({c})" for n, c in names.items()))
+        chosen |= hits
+    return chosen
+
+
+def quantize_model(model: Any, scheme: Any, keep_float: set[str], unsupported: str, warn: Callable[[str], None],
+                   what: str, config_for: Callable[[Any], Any] | None = None,
+                   annotate_all: bool = True) -> tuple[Any, set[str]]:
+    """The QAT model and the names of the layers left in float.
+
+    ``config_for(layer)`` gives a custom ``QuantizeConfig`` (or None for the scheme's own);
+    with ``annotate_all=False`` only layers with a custom config are annotated.
+    """
+    import tensorflow_model_optimization as tfmot
+
+    qk = tfmot.quantization.keras
+    kept = set(keep_float)
+    for _ in range(len(model.layers) + 1):
+        def annotate(layer: Any) -> Any:
+            if layer.name in kept or type(layer).__name__ == "InputLayer":
+                return layer
+            config = config_for(layer) if config_for is not None else None
+            if config is None and not annotate_all:
+                return layer
+            return qk.quantize_annotate_layer(layer, quantize_config=config)
+
+        annotated = tf_keras().models.clone_model(model, clone_function=annotate)
+        try:
+            with quiet(), qk.quantize_scope(_custom_objects(config_for, model)):
+                return qk.quantize_apply(annotated, scheme), kept
+        except RuntimeError as exc:
+            found = _UNSUPPORTED.search(str(exc))
+            if found is None:
+                raise QpipeError(f"{what}: TF-MOT cannot quantize the model: {exc}") from exc
+            name, cls = found["name"], found["cls"].rsplit(".", 1)[-1]
+            hint = (" (TF-MOT supports BatchNormalization only directly after a Conv2D or DepthwiseConv2D "
+                    "without activation)") if cls.endswith("BatchNormalization") else ""
+            if unsupported != "float":
+                raise QpipeError(f"{what}: layer '{name}' ({cls}) cannot be quantized by TF-MOT{hint}; set "
+                                 f"unsupported: float to keep it in float, or list it in keep_float") from None
+            warn(f"layer '{name}' ({cls}) cannot be quantized by TF-MOT{hint}; kept in float")
+            kept.add(name)
+        except ValueError as exc:
+            raise QpipeError(f"{what}: TF-MOT cannot quantize the model: {str(exc).splitlines()[0]}") from exc
+    raise QpipeError(f"{what}: TF-MOT could not quantize any layer of the model")
+
+
+def _custom_objects(config_for: Any, model: Any) -> dict[str, Any]:
+    objects: dict[str, Any] = {}
+    if config_for is None:
+        return objects
+    for layer in model.layers:
+        config = config_for(layer)
+        if config is not None:
+            objects[type(config).__name__] = type(config)
+    return objects
