@@ -30,6 +30,13 @@ def converted(tmp_path_factory, _tiny_session):
         {"name": "int8_per_tensor", "quantizer": "tflite.int8", "options": {"per_channel": False}},
         {"name": "int16x8", "quantizer": "tflite.int16x8"},
         {"name": "int16x8_int16_io", "quantizer": "tflite.int16x8", "options": {"io": "int16"}},
+        {"name": "dynamic_conv", "quantizer": "tflite.dynamic", "options": {"engine": "converter"}},
+        {"name": "float16_conv", "quantizer": "tflite.float16", "options": {"engine": "converter"}},
+        {"name": "int8_aeq", "quantizer": "tflite.int8", "options": {"engine": "ai-edge-quantizer"}},
+        {"name": "int16x8_aeq", "quantizer": "tflite.int16x8",
+         "options": {"io": "int16", "engine": "ai-edge-quantizer"}},
+        {"name": "int8_aeq_float_io", "quantizer": "tflite.int8",
+         "options": {"io": "float32", "engine": "ai-edge-quantizer"}},
     ])
     results = run_pipeline_file(path, plugin_manager(), output=root / "out")
     return root / "out", results
@@ -38,7 +45,9 @@ def converted(tmp_path_factory, _tiny_session):
 def test_all_variants_ok_and_accurate(converted):
     out, results = converted
     failed = {v.name: v.error for v in results.variants if v.status != "ok"}
-    assert failed == {}
+    assert failed == {"int8_aeq_float_io": "engine ai-edge-quantizer cannot give float32 input/output "
+                                            "(its models take int8); use engine: converter or auto"}
+    results.variants = [v for v in results.variants if v.status == "ok"]
     base = results.variant("float32").metrics["accuracy"]
     assert base > 0.9
     for v in results.variants:
@@ -125,3 +134,22 @@ def test_sizes_shrink_as_expected(converted):
     assert m["float32"]["size_ratio"] == pytest.approx(1.0)
     assert m["int8"]["size_ratio"] == pytest.approx(m["float32"]["size_bytes"] / m["int8"]["size_bytes"])
     assert m["int8"]["size_bytes_delta"] == pytest.approx(m["int8"]["size_bytes"] - m["float32"]["size_bytes"])
+
+
+def test_convert_once_engines(converted):
+    """auto picks ai-edge-quantizer on the shared float .tflite where the options allow it."""
+    _, results = converted
+    engine = {v.name: v.metadata.get("engine") for v in results.variants}
+    assert engine["float32"] == "tflite-converter"
+    for name in ("dynamic", "float16", "int8_aeq", "int16x8_aeq"):
+        assert engine[name] == "ai-edge-quantizer", name
+    for name in ("int8", "int8_float_io", "int8_uint8_io", "int8_per_tensor", "int16x8", "int16x8_int16_io",
+                 "dynamic_conv", "float16_conv"):
+        assert engine[name] == "tflite-converter", name
+    assert results.variant("float32").metadata["conversion"] == "converted"
+    for ours, theirs in (("dynamic", "dynamic_conv"), ("float16", "float16_conv"), ("int8_aeq", "int8"),
+                         ("int16x8_aeq", "int16x8_int16_io")):
+        assert results.variant(ours).metrics["accuracy"] >= results.variant(theirs).metrics["accuracy"] - 0.02
+    # the weight-only recipes auto picks stay as close to float as the converter's
+    assert results.variant("float16").metrics["mean_abs_error"] <= 2 * results.variant("float16_conv").metrics["mean_abs_error"] + 1e-4
+    assert results.variant("dynamic").metrics["mean_abs_error"] <= 3 * results.variant("dynamic_conv").metrics["mean_abs_error"] + 1e-3

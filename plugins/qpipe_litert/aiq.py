@@ -2,7 +2,7 @@
 
 ``ai-edge-quantizer`` quantizes an existing float .tflite from a recipe and writes INT4
 weight tensors packed two to a byte, so the file itself shrinks. The float .tflite is
-converted once per run from the model's SavedModel and shared by every variant here.
+converted once per run (``qpipe.conversion``) and shared with every other variant.
 """
 
 from __future__ import annotations
@@ -14,21 +14,14 @@ from pydantic import Field
 
 import qpipe
 from qpipe import Artifact, QpipeError, QuantizeContext, Quantizer
-from qpipe.tfenv import quiet, tensorflow
+from qpipe.tfenv import quiet
 
 
 def float_tflite(ctx: QuantizeContext) -> bytes:
-    """The model as a float32 .tflite, converted once per run."""
-    def convert() -> bytes:
-        tf = tensorflow()
-        ctx.report("converting to a float .tflite")
-        with quiet():
-            saved_model = ctx.model.saved_model_dir()
-            try:
-                return bytes(tf.lite.TFLiteConverter.from_saved_model(str(saved_model)).convert())
-            except Exception as exc:
-                raise QpipeError(f"TFLite conversion failed: {str(exc).strip().splitlines()[0][:300]}") from exc
-    return ctx.model.memo("qpipe_litert.float_tflite", convert)
+    """The model as a float32 .tflite, converted once per run (shared with other plugins)."""
+    from qpipe.conversion import float_tflite as shared
+
+    return shared(ctx.model, ctx.report)
 
 
 class Int4Options(qpipe.Options):

@@ -97,20 +97,78 @@ class Float32(ConverterQuantizer):
 
     name = "tflite.float32"
 
+    def quantize(self, ctx: QuantizeContext) -> Artifact:
+        from qpipe.conversion import MEMO_KEY, float_tflite
 
-class Dynamic(ConverterQuantizer):
+        started = time.perf_counter()
+        reused = MEMO_KEY in ctx.model._memo
+        path = ctx.artifact_path(".tflite")
+        path.write_bytes(float_tflite(ctx.model, ctx.report))  # the run's one float conversion
+        return Artifact(path=path, format="tflite", metadata={
+            "engine": self.engine, "convert_seconds": round(time.perf_counter() - started, 3),
+            "conversion": "reused" if reused else "converted"})
+
+
+Engine = Literal["auto", "converter", "ai-edge-quantizer"]
+ENGINE_HELP = ("ai-edge-quantizer quantizes the run's one float .tflite (no second conversion: much "
+               "faster on real models); auto uses it where it matches the converter's accuracy")
+
+
+class EngineChoice:
+    """Mixin: pick the converter or ai-edge-quantizer per the ``engine`` option."""
+
+    aeq_kind: ClassVar[str] = ""
+    #: whether ``engine: auto`` picks ai-edge-quantizer. Weight-only recipes (dynamic, float16)
+    #: matched the converter; static int8/int16 gave ~10x the converter's output error on our
+    #: test models (ai-edge-quantizer 0.10), so auto keeps the converter for those.
+    auto_prefers_aeq: ClassVar[bool] = True
+
+    def aeq_supported(self, ctx: QuantizeContext) -> str | None:
+        """None when ai-edge-quantizer can produce this variant, else why not."""
+        return None
+
+    def use_aeq(self, ctx: QuantizeContext) -> bool:
+        why_not = self.aeq_supported(ctx)
+        if self.options.engine == "ai-edge-quantizer" and why_not:
+            raise QpipeError(f"engine ai-edge-quantizer cannot {why_not}; use engine: converter or auto")
+        if self.options.engine == "auto":
+            return self.auto_prefers_aeq and not why_not
+        return self.options.engine == "ai-edge-quantizer"
+
+    def quantize(self, ctx: QuantizeContext) -> Artifact:
+        if not self.use_aeq(ctx):
+            return super().quantize(ctx)
+        from qpipe_tflite import aeq
+
+        started = time.perf_counter()
+        flatbuffer = aeq.quantize(ctx, aeq.recipe(self.aeq_kind), calibrate=self.needs_calibration)
+        path = ctx.artifact_path(".tflite")
+        path.write_bytes(flatbuffer)
+        return Artifact(path=path, format="tflite", metadata={
+            "engine": aeq.ENGINE, "convert_seconds": round(time.perf_counter() - started, 3)})
+
+
+class EngineOptions(qpipe.Options):
+    engine: Engine = Field("auto", description=ENGINE_HELP)
+
+
+class Dynamic(EngineChoice, ConverterQuantizer):
     """Dynamic-range quantization: int8 weights, float activations, no calibration data."""
 
     name = "tflite.dynamic"
+    Options = EngineOptions
+    aeq_kind = "dynamic"
 
     def configure(self, converter, ctx) -> None:
         converter.optimizations = [tensorflow().lite.Optimize.DEFAULT]
 
 
-class Float16(ConverterQuantizer):
+class Float16(EngineChoice, ConverterQuantizer):
     """float16 weights (half the size), float32 compute on CPU."""
 
     name = "tflite.float16"
+    Options = EngineOptions
+    aeq_kind = "float16"
 
     def configure(self, converter, ctx) -> None:
         tf = tensorflow()
@@ -161,9 +219,10 @@ class Int8Options(qpipe.Options):
                            "constraints hold")
     fallback_max_layers: int = Field(5, ge=1, description="most layers fallback may keep in float")
     analyze: bool = Field(False, description="rank layers by int8 error; write <variant>.sensitivity.csv/.png")
+    engine: Engine = Field("auto", description=ENGINE_HELP)
 
 
-class Int8(FullInteger):
+class Int8(EngineChoice, FullInteger):
     """Full-integer int8: int8 weights and activations, ranges from calibration samples."""
 
     name = "tflite.int8"
@@ -171,6 +230,20 @@ class Int8(FullInteger):
     bits = 8
     #: ``qpipe analyze`` and ``fallback: auto`` can rank this quantizer's layers
     supports_sensitivity = True
+    aeq_kind = "int8"
+    auto_prefers_aeq = False
+
+    def aeq_supported(self, ctx: QuantizeContext) -> str | None:
+        o = self.options
+        if o.io != "int8":
+            return f"give {o.io} input/output (its models take int8)"
+        if not o.per_channel:
+            return "quantize weights per tensor"
+        if o.fallback != "off" or o.analyze:
+            return "keep layers in float or rank them (QuantizationDebugger needs the converter)"
+        if ctx.calibration is not None and ctx.calibration.ranges_for(self.bits):
+            return "use estimated activation ranges"
+        return None
 
     def quantize(self, ctx: QuantizeContext) -> Artifact:
         artifact = super().quantize(ctx)
@@ -203,14 +276,26 @@ class Int8(FullInteger):
 class Int16x8Options(qpipe.Options):
     io: Literal["float32", "int16"] = Field("float32", description="type of the input and output tensors")
     per_channel: bool = Field(True, description="one weight scale per output channel (else per tensor)")
+    engine: Engine = Field("auto", description=ENGINE_HELP)
 
 
-class Int16x8(FullInteger):
+class Int16x8(EngineChoice, FullInteger):
     """int16 activations with int8 weights: closer to float, reference kernels (slower)."""
 
     name = "tflite.int16x8"
     Options = Int16x8Options
     bits = 16
+    aeq_kind = "int16x8"
+    auto_prefers_aeq = False
+
+    def aeq_supported(self, ctx: QuantizeContext) -> str | None:
+        if self.options.io != "int16":
+            return f"give {self.options.io} input/output (its models take int16)"
+        if not self.options.per_channel:
+            return "quantize weights per tensor"
+        if ctx.calibration is not None and ctx.calibration.ranges_for(self.bits):
+            return "use estimated activation ranges"
+        return None
 
     def requantize(self, calibrated: bytes) -> bytes:
         from qpipe_tflite.ranges import quantize_int16x8
