@@ -179,6 +179,18 @@ def build_app(pm: Any = None) -> typer.Typer:
             for name, error in failures.items():
                 console.print(f"[red]failed to load plugin '{name}':[/red] {error}")
 
+    @app.command(name="new-plugin")
+    def new_plugin_cmd(
+        name: str = typer.Argument(..., help="Plugin name: lower-case letters, digits, '_' (e.g. my_metrics)."),
+        directory: Path = typer.Option(Path("."), "--dir", help="Where to create the qpipe-NAME folder."),
+    ) -> None:
+        """Create a plugin package (pyproject entry point, an evaluator, a passing test)."""
+        with ErrorGuard(False):
+            from qpipe.scaffold import new_plugin
+
+            root = new_plugin(name, directory)
+            typer.echo(f"created {root}\nnext: cd {root} && pip install -e . && pytest")
+
     @app.command(name="log")
     def log_cmd(
         output_dir: Path = typer.Argument(..., help="Output folder of a finished 'qpipe run'."),

@@ -39,6 +39,8 @@ class QpipePluginManager(pluggy.PluginManager):
         self.add_hookspecs(hookspecs)
         self.infos: dict[str, PluginInfo] = {}
         self.load_failures: dict[str, str] = {}
+        #: entry-point names skipped because ``QPIPE_DISABLE_PLUGINS`` lists them
+        self.disabled: set[str] = set()
 
     def register_plugin(self, plugin: Any, name: str, info: PluginInfo | None = None) -> None:
         """Register ``plugin`` under ``name`` and check that all its hooks exist."""
@@ -58,7 +60,10 @@ class QpipePluginManager(pluggy.PluginManager):
         disabled = disabled if disabled is not None else disabled_plugins()
         seen: set[str] = set()
         for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            if ep.name in disabled or ep.name in seen or self.has_plugin(ep.name):
+            if ep.name in disabled:
+                self.disabled.add(ep.name)
+                continue
+            if ep.name in seen or self.has_plugin(ep.name):
                 continue
             seen.add(ep.name)
             dist = getattr(ep, "dist", None)

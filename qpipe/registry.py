@@ -23,11 +23,16 @@ class Registry:
 
     def __init__(self) -> None:
         self.entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+        #: plugins that could have provided a name but did not load: name -> why
+        self.unavailable: dict[str, str] = {}
 
     @classmethod
     def from_plugins(cls, pm: QpipePluginManager) -> "Registry":
         """Call every plugin's register hooks, attributing each component to its plugin."""
         registry = cls()
+        registry.unavailable = {name: f"failed to load: {why}" for name, why in pm.load_failures.items()}
+        registry.unavailable.update({name: "is disabled by QPIPE_DISABLE_PLUGINS"
+                                     for name in sorted(getattr(pm, "disabled", ()))})
         for kind in KINDS:
             caller = getattr(pm.hook, f"qpipe_register_{kind}s")
             for impl in caller.get_hookimpls():
@@ -74,7 +79,8 @@ class Registry:
         try:
             return self.entries[kind][name]
         except KeyError:
-            raise QpipeError(unknown_name_message(kind, name, self.names(kind))) from None
+            notes = "".join(f"; note: plugin '{plugin}' {why}" for plugin, why in self.unavailable.items())
+            raise QpipeError(unknown_name_message(kind, name, self.names(kind)) + notes) from None
 
 
 def unknown_name_message(what: str, name: str, valid: list[str]) -> str:

@@ -9,12 +9,19 @@
         results = run_pipeline_file(pipeline, pm)
         assert results.variant("mine").status == "ok"
 
+Or, for one variant, ``run_variant(tiny_project(tmp_path), "my.quantizer", pm=pm)`` returns
+its ``VariantResult``. ``fake_distribution`` makes an entry point visible without installing
+anything, to test loading through the ``qpipe`` group (and load failures).
+
 Everything here is real: the model is a trained Keras model, conversions use TensorFlow and
 LiteRT. Nothing installed beyond the named plugins leaks in.
 """
 
 from __future__ import annotations
 
+import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -22,9 +29,10 @@ from typing import Any, Iterable
 import numpy as np
 import yaml
 
+from qpipe.errors import PluginError
 from qpipe.plugins import ENTRY_POINT_GROUP, QpipePluginManager
 
-BUILTIN_PLUGINS = ("keras", "tflite", "litert", "calibration", "metrics")
+BUILTIN_PLUGINS = ("keras", "tflite", "litert", "calibration", "metrics", "tfmot")
 
 
 def plugin_manager(*plugins: Any, builtins: Iterable[str] = BUILTIN_PLUGINS,
@@ -33,14 +41,26 @@ def plugin_manager(*plugins: Any, builtins: Iterable[str] = BUILTIN_PLUGINS,
 
     ``builtins`` and ``entry_points`` are entry-point names from the ``qpipe`` group; plugin
     objects (modules or instances with ``@qpipe.hookimpl`` methods) are registered after.
+    Raises ``PluginError`` naming the plugin when a named entry point is not installed or
+    fails to import.
     """
     from importlib import metadata
 
     pm = QpipePluginManager()
     wanted = set(builtins) | set(entry_points)
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in wanted and not pm.has_plugin(ep.name):
-            pm.register_plugin(ep.load(), ep.name)
+    found = {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name in wanted}
+    missing = sorted(wanted - set(found))
+    if missing:
+        installed = sorted({ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)})
+        raise PluginError(f"no installed plugin named {', '.join(repr(m) for m in missing)} in the "
+                          f"'{ENTRY_POINT_GROUP}' entry-point group (installed: {', '.join(installed)}); "
+                          "install your package (pip install -e .) or check pyproject's entry point")
+    for name in sorted(found):
+        try:
+            plugin = found[name].load()
+        except Exception as exc:
+            raise PluginError(f"plugin '{name}' failed to load: {type(exc).__name__}: {exc}") from exc
+        pm.register_plugin(plugin, name)
     for i, plugin in enumerate(plugins):
         name = getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{i}"
         pm.register_plugin(plugin, name)
@@ -150,3 +170,91 @@ def run_pipeline_file(path: Path, pm: QpipePluginManager | None = None, output: 
             output = Path(path).parent / f"out-{n}"
     results, _ = run_pipeline(pm, resolved, output, settings or {"no_tracking": True})
     return results
+
+
+_TINY_CACHE: dict[str, TinyProject] = {}
+
+
+def tiny_project(root: Path, flavor: str = "tf_keras") -> TinyProject:
+    """Like ``make_tiny_project`` but the model is trained once per process and copied."""
+    if flavor not in _TINY_CACHE:
+        _TINY_CACHE[flavor] = make_tiny_project(Path(tempfile.mkdtemp(prefix=f"qpipe-tiny-{flavor}-")), flavor)
+    source = _TINY_CACHE[flavor]
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source.model_path, root / source.model_path.name)
+    shutil.copy(source.data_path, root / source.data_path.name)
+    return TinyProject(root, root / source.model_path.name, root / source.data_path.name)
+
+
+def run_variant(project: TinyProject, quantizer: str, options: dict | None = None, *,
+                pm: QpipePluginManager | None = None, backend: str | dict | None = None,
+                calibrator: str | dict | None = None, evaluators: list | None = None,
+                name: str = "variant", baseline: bool = False) -> Any:
+    """Run a pipeline holding just this variant (plus ``tflite.float32`` if ``baseline``).
+
+    Returns the variant's ``VariantResult``: check ``.status`` (``ok`` / ``failed``),
+    ``.error``, ``.metrics`` and ``.metadata``. The whole ``PipelineResults`` is on
+    ``result.pipeline_results``. ``evaluators`` defaults to the tiny project's list.
+    """
+    variant: dict[str, Any] = {"name": name, "quantizer": quantizer}
+    if options:
+        variant["options"] = options
+    if backend is not None:
+        variant["backend"] = backend
+    if calibrator is not None:
+        variant["calibrator"] = calibrator
+    sections: dict[str, Any] = {"cache": False}
+    if evaluators is not None:
+        sections["evaluators"] = evaluators
+    if baseline:
+        path = project.write_pipeline([variant], name=f"{name}.yaml", **sections)
+    else:
+        path = project.root / f"{name}.yaml"
+        config = project.pipeline_dict([variant], **sections)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+    results = run_pipeline_file(path, pm)
+    result = results.variant(name)
+    result.pipeline_results = results  # type: ignore[attr-defined]
+    return result
+
+
+def fake_distribution(folder: Path, name: str, entry_points: dict[str, str], version: str = "0.0.0") -> Path:
+    """Write ``<name>-<version>.dist-info`` declaring ``entry_points`` in the ``qpipe`` group.
+
+    Put ``folder`` on ``sys.path`` (e.g. ``monkeypatch.syspath_prepend(folder)``, or
+    ``PYTHONPATH`` for a subprocess) and ``importlib.metadata`` sees an installed
+    distribution: the host loads those entry points as it would from a real install.
+    ``entry_points`` maps plugin names to ``module`` or ``module:attribute``.
+    """
+    folder = Path(folder)
+    safe = re.sub(r"[^A-Za-z0-9.]+", "_", name)
+    info = folder / f"{safe}-{version}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    lines = [f"[{ENTRY_POINT_GROUP}]"] + [f"{key} = {value}" for key, value in entry_points.items()]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    return info
+
+
+def overlay_venv(folder: Path) -> Path:
+    """A new virtual environment that also sees this environment's packages; its python.
+
+    Install a plugin package into it (``python -m pip install --no-deps -e PKG``) to test
+    the package as users get it (entry point, imports, CLI) without touching the current
+    environment, where its components would leak into every other plugin manager.
+    """
+    import site
+    import subprocess
+    import sys
+    import sysconfig
+
+    folder = Path(folder)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    python = folder / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    parents = [p for p in [*site.getsitepackages(), sysconfig.get_paths()["purelib"]] if Path(p).is_dir()]
+    lines = [f"import site; site.addsitedir({p!r})" for p in dict.fromkeys(parents)]
+    (Path(purelib) / "_qpipe_overlay.pth").write_text("\n".join(lines) + "\n")
+    return python
