@@ -1,0 +1,243 @@
+"""The run's report: a summary table (CSV and Markdown) and two PNG charts, in the output folder.
+
+Written at the end of every run, tracked or not (trackers log these files): ``summary.csv``
+(every metric of every variant), ``summary.md`` (the headline columns), ``accuracy_vs_size.png``
+(accuracy against file size, the Pareto front marked) and ``latency.png`` (median and p95
+latency per variant). matplotlib is imported only when the charts are drawn, without pyplot,
+so no global backend is touched (Agg canvas).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qpipe.results import PipelineResults, VariantResult
+
+SUMMARY_CSV = "summary.csv"
+SUMMARY_MD = "summary.md"
+ACCURACY_CHART = "accuracy_vs_size.png"
+LATENCY_CHART = "latency.png"
+REPORT_FILES = (SUMMARY_CSV, SUMMARY_MD, ACCURACY_CHART, LATENCY_CHART)
+
+#: metrics that stand for "how good": the first one any variant has is charted against size
+QUALITY_METRICS = ("accuracy", "top1_agreement", "cosine_similarity")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One variant on the accuracy/size plane."""
+
+    name: str
+    size: float
+    quality: float
+
+
+def selected_variant(results: PipelineResults) -> tuple[str | None, str | None]:
+    """(variant, reason) of the selection, from ``results.selected`` or ``results.extra``."""
+    selected = results.selected or results.extra.get("selected") or {}
+    return selected.get("variant"), selected.get("reason")
+
+
+def quality_metric(results: PipelineResults) -> str | None:
+    """The metric charted against size: accuracy if measured, else a fidelity metric."""
+    for key in QUALITY_METRICS:
+        if any(_number(v.metrics.get(key)) is not None for v in _ok(results)):
+            return key
+    return None
+
+
+def points(results: PipelineResults, metric: str | None = None) -> list[Point]:
+    """Every ok variant that has both a size and the quality metric."""
+    metric = metric or quality_metric(results)
+    out = []
+    for v in _ok(results):
+        size, quality = _number(v.metrics.get("size_bytes")), _number(v.metrics.get(metric)) if metric else None
+        if size is not None and quality is not None:
+            out.append(Point(v.name, size, quality))
+    return out
+
+
+def pareto_front(candidates: list[Point]) -> list[Point]:
+    """The points no other point beats on both counts (smaller or equal size, higher or equal
+    quality, strictly better on one), sorted by size."""
+    front = [p for p in candidates
+             if not any(q.size <= p.size and q.quality >= p.quality and (q.size < p.size or q.quality > p.quality)
+                        for q in candidates)]
+    return sorted(front, key=lambda p: (p.size, -p.quality))
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def metric_columns(results: PipelineResults) -> list[str]:
+    """Every metric key of every variant, in order of first appearance."""
+    keys: dict[str, None] = {}
+    for v in results.variants:
+        keys.update(dict.fromkeys(v.metrics))
+    return list(keys)
+
+
+def summary_csv(results: PipelineResults) -> str:
+    """One row per variant: name, quantizer, status, Pareto, selected, every metric, error."""
+    front = {p.name for p in pareto_front(points(results))}
+    chosen, _ = selected_variant(results)
+    metrics = metric_columns(results)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["variant", "quantizer", "status", "pareto", "selected", *metrics, "error"])
+    for v in results.variants:
+        writer.writerow([v.name, v.quantizer, v.status, int(v.name in front), int(v.name == chosen),
+                         *("" if v.metrics.get(k) is None else v.metrics[k] for k in metrics), v.error or ""])
+    return buffer.getvalue()
+
+
+def summary_markdown(results: PipelineResults) -> str:
+    """The headline columns as a Markdown table, with the selection and the Pareto front."""
+    front = [p.name for p in pareto_front(points(results))]
+    chosen, reason = selected_variant(results)
+    header = ["variant", "quantizer", "status", "accuracy", "Δ acc", "size", "ratio", "p50 ms", "p95 ms", "note"]
+    lines = [f"# {results.pipeline} (baseline: {results.baseline})", "",
+             "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 6 + ["---"]) + "|"]
+    for v in results.variants:
+        m = v.metrics
+        notes = [n for n, on in (("selected", v.name == chosen), ("Pareto", v.name in front)) if on]
+        if v.status != "ok":
+            notes.append(_cell(v.error or "failed"))
+        delta = _number(m.get("accuracy_delta"))
+        size = _number(m.get("size_bytes"))
+        lines.append("| " + " | ".join([
+            _cell(v.name), _cell(v.quantizer), v.status, _fmt(m.get("accuracy"), ".4f"),
+            "" if delta is None else f"{delta * 100:+.2f} pt",
+            "" if size is None else f"{size / 1024:.1f} KB",
+            _fmt(m.get("size_ratio"), ".2f", "x"), _fmt(m.get("latency_ms_p50"), ".3f"),
+            _fmt(m.get("latency_ms_p95"), ".3f"), ", ".join(notes)]) + " |")
+    lines.append("")
+    if chosen:
+        lines.append(f"Selected: **{chosen}** ({reason})")
+    elif reason:
+        lines.append(f"No variant selected: {reason}")
+    if front:
+        lines.append(f"Pareto front ({quality_metric(results)} against size): {', '.join(front)}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --------------------------------------------------------------------------- charts
+
+
+def plot_accuracy_vs_size(results: PipelineResults, path: Path) -> Path | None:
+    """Quality against size (KB), each variant labelled, the Pareto front joined; None if nothing to plot."""
+    metric = quality_metric(results)
+    pts = points(results, metric)
+    if not pts:
+        return None
+    front = pareto_front(pts)
+    on_front = {p.name for p in front}
+    chosen, _ = selected_variant(results)
+    fig, ax = _figure((7, 4.5))
+    others = [p for p in pts if p.name not in on_front]
+    if others:
+        ax.scatter([p.size / 1024 for p in others], [p.quality for p in others], color="#9e9e9e",
+                   label="dominated", zorder=3)
+    ax.scatter([p.size / 1024 for p in front], [p.quality for p in front], color="#d62728",
+               label="Pareto front", zorder=4)
+    ax.step([p.size / 1024 for p in front], [p.quality for p in front], where="post", color="#d62728",
+            linewidth=1, alpha=0.6)
+    offsets = ((5, 4), (5, -11), (5, 14), (5, -21))  # neighbours' labels take turns above and below
+    for i, p in enumerate(sorted(pts, key=lambda p: p.size)):
+        ax.annotate(p.name + (" (selected)" if p.name == chosen else ""), (p.size / 1024, p.quality),
+                    textcoords="offset points", xytext=offsets[i % len(offsets)], fontsize=8)
+    ax.set_xlabel("size (KB)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{results.pipeline}: {metric} against size")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_latency(results: PipelineResults, path: Path) -> Path | None:
+    """Median latency per variant as bars, p95 as the whisker; None if no latency was measured."""
+    rows = [(v.name, _number(v.metrics.get("latency_ms_p50")), _number(v.metrics.get("latency_ms_p95")))
+            for v in _ok(results)]
+    rows = [(n, p50, p95) for n, p50, p95 in rows if p50 is not None]
+    if not rows:
+        return None
+    fig, ax = _figure((7, 0.6 + 0.45 * len(rows)))
+    names = [n for n, _, _ in rows]
+    p50 = [v for _, v, _ in rows]
+    upper = [max(0.0, (p95 if p95 is not None else v) - v) for _, v, p95 in rows]
+    ax.barh(names, p50, xerr=[[0.0] * len(rows), upper], color="#1f77b4", capsize=3)
+    ax.invert_yaxis()
+    ax.set_xlabel("latency per call (ms): bar median, whisker p95")
+    ax.set_title(f"{results.pipeline}: latency per variant")
+    ax.grid(True, axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_report(results: PipelineResults, output_dir: Path) -> list[Path]:
+    """Write the summary table and the charts into ``output_dir``; return the files written."""
+    output_dir = Path(output_dir)
+    written = []
+    for name, text in ((SUMMARY_CSV, summary_csv(results)), (SUMMARY_MD, summary_markdown(results))):
+        (output_dir / name).write_text(text, encoding="utf-8")
+        written.append(output_dir / name)
+    for name, plot in ((ACCURACY_CHART, plot_accuracy_vs_size), (LATENCY_CHART, plot_latency)):
+        path = plot(results, output_dir / name)
+        if path is not None:
+            written.append(path)
+    return written
+
+
+def try_write_report(results: PipelineResults, output_dir: Path) -> list[str]:
+    """``write_report``, turning a failure into a warning (the run's results matter more)."""
+    try:
+        write_report(results, output_dir)
+    except Exception as exc:  # noqa: BLE001 - a broken chart must not fail the run
+        return [f"report: could not write the summary or charts: {type(exc).__name__}: {exc}"]
+    return []
+
+
+def report_files(output_dir: Path) -> list[Path]:
+    """The report files present in ``output_dir``."""
+    return [Path(output_dir) / name for name in REPORT_FILES if (Path(output_dir) / name).is_file()]
+
+
+def _figure(size: tuple[float, float]) -> tuple[Any, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=110)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return Path(path)
+
+
+def _ok(results: PipelineResults) -> list[VariantResult]:
+    return [v for v in results.variants if v.status == "ok"]
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if value == value and value not in (float("inf"), float("-inf")) else None
+
+
+def _fmt(value: Any, spec: str, suffix: str = "") -> str:
+    number = _number(value)
+    return "" if number is None else f"{number:{spec}}{suffix}"
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
