@@ -54,7 +54,7 @@ class ModelSource(Strict):
 class DataSource(Strict):
     """An .npz file (arrays picked by key) or ``module:function`` returning arrays."""
 
-    path: str | None = Field(None, description=".npz file with named arrays")
+    path: str | None = Field(None, description=".npz file with named arrays, a .npy file or a folder of .npy files")
     function: str | None = Field(None, description="'module:function' returning arrays or a tf.data.Dataset")
     inputs: str | dict[str, str] | None = Field(
         None, description="array key of the input, or a mapping of model input name to key"
@@ -118,6 +118,40 @@ class OutputConfig(Strict):
     dir: str | None = Field(None, description="output folder; default runs/<name>-<timestamp>")
 
 
+class ExecutorConfig(Strict):
+    """Where variants run: ``local`` (this machine; worker processes when ``jobs`` > 1) or ``ray``."""
+
+    name: typing.Literal["local", "ray"] = Field("local", description="local or ray")
+    jobs: int = Field(1, ge=1, description="variants run at once (local: worker processes when > 1; "
+                                           "ray: tasks in flight, default all)")
+    address: str | None = Field(None, description="Ray cluster address (ray only); default: start a local Ray")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs each Ray task reserves (ray only)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _ray_only(self) -> "ExecutorConfig":
+        if self.name != "ray" and (self.address is not None or "num_cpus" in self.model_fields_set):
+            raise ValueError("'address' and 'num_cpus' are for the ray executor; set name: ray or remove them")
+        return self
+
+
+class CacheConfig(Strict):
+    """The variant cache: reuse a variant's artifact and metrics when nothing it depends on changed."""
+
+    enabled: bool = True
+    dir: str | None = Field(None, description="cache folder; default .qpipe-cache beside the pipeline "
+                                              "(or $QPIPE_CACHE_DIR)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bool(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+
 def _check_constraint(text: str) -> str:
     Constraint.parse(text)
     return text
@@ -161,6 +195,8 @@ class PipelineConfig(Strict):
     gate: bool = Field(False, description="exit with code 3 when no variant meets the constraints")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
     def objective_pair(self) -> tuple[str, str] | None:
         """("maximize" | "minimize", metric), or None."""

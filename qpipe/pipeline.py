@@ -7,6 +7,7 @@ path as a finished one, and ``results.json`` is rewritten after every variant.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import time
@@ -141,7 +142,10 @@ class Runner:
         cfg = self.resolved.config
         if (self.output_dir / "results.json").exists():
             raise QpipeError(f"output folder {self.output_dir} already holds a run; choose another --output")
-        inputs = load_inputs(self.pm, self.resolved)
+        from qpipe.executor import inputs_if_all_cached
+
+        # an unchanged re-run loads the model and data only if a plugin touches them
+        inputs = inputs_if_all_cached(self.pm, self.resolved, self.settings) or load_inputs(self.pm, self.resolved)
         self.inputs = inputs
         self.output_dir.mkdir(parents=True, exist_ok=True)
         results = PipelineResults(
@@ -162,13 +166,7 @@ class Runner:
         results.write(self.output_dir)
         try:
             call_lifecycle(self.pm, "qpipe_pipeline_started", strict=True, run=self.run_info)
-            for rv in self.resolved.variants:
-                result = self.run_variant(rv)
-                results.variants.append(result)
-                results.write(self.output_dir)
-                hook = "qpipe_variant_finished" if result.status == "ok" else "qpipe_variant_failed"
-                extra = {"error": getattr(result, "_exception", None)} if result.status != "ok" else {}
-                self.warnings += call_lifecycle(self.pm, hook, run=self.run_info, result=result, **extra)
+            self._run_variants(results)
         except BaseException as exc:
             interrupted = isinstance(exc, KeyboardInterrupt)
             results.status = "interrupted" if interrupted else "crashed"
@@ -180,6 +178,9 @@ class Runner:
         results.finished = _dt.datetime.now().isoformat(timespec="seconds")
         self._select(results)
         results.write(self.output_dir)
+        from qpipe.report import try_write_report  # summary table and charts, tracked or not
+
+        self.warnings += try_write_report(results, self.output_dir)
         self.warnings += call_lifecycle(self.pm, "qpipe_pipeline_finished", run=self.run_info, results=results)
         results.write(self.output_dir)  # plugins may add to results.extra
         return results
@@ -201,15 +202,41 @@ class Runner:
                                 "constraints": [str(c) for c in constraints],
                                 "failures": (results.selected or {}).get("rejected", {})}
 
+    def _run_variants(self, results: PipelineResults) -> None:
+        """Run every variant through the cache and the executor (``qpipe.executor``), baseline
+        first; record each as it ends (results.json, then the finished/failed hook)."""
+        from qpipe.executor import execute
+
+        with contextlib.closing(execute(self)) as finished:
+            for result in finished:
+                results.variants.append(result)
+                results.write(self.output_dir)
+                hook = "qpipe_variant_finished" if result.status == "ok" else "qpipe_variant_failed"
+                extra = {"error": getattr(result, "_exception", None)} if result.status != "ok" else {}
+                self.warnings += call_lifecycle(self.pm, hook, run=self.run_info, result=result, **extra)
+        order = {rv.config.name: i for i, rv in enumerate(self.resolved.variants)}
+        results.variants.sort(key=lambda v: order.get(v.name, len(order)))  # parallel runs end in any order
+
+    def adopt_baseline(self, outputs: np.ndarray | None, artifact: Artifact | None,
+                       metrics: dict[str, float]) -> None:
+        """Use a baseline computed elsewhere (a worker, the cache) for fidelity, size and deltas."""
+        self._baseline_outputs, self._baseline_artifact = outputs, artifact
+        self._baseline_metrics = dict(metrics)
+
     # ------------------------------------------------------------------ one variant
-    def run_variant(self, rv: ResolvedVariant) -> VariantResult:
+    def _new_result(self, rv: ResolvedVariant) -> VariantResult:
         v = rv.config
-        result = VariantResult(
+        return VariantResult(
             name=v.name, quantizer=v.quantizer, options=_plain(rv.quantizer.component.options),
             backend={"name": rv.backend.component.name, "options": _plain(rv.backend.component.options)},
             calibrator=None if rv.calibrator is None else {
                 "name": rv.calibrator.component.name, "options": _plain(rv.calibrator.component.options)},
         )
+
+    def run_variant(self, rv: ResolvedVariant) -> VariantResult:
+        """Run one variant in this process, calling its lifecycle hooks as it goes."""
+        v = rv.config
+        result = self._new_result(rv)
         call_lifecycle(self.pm, "qpipe_variant_started", strict=True, run=self.run_info, variant=v.name)
         started = time.perf_counter()
         try:
@@ -269,6 +296,8 @@ class Runner:
         metrics.update(artifact.metadata.get("metrics", {}))
 
         metrics.update(self._evaluate(rv, artifact, common))
+        result._raw_metrics = dict(metrics)  # type: ignore[attr-defined]  # for the cache
+        result._outputs = self._last_outputs  # type: ignore[attr-defined]  # for the cache and workers
         result.metrics = self._with_deltas(v.name, metrics)
 
     def _evaluate(self, rv: ResolvedVariant, artifact: Artifact, common: dict,
@@ -283,6 +312,7 @@ class Runner:
             report(f"predicting {len(self.inputs.evaluation)} samples")
             outputs = np.asarray(runner.predict(self.inputs.evaluation, backend.batch_size))
             if record_baseline:
+                self._last_outputs = outputs
                 baseline = self._baseline_state(rv.config.name, outputs, artifact)
             else:
                 baseline = (getattr(self, "_baseline_outputs", None), getattr(self, "_baseline_artifact", None))

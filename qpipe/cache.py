@@ -1,0 +1,235 @@
+"""The variant cache: a finished variant's artifact and metrics, reused when nothing changed.
+
+Content-addressed: a variant's key is a sha256 over everything that decides its artifact and
+metrics: the model's bytes, the bytes of the data sections it reads (and which arrays),
+the quantizer, calibrator, backend and evaluators with their options, the variant's name,
+the pipeline's constraints, the baseline's key (fidelity, size ratio and deltas compare with
+the baseline), the versions of qpipe, TensorFlow and LiteRT, and the source code of qpipe and
+of the plugins providing the components. Change any of them and the key changes.
+
+The cache lives outside the output folder (``.qpipe-cache`` beside the pipeline by default,
+``cache.dir`` in the YAML, or ``$QPIPE_CACHE_DIR``), so a run into a new folder reuses it. An
+entry holds the artifact, the result with its raw metrics (deltas are recomputed) and the
+variant's predictions (so a cached baseline still feeds fidelity). Entries are written to a
+temporary folder and renamed into place, so concurrent runs never see half an entry.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qpipe import __version__
+
+CACHE_ENV = "QPIPE_CACHE_DIR"
+DEFAULT_DIR = ".qpipe-cache"
+LAYOUT = "v1"
+#: distributions whose versions are part of every key
+STACK = ("numpy", "tensorflow", "tf-keras", "keras", "ai-edge-litert", "ai-edge-quantizer",
+         "tensorflow-model-optimization")
+
+
+def cache_dir(config: Any, base_dir: Path, settings: dict[str, Any]) -> Path | None:
+    """Where the cache is for this run, or None when it is off (``--no-cache``, ``cache: false``)."""
+    if settings.get("no_cache") or not config.cache.enabled:
+        return None
+    if config.cache.dir:
+        return (base_dir / config.cache.dir).resolve()
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser().resolve()
+    return (base_dir / DEFAULT_DIR).resolve()
+
+
+@functools.lru_cache(maxsize=1)
+def stack_versions() -> dict[str, str]:
+    """qpipe's version and those of the numerical stack (read from metadata: no imports)."""
+    out = {"qpipe": __version__}
+    for dist in STACK:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def code_fingerprint(module_name: str) -> str:
+    """sha256 of the .py files of the top-level package holding ``module_name``."""
+    top = module_name.split(".")[0]
+    module = sys.modules.get(top)
+    digest = hashlib.sha256(top.encode())
+    paths = getattr(module, "__path__", None)
+    files: list[Path] = []
+    if paths:
+        for folder in paths:
+            files += sorted(Path(folder).rglob("*.py"))
+    elif getattr(module, "__file__", None):
+        files = [Path(module.__file__)]
+    for f in files:
+        try:
+            digest.update(str(f.name).encode())
+            digest.update(f.read_bytes())
+        except OSError:
+            pass
+    return digest.hexdigest()
+
+
+def array_fingerprint(arrays: dict[str, Any], labels: Any = None) -> str:
+    """sha256 of named arrays (names, shapes, dtypes, bytes), read a block at a time."""
+    digest = hashlib.sha256()
+    items = sorted(arrays.items()) + ([("__labels__", labels)] if labels is not None else [])
+    for name, array in items:
+        digest.update(json.dumps([name, list(array.shape), str(array.dtype)]).encode())
+        for start in range(0, len(array), 4096):
+            digest.update(np.ascontiguousarray(array[start:start + 4096]).tobytes())
+    return digest.hexdigest()
+
+
+def _component(bound: Any) -> dict[str, Any]:
+    comp = bound.component
+    options = comp.options.model_dump(mode="json") if hasattr(comp.options, "model_dump") else {}
+    return {"name": comp.name, "options": options, "class": f"{type(comp).__module__}.{type(comp).__qualname__}",
+            "code": code_fingerprint(type(comp).__module__)}
+
+
+class KeyMaker:
+    """Computes cache keys for the variants of one run (the shared parts are hashed once)."""
+
+    def __init__(self, resolved: Any, inputs: Any, data_hashes: dict[str, str]):
+        self.resolved = resolved
+        model = inputs.model
+        self.reason: str | None = None
+        if not model.sha256:
+            self.reason = "the model has no file to hash (loaded from a function)"
+        self.data: dict[str, Any] = {}
+        cfg = resolved.config.data
+        for section in ("evaluation", "calibration", "training", "validation"):
+            source = getattr(cfg, section)
+            dataset = getattr(inputs, section)
+            if source is None or dataset is None:
+                continue
+            digest = data_hashes.get(section) or array_fingerprint(dataset.inputs, dataset.labels)
+            self.data[section] = {"source": source.model_dump(mode="json"), "sha256": digest}
+        self.shared = {
+            "layout": LAYOUT,
+            "model": model.sha256,
+            "versions": stack_versions(),
+            "host": code_fingerprint("qpipe"),
+            "evaluators": [_component(ev) for ev in resolved.evaluators],
+            "constraints": list(resolved.config.constraints),
+        }
+
+    def key(self, rv: Any, baseline_key: str | None) -> str | None:
+        """The variant's key, or None when it cannot be cached (see ``reason``)."""
+        if self.reason is not None:
+            return None
+        is_baseline = rv.config.name == self.resolved.baseline
+        if not is_baseline and baseline_key is None:
+            return None  # the baseline failed or was not cached: fidelity and deltas differ
+        qcls = type(rv.quantizer.component)
+        sections = ["evaluation"]
+        if rv.calibrator is not None:
+            sections.append("calibration")
+        if qcls.needs_training:
+            sections += ["training", "validation"]
+        parts = {
+            **self.shared,
+            "variant": rv.config.name,
+            "quantizer": _component(rv.quantizer),
+            "backend": _component(rv.backend),
+            "calibrator": None if rv.calibrator is None else _component(rv.calibrator),
+            "data": {s: self.data.get(s) for s in sections},
+            "baseline": None if is_baseline else baseline_key,
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class Entry:
+    """A cached variant: its recorded result, raw metrics, predictions and artifact."""
+
+    key: str
+    folder: Path
+    result: dict[str, Any]
+    raw_metrics: dict[str, float]
+    artifact: str  # relative to an output folder
+    created: str
+    origin: str  # the output folder of the run that computed it
+
+    def outputs(self) -> np.ndarray | None:
+        path = self.folder / "outputs.npy"
+        return np.load(path, allow_pickle=False) if path.is_file() else None
+
+    def restore_artifact(self, output_dir: Path) -> Path:
+        """Copy the artifact into ``output_dir`` (at the same relative path); return it."""
+        source = self.folder / "artifact" / self.artifact
+        target = Path(output_dir) / self.artifact
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(source, target)
+        else:
+            shutil.copyfile(source, target)
+        return target
+
+
+class VariantCache:
+    """Entries by key under ``root`` (``<root>/v1/<key[:2]>/<key>/``)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _folder(self, key: str) -> Path:
+        return self.root / LAYOUT / key[:2] / key
+
+    def get(self, key: str) -> Entry | None:
+        """The entry for ``key``, or None (a missing or damaged entry is a miss)."""
+        folder = self._folder(key)
+        try:
+            info = json.loads((folder / "entry.json").read_text(encoding="utf-8"))
+            entry = Entry(key=key, folder=folder, result=info["result"], raw_metrics=info["raw_metrics"],
+                          artifact=info["artifact"], created=info.get("created", ""),
+                          origin=info.get("origin", ""))
+        except (OSError, ValueError, KeyError):
+            return None
+        return entry if (folder / "artifact" / entry.artifact).exists() else None
+
+    def put(self, key: str, result: dict[str, Any], raw_metrics: dict[str, float], outputs: np.ndarray | None,
+            artifact: Path, relative: str, created: str, origin: str) -> bool:
+        """Store a finished variant; False when it cannot be stored (it is then simply not cached)."""
+        artifact = Path(artifact)
+        if not artifact.exists() or Path(relative).is_absolute() or ".." in Path(relative).parts:
+            return False
+        folder = self._folder(key)
+        if folder.exists():
+            return True
+        tmp = self.root / LAYOUT / "tmp" / uuid.uuid4().hex
+        try:
+            (tmp / "artifact" / relative).parent.mkdir(parents=True, exist_ok=True)
+            if artifact.is_dir():
+                shutil.copytree(artifact, tmp / "artifact" / relative)
+            else:
+                shutil.copyfile(artifact, tmp / "artifact" / relative)
+            if outputs is not None:
+                np.save(tmp / "outputs.npy", np.asarray(outputs), allow_pickle=False)
+            (tmp / "entry.json").write_text(json.dumps({
+                "key": key, "result": result, "raw_metrics": raw_metrics, "artifact": relative,
+                "created": created, "origin": origin}, indent=1, default=str), encoding="utf-8")
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, folder)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return folder.exists()  # another run stored the same key first
+        return True
