@@ -22,7 +22,7 @@ def int4_run(tmp_path_factory, _tiny_session):
         {"name": "int4", "quantizer": "litert.int4"},
         {"name": "int4_weight_only", "quantizer": "litert.int4", "options": {"mode": "weight_only"}},
         {"name": "int8", "quantizer": "tflite.int8"},
-        {"name": "dynamic", "quantizer": "tflite.dynamic"},
+        {"name": "dynamic", "quantizer": "tflite.dynamic", "options": {"engine": "converter"}},
     ], evaluators=["accuracy", "fidelity", "size", "storage"])
     return root / "out", run_pipeline_file(path, plugin_manager(), output=root / "out")
 
