@@ -99,7 +99,7 @@ def summary_table(results: PipelineResults) -> Table:
         table.add_column(col, justify="left" if col in ("variant", "quantizer", "status") else "right")
     for v in results.variants:
         m = v.metrics
-        status = "[green]ok[/green]" if v.status == "ok" else f"[red]failed[/red]"
+        status = "[green]ok[/green]" if v.status == "ok" else "[red]failed[/red]"
         delta = m.get("accuracy_delta")
         size = m.get("size_bytes")
         table.add_row(

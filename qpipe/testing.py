@@ -112,6 +112,14 @@ class TinyProject:
     model_path: Path
     data_path: Path
 
+    def copy_to(self, dest: Path) -> "TinyProject":
+        """The same model and data copied into ``dest`` (a test's own folder)."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.model_path, dest / self.model_path.name)
+        shutil.copy(self.data_path, dest / self.data_path.name)
+        return TinyProject(dest, dest / self.model_path.name, dest / self.data_path.name)
+
     def pipeline_dict(self, variants: list[dict], **sections: Any) -> dict:
         """A pipeline mapping for ``variants``; keyword arguments replace whole sections."""
         config: dict[str, Any] = {

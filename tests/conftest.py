@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -34,23 +33,16 @@ def _tiny_keras3_session(tmp_path_factory) -> TinyProject:
     return make_tiny_project(tmp_path_factory.mktemp("tiny3"), flavor="keras3")
 
 
-def _copy(project: TinyProject, dest: Path) -> TinyProject:
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy(project.model_path, dest / project.model_path.name)
-    shutil.copy(project.data_path, dest / project.data_path.name)
-    return TinyProject(dest, dest / project.model_path.name, dest / project.data_path.name)
-
-
 @pytest.fixture
 def project(_tiny_session, tmp_path) -> TinyProject:
     """A tiny trained tf_keras model and its data in this test's own folder."""
-    return _copy(_tiny_session, tmp_path / "project")
+    return _tiny_session.copy_to(tmp_path / "project")
 
 
 @pytest.fixture
 def keras3_project(_tiny_keras3_session, tmp_path) -> TinyProject:
     """The same with a Keras 3 model."""
-    return _copy(_tiny_keras3_session, tmp_path / "project3")
+    return _tiny_keras3_session.copy_to(tmp_path / "project3")
 
 
 @pytest.fixture

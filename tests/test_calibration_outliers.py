@@ -7,12 +7,11 @@ a handful of levels; percentile and MSE estimation clip them and stay close to f
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 
-from qpipe.testing import TinyProject, plugin_manager, run_pipeline_file, synthetic_digits
+from qpipe.testing import plugin_manager, run_pipeline_file, synthetic_digits
 
 pytestmark = pytest.mark.slow
 
@@ -20,9 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def outlier_run(tmp_path_factory, _tiny_session):
     root = tmp_path_factory.mktemp("outliers")
-    shutil.copy(_tiny_session.model_path, root / "model.keras")
-    shutil.copy(_tiny_session.data_path, root / "data.npz")
-    project = TinyProject(root, root / "model.keras", root / "data.npz")
+    project = _tiny_session.copy_to(root)
     x, y = synthetic_digits(200, seed=3)
     x[:2, 2:4, 2:4, 0] = 60.0  # two samples with a few pixels 60x brighter than anything else
     np.savez(root / "calib.npz", x=x, y=y)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import qpipe
-from qpipe import Artifact, PluginError, QpipeError, Quantizer
+from qpipe import PluginError, QpipeError, Quantizer
 from qpipe.hookspecs import hook_names
 from qpipe.plugins import get_plugin_manager
 from qpipe.registry import Registry

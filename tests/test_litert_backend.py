@@ -22,14 +22,10 @@ def test_quantize_dequantize_round_trip():
 
 @pytest.fixture(scope="module")
 def tflites(tmp_path_factory, _tiny_session):
-    import shutil
-
-    from qpipe.testing import TinyProject, plugin_manager
+    from qpipe.testing import plugin_manager
 
     root = tmp_path_factory.mktemp("backend")
-    shutil.copy(_tiny_session.model_path, root / "model.keras")
-    shutil.copy(_tiny_session.data_path, root / "data.npz")
-    project = TinyProject(root, root / "model.keras", root / "data.npz")
+    project = _tiny_session.copy_to(root)
     path = project.write_pipeline([{"name": "int8", "quantizer": "tflite.int8", "options": {"io": "int8"}},
                                    {"name": "keras", "quantizer": "keras.original"}])
     results = run_pipeline_file(path, plugin_manager(), output=root / "out")

@@ -10,14 +10,8 @@ from qpipe.testing import plugin_manager, run_pipeline_file
 
 @pytest.fixture(scope="module")
 def int4_run(tmp_path_factory, _tiny_session):
-    import shutil
-
-    from qpipe.testing import TinyProject
-
     root = tmp_path_factory.mktemp("int4")
-    shutil.copy(_tiny_session.model_path, root / "model.keras")
-    shutil.copy(_tiny_session.data_path, root / "data.npz")
-    project = TinyProject(root, root / "model.keras", root / "data.npz")
+    project = _tiny_session.copy_to(root)
     path = project.write_pipeline([
         {"name": "int4", "quantizer": "litert.int4"},
         {"name": "int4_weight_only", "quantizer": "litert.int4", "options": {"mode": "weight_only"}},

@@ -5,7 +5,6 @@ crashes, an unreachable server and the URI precedence. One store for the whole m
 from __future__ import annotations
 
 import hashlib
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,9 +73,7 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(_tiny_session, tmp_path_factory) -> TinyProject:
     root = tmp_path_factory.mktemp("tracked")
-    shutil.copy(_tiny_session.model_path, root / "model.keras")
-    shutil.copy(_tiny_session.data_path, root / "data.npz")
-    return TinyProject(root, root / "model.keras", root / "data.npz")
+    return _tiny_session.copy_to(root)
 
 
 VARIANTS = [{"name": "dynamic", "quantizer": "tflite.dynamic"},

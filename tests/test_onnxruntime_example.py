@@ -16,7 +16,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import yaml
 
 from qpipe import ConfigError
 from qpipe.config import load_config, resolve

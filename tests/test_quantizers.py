@@ -14,13 +14,10 @@ from qpipe.testing import run_pipeline_file
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, _tiny_session):
     """Run every converter quantizer once on the tiny model; share the output folder."""
-    from qpipe.testing import TinyProject, plugin_manager
-    import shutil
+    from qpipe.testing import plugin_manager
 
     root = tmp_path_factory.mktemp("quantizers")
-    shutil.copy(_tiny_session.model_path, root / "model.keras")
-    shutil.copy(_tiny_session.data_path, root / "data.npz")
-    project = TinyProject(root, root / "model.keras", root / "data.npz")
+    project = _tiny_session.copy_to(root)
     path = project.write_pipeline([
         {"name": "dynamic", "quantizer": "tflite.dynamic"},
         {"name": "float16", "quantizer": "tflite.float16"},

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-from qpipe.testing import TinyProject, plugin_manager, run_pipeline_file
+from qpipe.testing import plugin_manager, run_pipeline_file
 from qpipe_calibration.estimators import (
     EntropyOptions, MinMaxOptions, MseOptions, PercentileOptions, TensorStats, estimate, fake_quantize,
     quant_params,
@@ -103,9 +102,7 @@ ESTIMATORS = {
 def estimated(tmp_path_factory, _tiny_session):
     """One run: int8 with each estimator, int16x8 and per-tensor int8 with percentile."""
     root = tmp_path_factory.mktemp("estimators")
-    shutil.copy(_tiny_session.model_path, root / "model.keras")
-    shutil.copy(_tiny_session.data_path, root / "data.npz")
-    project = TinyProject(root, root / "model.keras", root / "data.npz")
+    project = _tiny_session.copy_to(root)
 
     def cal(options):
         return {"name": "sample", "options": {"method": "first", "count": COUNT, "estimator": options.model_dump()}}

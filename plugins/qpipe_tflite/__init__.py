@@ -187,6 +187,24 @@ class FullInteger(ConverterQuantizer):
         """Quantize a calibrated float model whose ranges were replaced."""
         raise NotImplementedError
 
+    def ops_set(self, tf: Any) -> Any:
+        """The converter's target op set for this activation width."""
+        if self.bits == 16:
+            return tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+        return tf.lite.OpsSet.TFLITE_BUILTINS_INT8
+
+    def configure(self, converter: Any, ctx: QuantizeContext) -> None:
+        tf = tensorflow()
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: representative_dataset(ctx.calibration)
+        converter.target_spec.supported_ops = [self.ops_set(tf)]
+        if self.options.io != "float32":
+            io_type = getattr(tf, self.options.io)  # int8, uint8 or int16
+            converter.inference_input_type = io_type
+            converter.inference_output_type = io_type
+        if not self.options.per_channel:
+            set_per_tensor(converter)
+
     def convert(self, converter: Any, ctx: QuantizeContext) -> tuple[bytes, dict[str, Any]]:
         from qpipe_tflite import ranges as estimated
 
@@ -260,17 +278,6 @@ class Int8(EngineChoice, FullInteger):
 
         return quantize_int8(calibrated, self.options.io, self.options.per_channel)
 
-    def configure(self, converter, ctx) -> None:
-        tf = tensorflow()
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: representative_dataset(ctx.calibration)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        if self.options.io != "float32":
-            io_type = {"int8": tf.int8, "uint8": tf.uint8}[self.options.io]
-            converter.inference_input_type = io_type
-            converter.inference_output_type = io_type
-        if not self.options.per_channel:
-            set_per_tensor(converter)
 
 
 class Int16x8Options(qpipe.Options):
@@ -301,18 +308,6 @@ class Int16x8(EngineChoice, FullInteger):
         from qpipe_tflite.ranges import quantize_int16x8
 
         return quantize_int16x8(calibrated, self.options.io, self.options.per_channel)
-
-    def configure(self, converter, ctx) -> None:
-        tf = tensorflow()
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: representative_dataset(ctx.calibration)
-        converter.target_spec.supported_ops = [
-            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
-        if self.options.io == "int16":
-            converter.inference_input_type = tf.int16
-            converter.inference_output_type = tf.int16
-        if not self.options.per_channel:
-            set_per_tensor(converter)
 
 
 @qpipe.hookimpl

@@ -34,7 +34,7 @@ def choose_loss(requested: str | None, original: Any, labels: np.ndarray, what: 
     """The loss to train ``original`` (a Keras 3 or tf_keras model) on ``labels``."""
     if requested:
         try:
-            loss = tf_keras().losses.get(requested)
+            tf_keras().losses.get(requested)  # only checks that Keras knows the name
         except (ValueError, TypeError):
             raise QpipeError(f"{what}: unknown loss '{requested}'; give a Keras loss name such as "
                              "sparse_categorical_crossentropy or mse") from None
