@@ -19,6 +19,7 @@ LiteRT. Nothing installed beyond the named plugins leaks in.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ from typing import Any, Iterable
 import numpy as np
 import yaml
 
+from qpipe import hookimpl
 from qpipe.errors import PluginError
 from qpipe.plugins import ENTRY_POINT_GROUP, QpipePluginManager
 
@@ -65,6 +67,29 @@ def plugin_manager(*plugins: Any, builtins: Iterable[str] = BUILTIN_PLUGINS,
         name = getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{i}"
         pm.register_plugin(plugin, name)
     return pm
+
+
+class LifecycleRecorder:
+    """A plugin that records each variant's lifecycle calls as (event, variant, pid)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, int]] = []
+
+    @hookimpl
+    def qpipe_variant_started(self, variant):
+        self.calls.append(("started", variant, os.getpid()))
+
+    @hookimpl
+    def qpipe_variant_progress(self, variant, message):
+        self.calls.append(("progress", variant, os.getpid()))
+
+    @hookimpl
+    def qpipe_variant_finished(self, result):
+        self.calls.append(("finished", result.name, os.getpid()))
+
+    @hookimpl
+    def qpipe_variant_failed(self, result, error):
+        self.calls.append(("failed", result.name, os.getpid()))
 
 
 def synthetic_digits(n: int = 600, seed: int = 0, classes: int = 4) -> tuple[np.ndarray, np.ndarray]:

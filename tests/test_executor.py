@@ -15,7 +15,7 @@ import pytest
 import qpipe
 from qpipe import ConfigError, QpipeError, Quantizer
 from qpipe.config import load_config
-from qpipe.testing import plugin_manager, run_pipeline_file
+from qpipe.testing import LifecycleRecorder, plugin_manager, run_pipeline_file
 
 
 class Crash(Quantizer):
@@ -43,28 +43,13 @@ class Plugin:
         register(Broken)
 
 
-class Events:
-    """Records the variant lifecycle calls and the process they were made in."""
-
-    def __init__(self):
-        self.calls: list[tuple[str, str, int]] = []
-
-    @qpipe.hookimpl
-    def qpipe_variant_started(self, variant):
-        self.calls.append(("started", variant, os.getpid()))
-
-    @qpipe.hookimpl
-    def qpipe_variant_progress(self, variant, message):
-        self.calls.append(("progress", variant, os.getpid()))
-
-    @qpipe.hookimpl
-    def qpipe_variant_finished(self, result):
-        self.calls.append(("finished", result.name, os.getpid()))
+class Events(LifecycleRecorder):
+    """Records the variant lifecycle calls; a failure must carry its exception."""
 
     @qpipe.hookimpl
     def qpipe_variant_failed(self, result, error):
         assert isinstance(error, BaseException)
-        self.calls.append(("failed", result.name, os.getpid()))
+        super().qpipe_variant_failed(result, error)
 
 
 def assert_one_block_per_variant(calls, names):

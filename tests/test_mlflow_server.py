@@ -18,6 +18,7 @@ from qpipe.pipeline import run_pipeline
 from qpipe.registry import Registry
 from qpipe.results import read_results
 from qpipe.testing import TinyProject, plugin_manager
+from qpipe_mlflow.testing import child_runs, parent_runs
 
 pytestmark = pytest.mark.slow
 
@@ -50,17 +51,6 @@ def run(path: Path, output: Path, settings: dict, *plugins) -> tuple:
     return run_pipeline(pm, resolved, output, settings)
 
 
-def pipeline_runs(uri, experiment):
-    c = client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    return c.search_runs([exp.experiment_id], "tags.`qpipe.kind` = 'pipeline'", order_by=["attributes.start_time ASC"])
-
-
-def child_runs(uri, parent):
-    return {r.info.run_name: r for r in client(uri).search_runs(
-        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
-
-
 def test_a_run_over_http_logs_parent_children_and_artifacts(server, tiny, tmp_path):
     path = tiny.write_pipeline([{"name": "dynamic", "quantizer": "tflite.dynamic"},
                                 {"name": "int8", "quantizer": "tflite.int8", "options": {"per_channel": False}}],
@@ -68,7 +58,7 @@ def test_a_run_over_http_logs_parent_children_and_artifacts(server, tiny, tmp_pa
     results, warnings = run(path, tiny.root / "http-out", {"tracking_uri": server.uri})
     assert warnings == []
     c = client(server.uri)
-    (parent,) = pipeline_runs(server.uri, "tiny-http")
+    (parent,) = parent_runs(server.uri, "tiny-http")
     assert c.get_experiment(parent.info.experiment_id).artifact_location.startswith("mlflow-artifacts:")
     assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("tiny-")
     assert {"pipeline.yaml", "results.json", "summary.csv", "summary.md", "accuracy_vs_size.png",
@@ -118,12 +108,12 @@ def test_a_server_that_dies_mid_run_loses_nothing(server, tiny, tmp_path_factory
     assert [v.name for v in read_results(output).variants] == ["float32", "dynamic", "float16"]
 
     with MlflowServer(server.root, cache=tmp_path_factory.getbasetemp()) as again:
-        (stale,) = pipeline_runs(again.uri, "tiny-dies")
+        (stale,) = parent_runs(again.uri, "tiny-dies")
         assert stale.info.status == "RUNNING", "the dead server could not be told"
         out = CliRunner().invoke(build_app(plugin_manager(entry_points=["mlflow"])),
                                  ["log", str(output), "--tracking-uri", again.uri])
         assert out.exit_code == 0, out.output
-        runs = {r.info.run_id: r for r in pipeline_runs(again.uri, "tiny-dies")}
+        runs = {r.info.run_id: r for r in parent_runs(again.uri, "tiny-dies")}
         old = runs.pop(stale.info.run_id)
         (new,) = runs.values()
         assert new.info.status == "FINISHED" and new.data.tags["qpipe.replayed"] == "true"

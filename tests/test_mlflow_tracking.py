@@ -19,6 +19,7 @@ from qpipe.cli import build_app
 from qpipe.report import REPORT_FILES
 from qpipe.results import read_results
 from qpipe.testing import TinyProject, plugin_manager, run_pipeline_file
+from qpipe_mlflow.testing import child_runs, parent_runs
 
 pytestmark = pytest.mark.slow
 
@@ -46,17 +47,6 @@ def client(uri):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
-
-
-def parents(uri, experiment):
-    c = client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    return c.search_runs([exp.experiment_id], "tags.`qpipe.kind` = 'pipeline'", order_by=["attributes.start_time ASC"])
-
-
-def children(uri, parent):
-    return {r.info.run_name: r for r in client(uri).search_runs(
-        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
 
 
 def sha256(path: Path) -> str:
@@ -92,13 +82,13 @@ def tracked(tiny, store):
 
 
 def test_each_run_is_a_parent_with_one_child_per_variant(tracked, store, tiny):
-    found = parents(store, "tiny-tracked")
+    found = parent_runs(store, "tiny-tracked")
     assert len(found) == 2, "two runs, two parent runs"
     for i, (parent, results) in enumerate(zip(found, tracked), start=1):
         assert parent.info.status == "FINISHED"
         assert parent.info.run_name.startswith("tiny-") and parent.info.run_name[5:].replace("-", "").isdigit()
         assert Path(parent.data.tags["qpipe.output_dir"]) == (tiny.root / f"run-{i}").resolve()
-        kids = children(store, parent)
+        kids = child_runs(store, parent)
         assert sorted(kids) == sorted(v.name for v in results.variants) == ["broken", "dynamic", "float32", "int8"]
         for name, child in kids.items():
             assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -109,7 +99,7 @@ def test_each_run_is_a_parent_with_one_child_per_variant(tracked, store, tiny):
 
 def test_children_carry_params_metrics_and_tags(tracked, store):
     results = tracked[0]
-    kids = children(store, parents(store, "tiny-tracked")[0])
+    kids = child_runs(store, parent_runs(store, "tiny-tracked")[0])
     keys = None
     for v in results.variants:
         child = kids[v.name]
@@ -137,7 +127,7 @@ def test_children_carry_params_metrics_and_tags(tracked, store):
 
 
 def test_a_failed_variant_is_a_failed_child_with_its_error(tracked, store):
-    broken = children(store, parents(store, "tiny-tracked")[0])["broken"]
+    broken = child_runs(store, parent_runs(store, "tiny-tracked")[0])["broken"]
     assert broken.info.status == "FAILED"
     assert broken.data.tags["qpipe.status"] == "failed"
     assert "converter exploded on op FOO" in broken.data.tags["qpipe.error"]
@@ -147,11 +137,11 @@ def test_a_failed_variant_is_a_failed_child_with_its_error(tracked, store):
 
 def test_artifacts_of_children_and_parent(tracked, store, tmp_path):
     results = tracked[0]
-    parent = parents(store, "tiny-tracked")[0]
+    parent = parent_runs(store, "tiny-tracked")[0]
     out = Path(parent.data.tags["qpipe.output_dir"])
     c = client(store)
     for name in ("float32", "int8"):
-        child = children(store, parent)[name]
+        child = child_runs(store, parent)[name]
         files = {f.path for f in c.list_artifacts(child.info.run_id)}
         assert {f"{name}.tflite", "result.json"} <= files
         local = c.download_artifacts(child.info.run_id, f"{name}.tflite", str(tmp_path))
@@ -179,7 +169,7 @@ def test_registered_variant_predicts_like_the_litert_backend(tracked, store, tin
     versions = client(store).search_model_versions("name = 'tiny-int8'")
     assert sorted(int(v.version) for v in versions) == [1, 2], "registered once per run"
     int8 = tracked[0].variant("int8")
-    parent = parents(store, "tiny-tracked")[0]
+    parent = parent_runs(store, "tiny-tracked")[0]
     assert parent.data.tags["qpipe.registered_model"] == "models:/tiny-int8/1"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     model = mlflow.pyfunc.load_model("models:/tiny-int8/1")
@@ -196,7 +186,7 @@ def test_registered_variant_predicts_like_the_litert_backend(tracked, store, tin
 
 
 def test_compare_prints_the_latest_or_the_given_run(tracked, store):
-    first, second = parents(store, "tiny-tracked")
+    first, second = parent_runs(store, "tiny-tracked")
     app = build_app(tracked_pm())
     out = CliRunner().invoke(app, ["compare", "--experiment", "tiny-tracked", "--tracking-uri", store])
     assert out.exit_code == 0, out.output
@@ -226,11 +216,11 @@ def test_untracked_run_writes_the_report_and_qpipe_log_sends_it_later(tiny, stor
 
     out = CliRunner().invoke(build_app(tracked_pm()), ["log", str(output), "--tracking-uri", store])
     assert out.exit_code == 0, out.output
-    (parent,) = parents(store, "tiny-later")
+    (parent,) = parent_runs(store, "tiny-later")
     assert parent.info.status == "FINISHED" and parent.data.tags["qpipe.replayed"] == "true"
     assert parent.info.start_time == pytest.approx(
         __import__("datetime").datetime.fromisoformat(results.started).timestamp() * 1000)
-    kids = children(store, parent)
+    kids = child_runs(store, parent)
     assert sorted(kids) == ["dynamic", "float32"]
     assert kids["dynamic"].data.metrics["accuracy"] == pytest.approx(results.variant("dynamic").metrics["accuracy"])
     files = {f.path for f in client(store).list_artifacts(kids["dynamic"].info.run_id)}
@@ -262,10 +252,10 @@ def test_ctrl_c_or_a_crash_leaves_nothing_running(tiny, store, error, status):
     with pytest.raises((KeyboardInterrupt, Crash)):
         run_pipeline_file(path, tracked_pm(Stopper("dynamic", error)), output=tiny.root / experiment,
                           settings={"tracking_uri": None})
-    (parent,) = parents(store, experiment)
+    (parent,) = parent_runs(store, experiment)
     assert parent.info.status == status
     assert parent.data.tags["qpipe.status"] == ("interrupted" if status == "KILLED" else "crashed")
-    kids = children(store, parent)
+    kids = child_runs(store, parent)
     assert kids["float32"].info.status == "FINISHED"
     assert kids["dynamic"].info.status == status
     c = client(store)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import qpipe
-from qpipe.testing import plugin_manager, run_pipeline_file
+from qpipe.testing import LifecycleRecorder, plugin_manager, run_pipeline_file
 
 ray = pytest.importorskip("ray")
 
@@ -55,27 +55,6 @@ def ray_address():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-class Events:
-    def __init__(self):
-        self.calls: list[tuple[str, str, int]] = []
-
-    @qpipe.hookimpl
-    def qpipe_variant_started(self, variant):
-        self.calls.append(("started", variant, os.getpid()))
-
-    @qpipe.hookimpl
-    def qpipe_variant_progress(self, variant, message):
-        self.calls.append(("progress", variant, os.getpid()))
-
-    @qpipe.hookimpl
-    def qpipe_variant_finished(self, result):
-        self.calls.append(("finished", result.name, os.getpid()))
-
-    @qpipe.hookimpl
-    def qpipe_variant_failed(self, result):
-        self.calls.append(("failed", result.name, os.getpid()))
-
-
 @pytest.mark.slow
 def test_variants_run_as_ray_tasks(project, ray_address, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -85,7 +64,7 @@ def test_variants_run_as_ray_tasks(project, ray_address, monkeypatch):
                 {"name": "too_many", "quantizer": "tflite.int8", "calibrator": {"name": "sample",
                                                                                "options": {"count": 5000}}}]
     pipeline = project.write_pipeline(variants, executor={"name": "ray", "address": ray_address})
-    events = Events()
+    events = LifecycleRecorder()
     out = project.root / "ray-run"
     results = run_pipeline_file(pipeline, plugin_manager(events), output=out,
                                 settings={"no_tracking": True, "no_cache": True})

@@ -25,6 +25,24 @@ from pathlib import Path
 TEMPLATE = "qpipe-mlflow-template.db"
 
 
+def parent_runs(uri: str, experiment: str) -> list:
+    """The qpipe parent runs of ``experiment``, oldest first."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], "tags.`qpipe.kind` = 'pipeline'",
+                              order_by=["attributes.start_time ASC"])
+
+
+def child_runs(uri: str, parent) -> dict:
+    """The child runs of ``parent`` by run name (one per variant)."""
+    from mlflow import MlflowClient
+
+    return {r.info.run_name: r for r in MlflowClient(tracking_uri=uri).search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+
+
 def sqlite_store(path: Path, cache: Path | None = None) -> str:
     """Create a migrated, empty MLflow sqlite database at ``path``; return its URI."""
     path = Path(path).resolve()

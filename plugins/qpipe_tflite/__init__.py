@@ -53,6 +53,10 @@ class ConverterQuantizer(Quantizer):
     def configure(self, converter: Any, ctx: QuantizeContext) -> None:
         """Set the converter's optimization flags for this variant."""
 
+    def aeq_supported(self, ctx: QuantizeContext) -> str | None:
+        """None when ai-edge-quantizer can produce this variant (``engine`` option), else why not."""
+        return None
+
     def make_converter(self, ctx: QuantizeContext) -> Any:
         """A TFLiteConverter over the model's SavedModel, configured for this variant."""
         tf = tensorflow()
@@ -123,10 +127,6 @@ class EngineChoice:
     #: test models (ai-edge-quantizer 0.10), so auto keeps the converter for those.
     auto_prefers_aeq: ClassVar[bool] = True
 
-    def aeq_supported(self, ctx: QuantizeContext) -> str | None:
-        """None when ai-edge-quantizer can produce this variant, else why not."""
-        return None
-
     def use_aeq(self, ctx: QuantizeContext) -> bool:
         why_not = self.aeq_supported(ctx)
         if self.options.engine == "ai-edge-quantizer" and why_not:
@@ -186,6 +186,17 @@ class FullInteger(ConverterQuantizer):
     def requantize(self, calibrated: bytes) -> bytes:
         """Quantize a calibrated float model whose ranges were replaced."""
         raise NotImplementedError
+
+    def aeq_supported(self, ctx: QuantizeContext) -> str | None:
+        """ai-edge-quantizer's static recipes give int<bits> I/O, per-channel weights, min/max ranges."""
+        io = f"int{self.bits}"
+        if self.options.io != io:
+            return f"give {self.options.io} input/output (its models take {io})"
+        if not self.options.per_channel:
+            return "quantize weights per tensor"
+        if ctx.calibration is not None and ctx.calibration.ranges_for(self.bits):
+            return "use estimated activation ranges"
+        return None
 
     def ops_set(self, tf: Any) -> Any:
         """The converter's target op set for this activation width."""
@@ -252,16 +263,9 @@ class Int8(EngineChoice, FullInteger):
     auto_prefers_aeq = False
 
     def aeq_supported(self, ctx: QuantizeContext) -> str | None:
-        o = self.options
-        if o.io != "int8":
-            return f"give {o.io} input/output (its models take int8)"
-        if not o.per_channel:
-            return "quantize weights per tensor"
-        if o.fallback != "off" or o.analyze:
+        if self.options.fallback != "off" or self.options.analyze:
             return "keep layers in float or rank them (QuantizationDebugger needs the converter)"
-        if ctx.calibration is not None and ctx.calibration.ranges_for(self.bits):
-            return "use estimated activation ranges"
-        return None
+        return super().aeq_supported(ctx)
 
     def quantize(self, ctx: QuantizeContext) -> Artifact:
         artifact = super().quantize(ctx)
@@ -294,15 +298,6 @@ class Int16x8(EngineChoice, FullInteger):
     bits = 16
     aeq_kind = "int16x8"
     auto_prefers_aeq = False
-
-    def aeq_supported(self, ctx: QuantizeContext) -> str | None:
-        if self.options.io != "int16":
-            return f"give {self.options.io} input/output (its models take int16)"
-        if not self.options.per_channel:
-            return "quantize weights per tensor"
-        if ctx.calibration is not None and ctx.calibration.ranges_for(self.bits):
-            return "use estimated activation ranges"
-        return None
 
     def requantize(self, calibrated: bytes) -> bytes:
         from qpipe_tflite.ranges import quantize_int16x8
