@@ -110,7 +110,7 @@ def estimated(tmp_path_factory, _tiny_session):
     variants = [{"name": f"int8_{name}", "quantizer": "tflite.int8", "calibrator": cal(opts)}
                 for name, opts in ESTIMATORS.items()]
     variants += [
-        {"name": "int8_converter", "quantizer": "tflite.int8"},
+        {"name": "int8_converter", "quantizer": "tflite.int8", "options": {"engine": "converter"}},
         {"name": "int16x8_percentile", "quantizer": "tflite.int16x8", "options": {"io": "int16"},
          "calibrator": cal(ESTIMATORS["percentile"])},
         {"name": "int16x8_mse", "quantizer": "tflite.int16x8", "calibrator": cal(ESTIMATORS["mse"])},
