@@ -1,13 +1,16 @@
 """The ``qpipe`` command line (typer). Plugins add sub-commands with ``qpipe_add_commands``.
 
 Exit codes: 0 all variants ok; 1 a variant failed; 2 bad input (one line, no traceback
-unless ``--debug``); 3 the accuracy gate failed; 70 an internal error; 130 interrupted.
+unless ``--debug``); 3 the accuracy gate failed; 70 an internal error; 130 interrupted
+(Ctrl-C); 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -15,13 +18,14 @@ from typing import Any, Optional
 import typer
 
 from qpipe import __version__
-from qpipe.errors import QpipeError
+from qpipe.errors import QpipeError, Terminated
 
 EXIT_VARIANT_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_GATE_FAILED = 3
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 def _version_callback(value: bool) -> None:
@@ -55,12 +59,32 @@ class ErrorGuard:
             import traceback
 
             traceback.print_exception(kind, exc, tb)
+        if isinstance(exc, Terminated):
+            raise fail("terminated (SIGTERM); results so far are in the output folder", EXIT_TERMINATED)
         if isinstance(exc, KeyboardInterrupt):
             raise fail("interrupted; results so far are in the output folder", EXIT_INTERRUPTED)
         if isinstance(exc, QpipeError):
             raise fail(str(exc), exc.exit_code)
         hint = "" if self.debug else " (rerun with --debug for the traceback)"
         raise fail(f"internal error: {type(exc).__name__}: {exc}{hint}", EXIT_INTERNAL)
+
+
+@contextlib.contextmanager
+def sigterm_stops_like_ctrl_c():
+    """While the block runs, SIGTERM raises ``Terminated`` (a KeyboardInterrupt) in the main
+    thread, so a ``kill`` or a CI timeout closes open runs as Ctrl-C does."""
+    def terminate(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread (e.g. an embedding application): leave it be
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def build_app(pm: Any = None) -> typer.Typer:
@@ -112,7 +136,8 @@ def build_app(pm: Any = None) -> typer.Typer:
             try:
                 settings = {"tracking_uri": tracking_uri, "no_tracking": no_tracking, "debug": debug,
                             "gate": gate, "jobs": jobs, "no_cache": no_cache}
-                results, warnings = run_pipeline(pm, resolved, output, settings)
+                with sigterm_stops_like_ctrl_c():
+                    results, warnings = run_pipeline(pm, resolved, output, settings)
             finally:
                 display.stop()
                 pm.unregister(name="qpipe-console")

@@ -22,3 +22,8 @@ class PluginError(QpipeError):
 
 class DataError(QpipeError):
     """Data that cannot be loaded or does not fit the model."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The process got SIGTERM (``kill``, a CI timeout): handled like Ctrl-C, so every open
+    run is closed (MLflow runs end KILLED) and results.json says ``interrupted``."""

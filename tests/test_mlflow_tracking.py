@@ -264,6 +264,33 @@ def test_ctrl_c_or_a_crash_leaves_nothing_running(tiny, store, error, status):
     assert read_results(tiny.root / experiment).status == ("interrupted" if status == "KILLED" else "crashed")
 
 
+def test_sigterm_ends_the_open_runs_killed(tiny, store):
+    """``kill`` (or a CI timeout) on ``qpipe run`` closes its runs like Ctrl-C: exit 143."""
+    import signal
+
+    experiment = "tiny-sigterm"
+    path = tiny.write_pipeline([{"name": "dynamic", "quantizer": "tflite.dynamic"}], name=f"{experiment}.yaml",
+                               tracking={"uri": store, "experiment": experiment},
+                               evaluators=["accuracy", {"name": "latency", "options": {"runs": 10_000_000}}])
+    output = tiny.root / experiment
+    proc = subprocess.Popen([sys.executable, "-m", "qpipe.cli", "run", str(path), "-o", str(output), "--no-cache"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tiny.root)
+    seen = []
+    for line in proc.stdout:  # the float32 child run is open while its latency is measured
+        seen.append(line)
+        if "float32: evaluating: latency" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 143, out
+    assert "error: terminated (SIGTERM)" in out and "Traceback" not in out
+    (parent,) = parent_runs(store, experiment)
+    assert parent.info.status == "KILLED"
+    assert child_runs(store, parent)["float32"].info.status == "KILLED"
+    assert client(store).search_runs([parent.info.experiment_id], "attributes.status = 'RUNNING'") == []
+    assert read_results(output).status == "interrupted"
+
+
 def test_unreachable_server_stops_the_run_before_any_conversion(tiny):
     from qpipe_mlflow.testing import free_port
 
