@@ -233,3 +233,44 @@ class VariantCache:
             shutil.rmtree(tmp, ignore_errors=True)
             return folder.exists()  # another run stored the same key first
         return True
+
+
+@dataclass
+class CacheUsage:
+    """What ``VariantCache.usage`` or ``prune`` counted: entries and their bytes on disk."""
+
+    entries: int = 0
+    bytes: int = 0
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def usage(root: Path) -> CacheUsage:
+    """How many entries the cache at ``root`` holds and their total size."""
+    found = CacheUsage()
+    for entry in Path(root, LAYOUT).glob("??/*/entry.json"):
+        found.entries += 1
+        found.bytes += _folder_bytes(entry.parent)
+    return found
+
+
+def prune(root: Path, older_than_days: float | None = None) -> CacheUsage:
+    """Remove the entries (all, or those stored more than ``older_than_days`` ago) and any
+    half-written leftovers; return what was removed."""
+    import time
+
+    removed = CacheUsage()
+    cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
+    for entry in list(Path(root, LAYOUT).glob("??/*/entry.json")):
+        if cutoff is not None and entry.stat().st_mtime >= cutoff:
+            continue
+        size = _folder_bytes(entry.parent)
+        shutil.rmtree(entry.parent, ignore_errors=True)
+        if not entry.parent.exists():
+            removed.entries += 1
+            removed.bytes += size
+    if older_than_days is None:
+        shutil.rmtree(Path(root, LAYOUT, "tmp"), ignore_errors=True)
+    return removed

@@ -204,6 +204,31 @@ def build_app(pm: Any = None) -> typer.Typer:
             for name, error in failures.items():
                 console.print(f"[red]failed to load plugin '{name}':[/red] {error}")
 
+    @app.command(name="cache")
+    def cache_cmd(
+        pipeline: Path = typer.Argument(Path("pipeline.yaml"), help="The pipeline whose cache to show."),
+        clear: bool = typer.Option(False, "--clear", help="Remove the cached variants."),
+        older_than: Optional[float] = typer.Option(None, "--older-than", min=0,
+                                                   help="With --clear: only entries stored more than DAYS ago."),
+    ) -> None:
+        """Show where PIPELINE's variant cache is and its size; --clear empties it."""
+        with ErrorGuard(False):
+            from qpipe.cache import cache_dir, prune, usage
+            from qpipe.config import load_config
+
+            loaded = load_config(pipeline)
+            root = cache_dir(loaded.config, loaded.path.parent, {})
+            if root is None:
+                typer.echo(f"{pipeline}: the cache is off (cache: {{enabled: false}})")
+                return
+            if older_than is not None and not clear:
+                raise fail("--older-than only applies with --clear")
+            if clear:
+                gone = prune(root, older_than)
+                typer.echo(f"removed {gone.entries} cached variant(s), {gone.bytes / 2**20:.1f} MiB, from {root}")
+            held = usage(root)
+            typer.echo(f"cache {root}: {held.entries} cached variant(s), {held.bytes / 2**20:.1f} MiB")
+
     @app.command(name="new-plugin")
     def new_plugin_cmd(
         name: str = typer.Argument(..., help="Plugin name: lower-case letters, digits, '_' (e.g. my_metrics)."),

@@ -142,6 +142,33 @@ def test_no_cache_and_cache_false_bypass_it(project, monkeypatch):
     assert any((project.root / "elsewhere").rglob("entry.json"))
 
 
+def test_cache_command_shows_and_clears_the_cache(project, monkeypatch):
+    from typer.testing import CliRunner
+
+    from qpipe.cli import build_app
+
+    monkeypatch.delenv("QPIPE_CACHE_DIR", raising=False)
+    pipeline = project.write_pipeline([{"name": "dynamic", "quantizer": "tflite.dynamic"}], name="cached.yaml")
+    run_pipeline_file(pipeline, output=project.root / "c1")
+    app = build_app(plugin_manager())
+
+    def cache(*args):
+        return CliRunner().invoke(app, ["cache", str(pipeline), *args])
+
+    shown = cache()
+    assert shown.exit_code == 0 and f"cache {project.root / '.qpipe-cache'}: 2 cached variant(s)" in shown.output
+    kept = cache("--clear", "--older-than", "1")  # both were stored seconds ago
+    assert kept.exit_code == 0 and "removed 0 cached variant(s)" in kept.output
+    assert "2 cached variant(s)" in kept.output
+    cleared = cache("--clear")
+    assert cleared.exit_code == 0 and "removed 2 cached variant(s)" in cleared.output
+    assert "0 cached variant(s), 0.0 MiB" in cleared.output
+    again = run_pipeline_file(pipeline, output=project.root / "c2")
+    assert [v.metadata["cache"] for v in again.variants] == ["miss", "miss"]
+    wrong = cache("--older-than", "1")
+    assert wrong.exit_code == 2 and "--older-than only applies with --clear" in wrong.output
+
+
 # --------------------------------------------------------------------------- keys
 
 
