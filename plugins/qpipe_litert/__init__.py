@@ -37,8 +37,11 @@ def quantize_array(values: np.ndarray, detail: dict) -> np.ndarray:
     if not scale:
         return values.astype(dtype)
     info = np.iinfo(dtype)
-    q = np.round(values / scale + zero_point)
-    return np.clip(q, info.min, info.max).astype(dtype)
+    q = np.divide(values, np.float32(scale), dtype=np.float32)  # one new array, then in place
+    q += np.float32(zero_point)
+    np.rint(q, out=q)
+    np.clip(q, info.min, info.max, out=q)
+    return q.astype(dtype)
 
 
 def dequantize_array(values: np.ndarray, detail: dict) -> np.ndarray:
