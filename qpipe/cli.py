@@ -89,7 +89,7 @@ def sigterm_stops_like_ctrl_c():
 
 def build_app(pm: Any = None) -> typer.Typer:
     """The typer app; ``pm`` (a plugin manager) is created on first need when not given."""
-    app = typer.Typer(add_completion=False, no_args_is_help=True,
+    app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                       help="Quantize a trained model into every variant, evaluate each, track them side by side.")
     state: dict[str, Any] = {"pm": pm}
 

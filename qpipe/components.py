@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 class Options(BaseModel):
     """Base for component options: unknown keys are errors, values are type-checked."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)  # built on first use: faster start-up
 
 
 class Component:
