@@ -12,10 +12,14 @@ The cache lives outside the output folder (``.qpipe-cache`` beside the pipeline 
 entry holds the artifact, the result with its raw metrics (deltas are recomputed) and the
 variant's predictions (so a cached baseline still feeds fidelity). Entries are written to a
 temporary folder and renamed into place, so concurrent runs never see half an entry.
+
+Files derived from results (the report's charts) are kept under ``files/`` by a key over the
+data they show (``reuse_file``), so an unchanged re-run does not even import matplotlib.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -26,7 +30,7 @@ import uuid
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -35,6 +39,8 @@ from qpipe import __version__
 CACHE_ENV = "QPIPE_CACHE_DIR"
 DEFAULT_DIR = ".qpipe-cache"
 LAYOUT = "v1"
+#: folder (under LAYOUT) of files derived from a run's results, e.g. the report's charts
+FILES = "files"
 #: distributions whose versions are part of every key
 STACK = ("numpy", "tensorflow", "tf-keras", "keras", "ai-edge-litert", "ai-edge-quantizer",
          "tensorflow-model-optimization")
@@ -248,11 +254,10 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def usage(root: Path) -> CacheUsage:
-    """How many entries the cache at ``root`` holds and their total size."""
+    """How many variant entries the cache at ``root`` holds, and the bytes of all it holds."""
     found = CacheUsage()
-    for entry in Path(root, LAYOUT).glob("??/*/entry.json"):
-        found.entries += 1
-        found.bytes += _folder_bytes(entry.parent)
+    found.entries = sum(1 for _ in Path(root, LAYOUT).glob("??/*/entry.json"))
+    found.bytes = _folder_bytes(Path(root, LAYOUT)) if Path(root, LAYOUT).is_dir() else 0
     return found
 
 
@@ -271,6 +276,35 @@ def prune(root: Path, older_than_days: float | None = None) -> CacheUsage:
         if not entry.parent.exists():
             removed.entries += 1
             removed.bytes += size
+    for stored in list(Path(root, LAYOUT, FILES).glob("??/*")):
+        if cutoff is None or stored.stat().st_mtime < cutoff:
+            size = stored.stat().st_size
+            stored.unlink(missing_ok=True)
+            removed.bytes += size
     if older_than_days is None:
         shutil.rmtree(Path(root, LAYOUT, "tmp"), ignore_errors=True)
     return removed
+
+
+def reuse_file(root: Path, data: Any, target: Path, make: Callable[[Path], Any]) -> bool:
+    """Write ``target``: copied from the cache when the same ``data`` (JSON-able) made a file of
+    that name before with the same qpipe code and stack, else made by ``make(target)`` and
+    stored. Returns True on a cache hit. A cache that cannot be read or written is skipped."""
+    versions = dict(stack_versions())
+    with contextlib.suppress(metadata.PackageNotFoundError):
+        versions["matplotlib"] = metadata.version("matplotlib")
+    blob = json.dumps({"file": Path(target).name, "data": data, "versions": versions,
+                       "code": code_fingerprint("qpipe")}, sort_keys=True, default=str)
+    key = hashlib.sha256(blob.encode()).hexdigest()
+    stored = Path(root, LAYOUT, FILES, key[:2], key + Path(target).suffix)
+    with contextlib.suppress(OSError):
+        if stored.is_file():
+            shutil.copyfile(stored, target)
+            return True
+    make(target)
+    with contextlib.suppress(OSError):
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        partial = stored.with_name(f".{uuid.uuid4().hex}.partial")
+        shutil.copyfile(target, partial)
+        os.replace(partial, stored)
+    return False

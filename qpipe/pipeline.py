@@ -180,7 +180,7 @@ class Runner:
         results.write(self.output_dir)
         from qpipe.report import try_write_report  # summary table and charts, tracked or not
 
-        self.warnings += try_write_report(results, self.output_dir)
+        self.warnings += try_write_report(results, self.output_dir, (results.extra.get("cache") or {}).get("dir"))
         self.warnings += call_lifecycle(self.pm, "qpipe_pipeline_finished", run=self.run_info, results=results)
         results.write(self.output_dir)  # plugins may add to results.extra
         return results

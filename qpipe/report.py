@@ -128,17 +128,22 @@ def summary_markdown(results: PipelineResults) -> str:
 # --------------------------------------------------------------------------- charts
 
 
-def plot_accuracy_vs_size(results: PipelineResults, path: Path) -> Path | None:
-    """Quality against size (KB), each variant labelled, the Pareto front joined; None if nothing to plot."""
+def accuracy_chart_data(results: PipelineResults) -> dict[str, Any] | None:
+    """What the accuracy/size chart shows (None if nothing to plot)."""
     metric = quality_metric(results)
     pts = points(results, metric)
     if not pts:
         return None
-    front = pareto_front(pts)
-    on_front = {p.name for p in front}
-    chosen, _ = selected_variant(results)
+    return {"pipeline": results.pipeline, "metric": metric, "points": [[p.name, p.size, p.quality] for p in pts],
+            "front": [p.name for p in pareto_front(pts)], "chosen": selected_variant(results)[0]}
+
+
+def draw_accuracy_chart(data: dict[str, Any], path: Path) -> Path:
+    """Quality against size (KB), each variant labelled, the Pareto front joined."""
+    pts = {name: Point(name, size, quality) for name, size, quality in data["points"]}
+    front = [pts[name] for name in data["front"]]
     fig, ax = _figure((7, 4.5))
-    others = [p for p in pts if p.name not in on_front]
+    others = [p for p in pts.values() if p.name not in data["front"]]
     if others:
         ax.scatter([p.size / 1024 for p in others], [p.quality for p in others], color="#9e9e9e",
                    label="dominated", zorder=3)
@@ -147,24 +152,28 @@ def plot_accuracy_vs_size(results: PipelineResults, path: Path) -> Path | None:
     ax.step([p.size / 1024 for p in front], [p.quality for p in front], where="post", color="#d62728",
             linewidth=1, alpha=0.6)
     offsets = ((5, 4), (5, -11), (5, 14), (5, -21))  # neighbours' labels take turns above and below
-    for i, p in enumerate(sorted(pts, key=lambda p: p.size)):
-        ax.annotate(p.name + (" (selected)" if p.name == chosen else ""), (p.size / 1024, p.quality),
+    for i, p in enumerate(sorted(pts.values(), key=lambda p: p.size)):
+        ax.annotate(p.name + (" (selected)" if p.name == data["chosen"] else ""), (p.size / 1024, p.quality),
                     textcoords="offset points", xytext=offsets[i % len(offsets)], fontsize=8)
     ax.set_xlabel("size (KB)")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{results.pipeline}: {metric} against size")
+    ax.set_ylabel(data["metric"])
+    ax.set_title(f"{data['pipeline']}: {data['metric']} against size")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
 
-def plot_latency(results: PipelineResults, path: Path) -> Path | None:
-    """Median latency per variant as bars, p95 as the whisker; None if no latency was measured."""
+def latency_chart_data(results: PipelineResults) -> dict[str, Any] | None:
+    """What the latency chart shows: (variant, p50, p95) rows (None if no latency was measured)."""
     rows = [(v.name, _number(v.metrics.get("latency_ms_p50")), _number(v.metrics.get("latency_ms_p95")))
             for v in _ok(results)]
-    rows = [(n, p50, p95) for n, p50, p95 in rows if p50 is not None]
-    if not rows:
-        return None
+    rows = [[n, p50, p95] for n, p50, p95 in rows if p50 is not None]
+    return {"pipeline": results.pipeline, "rows": rows} if rows else None
+
+
+def draw_latency_chart(data: dict[str, Any], path: Path) -> Path:
+    """Median latency per variant as bars, p95 as the whisker."""
+    rows = data["rows"]
     fig, ax = _figure((7, 0.6 + 0.45 * len(rows)))
     names = [n for n, _, _ in rows]
     p50 = [v for _, v, _ in rows]
@@ -172,32 +181,57 @@ def plot_latency(results: PipelineResults, path: Path) -> Path | None:
     ax.barh(names, p50, xerr=[[0.0] * len(rows), upper], color="#1f77b4", capsize=3)
     ax.invert_yaxis()
     ax.set_xlabel("latency per call (ms): bar median, whisker p95")
-    ax.set_title(f"{results.pipeline}: latency per variant")
+    ax.set_title(f"{data['pipeline']}: latency per variant")
     ax.grid(True, axis="x", alpha=0.3)
     return _save(fig, path)
+
+
+def plot_accuracy_vs_size(results: PipelineResults, path: Path) -> Path | None:
+    """Draw the accuracy/size chart into ``path``; None if nothing to plot."""
+    data = accuracy_chart_data(results)
+    return None if data is None else draw_accuracy_chart(data, path)
+
+
+def plot_latency(results: PipelineResults, path: Path) -> Path | None:
+    """Draw the latency chart into ``path``; None if no latency was measured."""
+    data = latency_chart_data(results)
+    return None if data is None else draw_latency_chart(data, path)
 
 
 # --------------------------------------------------------------------------- writing
 
 
-def write_report(results: PipelineResults, output_dir: Path) -> list[Path]:
-    """Write the summary table and the charts into ``output_dir``; return the files written."""
+def write_report(results: PipelineResults, output_dir: Path, cache_dir: Path | None = None) -> list[Path]:
+    """Write the summary table and the charts into ``output_dir``; return the files written.
+
+    With ``cache_dir`` (the run's variant cache), a chart whose data was drawn before is
+    copied from there: matplotlib is then not even imported (about 2 s saved per run).
+    """
+    from qpipe.cache import reuse_file
+
     output_dir = Path(output_dir)
     written = []
     for name, text in ((SUMMARY_CSV, summary_csv(results)), (SUMMARY_MD, summary_markdown(results))):
         (output_dir / name).write_text(text, encoding="utf-8")
         written.append(output_dir / name)
-    for name, plot in ((ACCURACY_CHART, plot_accuracy_vs_size), (LATENCY_CHART, plot_latency)):
-        path = plot(results, output_dir / name)
-        if path is not None:
-            written.append(path)
+    for name, data_of, draw in ((ACCURACY_CHART, accuracy_chart_data, draw_accuracy_chart),
+                                (LATENCY_CHART, latency_chart_data, draw_latency_chart)):
+        data = data_of(results)
+        if data is None:
+            continue
+        path = output_dir / name
+        if cache_dir is None:
+            draw(data, path)
+        else:
+            reuse_file(Path(cache_dir), data, path, lambda target, data=data, draw=draw: draw(data, target))
+        written.append(path)
     return written
 
 
-def try_write_report(results: PipelineResults, output_dir: Path) -> list[str]:
+def try_write_report(results: PipelineResults, output_dir: Path, cache_dir: Path | None = None) -> list[str]:
     """``write_report``, turning a failure into a warning (the run's results matter more)."""
     try:
-        write_report(results, output_dir)
+        write_report(results, output_dir, cache_dir)
     except Exception as exc:  # noqa: BLE001 - a broken chart must not fail the run
         return [f"report: could not write the summary or charts: {type(exc).__name__}: {exc}"]
     return []

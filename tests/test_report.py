@@ -101,6 +101,29 @@ def test_write_report_writes_tables_and_png_charts(results, tmp_path):
     assert report_files(tmp_path) == [tmp_path / n for n in (SUMMARY_CSV, SUMMARY_MD, ACCURACY_CHART, LATENCY_CHART)]
 
 
+def test_charts_drawn_before_are_copied_from_the_cache(results, tmp_path, monkeypatch):
+    from qpipe import report
+    from qpipe.cache import prune, usage
+
+    cache = tmp_path / "cache"
+    (tmp_path / "one").mkdir()
+    write_report(results, tmp_path / "one", cache)
+    drawn = []
+    for name in ("draw_accuracy_chart", "draw_latency_chart"):
+        real = getattr(report, name)
+        monkeypatch.setattr(report, name, lambda data, path, real=real: drawn.append(path.name) or real(data, path))
+    (tmp_path / "two").mkdir()
+    write_report(results, tmp_path / "two", cache)
+    assert drawn == []  # same data: both charts copied, matplotlib not needed
+    for name in (ACCURACY_CHART, LATENCY_CHART):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    results.variants[0].metrics["latency_ms_p50"] = 0.05  # a changed measurement is drawn anew
+    (tmp_path / "three").mkdir()
+    write_report(results, tmp_path / "three", cache)
+    assert drawn == [LATENCY_CHART]
+    assert usage(cache).bytes > 0 and prune(cache).bytes > 0 and usage(cache).bytes == 0
+
+
 def test_charts_are_skipped_when_nothing_was_measured(tmp_path):
     results = PipelineResults(pipeline="demo", baseline="a", variants=[variant("a", None, 0, status="failed")])
     written = write_report(results, tmp_path)
