@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from importlib import metadata
@@ -243,7 +244,7 @@ class VariantCache:
 
 @dataclass
 class CacheUsage:
-    """What ``VariantCache.usage`` or ``prune`` counted: entries and their bytes on disk."""
+    """What ``usage`` or ``prune`` counted: variant entries and bytes on disk."""
 
     entries: int = 0
     bytes: int = 0
@@ -264,8 +265,6 @@ def usage(root: Path) -> CacheUsage:
 def prune(root: Path, older_than_days: float | None = None) -> CacheUsage:
     """Remove the entries (all, or those stored more than ``older_than_days`` ago) and any
     half-written leftovers; return what was removed."""
-    import time
-
     removed = CacheUsage()
     cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
     for entry in list(Path(root, LAYOUT).glob("??/*/entry.json")):
