@@ -138,36 +138,40 @@ def throughput(out: str, *models: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from handwritten import Model
 
+    results = {label: _throughput_of(path, Model) for label, path in (m.split("=", 1) for m in models)}
+    Path(out).write_text(json.dumps(results))
+
+
+def _throughput_of(path: str, Model: type) -> dict[str, float]:
+    """Median samples/s and paired ratios of the three contenders on one .tflite."""
     from qpipe.components import Artifact
     from qpipe.data import Dataset
     from qpipe_litert import LiteRTBackend, LiteRTOptions
 
-    results = {}
-    for label, path in (m.split("=", 1) for m in models):
-        runner = LiteRTBackend(LiteRTOptions(threads=2, batch_size=256)).load(Artifact(Path(path)))
-        shape = tuple(next(iter(runner.inputs.values()))["shape"][1:])
-        x = np.random.default_rng(1).random((4096, *shape), dtype=np.float32)
-        data = Dataset(inputs={"input": x})
-        hand, single = Model(path, 2), Model(path, 2)
-        contenders = {
-            "qpipe": lambda: len(x) / _timed(lambda: runner.predict(data, 256)),
-            "batched": lambda: len(x) / _timed(lambda: [hand(x[i:i + 256]) for i in range(0, len(x), 256)]),
-            "per_sample": lambda: 1024 / _timed(lambda: [single(x[i:i + 1]) for i in range(1024)]),
-        }
-        for measure_once in contenders.values():  # warm-up
-            measure_once()
-        rounds = []
-        for r in range(9):
-            order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
-            rounds.append({name: contenders[name]() for name in order})
-        med = lambda values: float(np.median(values))  # noqa: E731
-        results[label] = {
-            **{name: med([r[name] for r in rounds]) for name in contenders},
-            "qpipe/batched": med([r["qpipe"] / r["batched"] for r in rounds]),
-            "qpipe/per_sample": med([r["qpipe"] / r["per_sample"] for r in rounds]),
-            "batched/per_sample": med([r["batched"] / r["per_sample"] for r in rounds]),
-        }
-    Path(out).write_text(json.dumps(results))
+    runner = LiteRTBackend(LiteRTOptions(threads=2, batch_size=256)).load(Artifact(Path(path)))
+    shape = tuple(next(iter(runner.inputs.values()))["shape"][1:])
+    x = np.random.default_rng(1).random((4096, *shape), dtype=np.float32)
+    data = Dataset(inputs={"input": x})
+    hand, single = Model(path, 2), Model(path, 2)
+    contenders = {
+        "qpipe": lambda: len(x) / _timed(lambda: runner.predict(data, 256)),
+        "batched": lambda: len(x) / _timed(lambda: [hand(x[i:i + 256]) for i in range(0, len(x), 256)]),
+        "per_sample": lambda: 1024 / _timed(lambda: [single(x[i:i + 1]) for i in range(1024)]),
+    }
+    for measure_once in contenders.values():  # warm-up
+        measure_once()
+    rounds = []
+    for r in range(9):
+        order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
+        rounds.append({name: contenders[name]() for name in order})
+
+    def median(values: list[float]) -> float:
+        return float(np.median(values))
+
+    return {**{name: median([r[name] for r in rounds]) for name in contenders},
+            "qpipe/batched": median([r["qpipe"] / r["batched"] for r in rounds]),
+            "qpipe/per_sample": median([r["qpipe"] / r["per_sample"] for r in rounds]),
+            "batched/per_sample": median([r["batched"] / r["per_sample"] for r in rounds])}
 
 
 def _timed(fn) -> float:
@@ -317,7 +321,7 @@ def main() -> None:
                             f"quantizer: tflite.float32}}\nevaluators: [accuracy, size]\nbackends: {{litert: "
                             f"{{threads: 2, batch_size: 256}}}}\ntracking: false\n")
             results[name] = measure([*QPIPE, "run", str(pipe), "--no-cache", "-o", str(work / f"stream-{name}")])
-        (s_s, s_mb), (b_s, b_mb) = results["small"], results["big"]
+        (_, s_mb), (b_s, b_mb) = results["small"], results["big"]
         row(f"{size_mb:.0f} MiB .npz evaluated: peak RSS (MiB) vs the 16 MiB file", f"{b_mb:.0f} vs {s_mb:.0f}",
             "bounded")
         row(f"{size_mb:.0f} MiB .npz: samples/s through the whole run", f"{big_rows / b_s:.0f}")
