@@ -16,7 +16,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -332,6 +332,21 @@ def _pick(arrays: dict[str, np.ndarray], inputs: Any, labels: str | None, what: 
     x = {name: get(key) for name, key in inputs.items()} if isinstance(inputs, dict) else get(inputs)
     y = get(labels) if labels else None
     return x, y
+
+
+def match_inputs(wanted: Iterable[str], given: Iterable[str], what: str) -> dict[str, str]:
+    """{name ``what`` (an artifact) wants: key of ``given`` that feeds it}.
+
+    One input and one array match whatever their names (artifact formats rename inputs);
+    otherwise names must match, and a missing one is a DataError naming ``what``.
+    """
+    wanted, given = list(wanted), list(given)
+    if len(wanted) == 1 and len(given) == 1:
+        return {wanted[0]: given[0]}
+    missing = [name for name in wanted if name not in given]
+    if missing:
+        raise DataError(f"{what} expects inputs {sorted(wanted)}; the data has {sorted(given)} (missing {missing})")
+    return {name: name for name in wanted}
 
 
 def bind_to_model(raw: tuple, model_inputs: list[TensorInfo], what: str) -> Dataset:

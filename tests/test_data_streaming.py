@@ -132,3 +132,12 @@ def test_batches_stream_a_large_file_in_bounded_memory(tmp_path):
     before, after, total, count = proc.stdout.split()
     assert int(count) == rows and float(total) == sum((a % 7) * min(4096, rows - a) for a in range(0, rows, 4096))
     assert int(after) - int(before) < 48, (before, after)  # MiB: a batch or two, not the 256 MiB file
+
+
+def test_match_inputs_pairs_one_with_one_else_by_name():
+    from qpipe import DataError, match_inputs
+
+    assert match_inputs(["serving_default_img:0"], ["img"], "the .tflite") == {"serving_default_img:0": "img"}
+    assert match_inputs(["a", "b"], ["b", "a", "extra"], "the .tflite") == {"a": "a", "b": "b"}
+    with pytest.raises(DataError, match=r"the \.onnx expects inputs \['a', 'b'\]; .*missing \['b'\]"):
+        match_inputs(["a", "b"], ["a", "c"], "the .onnx")

@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import Field
 
 import qpipe
-from qpipe import Artifact, Backend, LoadedModel, QpipeError, Runner
+from qpipe import Artifact, Backend, LoadedModel, QpipeError, Runner, match_inputs
 from qpipe.tfenv import quiet
 
 
@@ -95,13 +95,8 @@ class LiteRTRunner(Runner):
             self.interpreter.allocate_tensors()
 
     def predict_batch(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        if len(self.inputs) == 1 and len(inputs) == 1:
-            pairs = [(next(iter(self.inputs.values())), np.asarray(next(iter(inputs.values()))))]
-        else:
-            missing = [name for name in self.inputs if name not in inputs]
-            if missing:
-                raise QpipeError(f"the .tflite expects inputs {sorted(self.inputs)}; missing {missing}")
-            pairs = [(detail, np.asarray(inputs[name])) for name, detail in self.inputs.items()]
+        feeds = match_inputs(self.inputs, inputs, "the .tflite")
+        pairs = [(self.inputs[name], np.asarray(inputs[key])) for name, key in feeds.items()]
         self._resize(pairs)
         for detail, values in pairs:
             self.interpreter.set_tensor(detail["index"], quantize_array(values, detail))

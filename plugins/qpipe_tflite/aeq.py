@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qpipe import Calibration, QpipeError, QuantizeContext
+from qpipe import Calibration, QpipeError, QuantizeContext, match_inputs
 from qpipe.conversion import float_tflite
 from qpipe.tfenv import quiet
 
@@ -55,13 +55,7 @@ def calibration_data(flatbuffer: bytes, calibration: Calibration) -> list[dict[s
     """
     key, names = _signature_inputs(flatbuffer)
     data = calibration.samples
-    if len(names) == 1 and len(data.inputs) == 1:
-        mapping = {names[0]: next(iter(data.inputs))}
-    else:
-        missing = [n for n in names if n not in data.inputs]
-        if missing:
-            raise QpipeError(f"calibration inputs {sorted(data.inputs)} do not match the .tflite's {names}")
-        mapping = {n: n for n in names}
+    mapping = match_inputs(names, data.inputs, "the float .tflite")
     step = _samples_per_step(flatbuffer, key, len(data))
     return [{key: [{sig: data.inputs[ours][i:i + step].astype("float32") for sig, ours in mapping.items()}]}
             for i in range(0, len(data), step)]

@@ -9,7 +9,7 @@ import numpy as np
 from pydantic import Field
 
 import qpipe
-from qpipe import Artifact, Backend, LoadedModel, QpipeError, Runner
+from qpipe import Artifact, Backend, LoadedModel, QpipeError, Runner, match_inputs
 
 #: ONNX tensor types -> numpy dtypes for the inputs we feed
 _DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
@@ -52,14 +52,8 @@ class OrtRunner(Runner):
         self.output = self.session.get_outputs()[0].name
 
     def predict_batch(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        if len(self.inputs) == 1 and len(inputs) == 1:
-            (name, dtype), = self.inputs.items()
-            feeds = {name: np.asarray(next(iter(inputs.values())), dtype=dtype)}
-        else:
-            missing = [name for name in self.inputs if name not in inputs]
-            if missing:
-                raise QpipeError(f"the .onnx expects inputs {sorted(self.inputs)}; missing {missing}")
-            feeds = {name: np.asarray(inputs[name], dtype=dtype) for name, dtype in self.inputs.items()}
+        feeds = {name: np.asarray(inputs[key], dtype=self.inputs[name])
+                 for name, key in match_inputs(self.inputs, inputs, "the .onnx").items()}
         return np.asarray(self.session.run([self.output], feeds)[0], dtype=np.float32)
 
     def with_threads(self, threads: int) -> "OrtRunner":

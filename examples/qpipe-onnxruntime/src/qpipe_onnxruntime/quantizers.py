@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import Field
 
 import qpipe
-from qpipe import Artifact, Calibration, QpipeError, QuantizeContext, Quantizer
+from qpipe import Artifact, Calibration, QpipeError, QuantizeContext, Quantizer, match_inputs
 from qpipe.tfenv import quiet
 from qpipe_onnxruntime.convert import onnx_model
 
@@ -84,13 +84,7 @@ def graph_inputs(path: Path) -> list[str]:
 def calibration_batches(calibration: Calibration, names: list[str], batch_size: int = 32) -> Iterator[dict[str, np.ndarray]]:
     """The calibrator's samples as ONNX feeds keyed by the graph's input names."""
     data = calibration.samples
-    if len(names) == 1 and len(data.inputs) == 1:
-        keys = {names[0]: next(iter(data.inputs))}
-    else:
-        missing = [n for n in names if n not in data.inputs]
-        if missing:
-            raise QpipeError(f"the ONNX model's inputs {names} do not match the data's {sorted(data.inputs)}")
-        keys = {n: n for n in names}
+    keys = match_inputs(names, data.inputs, "the ONNX model")
     for batch in data.batches(batch_size):
         yield {onnx_name: np.asarray(batch[key], dtype=np.float32) for onnx_name, key in keys.items()}
 
