@@ -283,7 +283,6 @@ class Int8(EngineChoice, FullInteger):
         return quantize_int8(calibrated, self.options.io, self.options.per_channel)
 
 
-
 class Int16x8Options(qpipe.Options):
     io: Literal["float32", "int16"] = Field("float32", description="type of the input and output tensors")
     per_channel: bool = Field(True, description="one weight scale per output channel (else per tensor)")

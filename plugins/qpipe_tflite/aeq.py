@@ -16,10 +16,8 @@ from qpipe.tfenv import quiet
 ENGINE = "ai-edge-quantizer"
 
 
-def _signature_inputs(flatbuffer: bytes) -> tuple[str, list[str]]:
-    from ai_edge_litert.interpreter import Interpreter
-
-    signatures = Interpreter(model_content=flatbuffer).get_signature_list()
+def _signature_inputs(interpreter: Any) -> tuple[str, list[str]]:
+    signatures = interpreter.get_signature_list()
     if not signatures:
         raise QpipeError("the float .tflite has no signature; ai-edge-quantizer needs one (use engine: converter)")
     key = "serving_default" if "serving_default" in signatures else next(iter(signatures))
@@ -30,13 +28,11 @@ def _signature_inputs(flatbuffer: bytes) -> tuple[str, list[str]]:
 STEP_BYTES = 256 << 20
 
 
-def _samples_per_step(flatbuffer: bytes, key: str, count: int) -> int:
+def _samples_per_step(interpreter: Any, key: str, count: int) -> int:
     """Samples per calibration step: as many as fit in ``STEP_BYTES`` of tensors, or one when
     the model's batch dimension is fixed."""
     import numpy as np
-    from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_content=flatbuffer)
     inputs = interpreter.get_signature_runner(key).get_input_details().values()
     if any(len(d["shape_signature"]) == 0 or d["shape_signature"][0] != -1 for d in inputs):
         return 1
@@ -53,10 +49,13 @@ def calibration_data(flatbuffer: bytes, calibration: Calibration) -> list[dict[s
     otherwise smooths per-step min/max with a moving average, which on per-sample steps
     clips activations (16x the converter's output error on our tiny test model).
     """
-    key, names = _signature_inputs(flatbuffer)
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=flatbuffer)
+    key, names = _signature_inputs(interpreter)
     data = calibration.samples
     mapping = match_inputs(names, data.inputs, "the float .tflite")
-    step = _samples_per_step(flatbuffer, key, len(data))
+    step = _samples_per_step(interpreter, key, len(data))
     return [{key: [{sig: data.inputs[ours][i:i + step].astype("float32") for sig, ours in mapping.items()}]}
             for i in range(0, len(data), step)]
 
