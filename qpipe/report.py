@@ -10,6 +10,7 @@ so no global backend is touched (Agg canvas).
 from __future__ import annotations
 
 import csv
+import functools
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,18 +187,6 @@ def draw_latency_chart(data: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_accuracy_vs_size(results: PipelineResults, path: Path) -> Path | None:
-    """Draw the accuracy/size chart into ``path``; None if nothing to plot."""
-    data = accuracy_chart_data(results)
-    return None if data is None else draw_accuracy_chart(data, path)
-
-
-def plot_latency(results: PipelineResults, path: Path) -> Path | None:
-    """Draw the latency chart into ``path``; None if no latency was measured."""
-    data = latency_chart_data(results)
-    return None if data is None else draw_latency_chart(data, path)
-
-
 # --------------------------------------------------------------------------- writing
 
 
@@ -223,7 +212,7 @@ def write_report(results: PipelineResults, output_dir: Path, cache_dir: Path | N
         if cache_dir is None:
             draw(data, path)
         else:
-            reuse_file(Path(cache_dir), data, path, lambda target, data=data, draw=draw: draw(data, target))
+            reuse_file(Path(cache_dir), data, path, functools.partial(draw, data))
         written.append(path)
     return written
 
