@@ -30,7 +30,7 @@ from typing import Any, Iterable
 import numpy as np
 import yaml
 
-from qpipe import hookimpl
+from qpipe import QpipeError, Quantizer, hookimpl
 from qpipe.errors import PluginError
 from qpipe.plugins import ENTRY_POINT_GROUP, QpipePluginManager
 
@@ -67,6 +67,16 @@ def plugin_manager(*plugins: Any, builtins: Iterable[str] = BUILTIN_PLUGINS,
         name = getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{i}"
         pm.register_plugin(plugin, name)
     return pm
+
+
+class Broken(Quantizer):
+    """A quantizer (``test.broken``) that always fails with an ordinary error: register it to
+    check that a failed variant is recorded and the others still run."""
+
+    name = "test.broken"
+
+    def quantize(self, ctx: Any) -> Any:
+        raise QpipeError("broken on purpose")
 
 
 class LifecycleRecorder:

@@ -10,23 +10,13 @@ import numpy as np
 import pytest
 
 import qpipe
-from qpipe import QpipeError, Quantizer
 from qpipe.cache import KeyMaker, cache_dir, code_fingerprint, stack_versions
 from qpipe.components import LoadedModel, file_sha256
 from qpipe.config import load_config, resolve
 from qpipe.pipeline import load_inputs
 from qpipe.registry import Registry
+from qpipe.testing import Broken, plugin_manager, run_pipeline_file, train_tiny_model
 from qpipe.tfenv import tf_keras
-from qpipe.testing import plugin_manager, run_pipeline_file, train_tiny_model
-
-
-class Broken(Quantizer):
-    """Always fails (to check failed variants are never cached)."""
-
-    name = "test.broken"
-
-    def quantize(self, ctx):
-        raise QpipeError("broken on purpose")
 
 
 class Events:

@@ -13,9 +13,9 @@ import time
 import pytest
 
 import qpipe
-from qpipe import ConfigError, QpipeError, Quantizer
+from qpipe import ConfigError, Quantizer
 from qpipe.config import load_config
-from qpipe.testing import LifecycleRecorder, plugin_manager, run_pipeline_file
+from qpipe.testing import Broken, LifecycleRecorder, plugin_manager, run_pipeline_file
 
 
 class Crash(Quantizer):
@@ -25,15 +25,6 @@ class Crash(Quantizer):
 
     def quantize(self, ctx):
         os._exit(3)
-
-
-class Broken(Quantizer):
-    """Fails with an ordinary error."""
-
-    name = "test.broken"
-
-    def quantize(self, ctx):
-        raise QpipeError("broken on purpose")
 
 
 class Plugin:
