@@ -54,6 +54,7 @@ def trained(tmp_path_factory, _tiny_session):
         {"name": "qat_keep_dense", "quantizer": "tfmot.qat", "options": {"epochs": 1, "keep_float": ["dense_1"]}},
         {"name": "ternary", "quantizer": "tfmot.ternary", "options": {"epochs": 4}},
         {"name": "binary", "quantizer": "tfmot.binary", "options": {"epochs": 4}},
+        {"name": "ternary_int8", "quantizer": "tfmot.ternary", "options": {"epochs": 4, "activations": "int8"}},
     ], data=data_sections(), evaluators=["accuracy", "fidelity", "size", "storage"])
     results = run_pipeline_file(path, plugin_manager(log, entry_points=["tfmot"]), output=project.root / "out")
     return project.root / "out", results, log
@@ -66,6 +67,18 @@ def test_training_variants_succeed_and_stay_accurate(trained):
     assert results.variant("qat").metrics["accuracy"] >= base - 0.03
     assert results.variant("ternary").metrics["accuracy"] >= base - 0.10
     assert results.variant("binary").metrics["accuracy"] >= base - 0.15
+
+
+def test_ternary_with_int8_activations_is_calibrated_and_accurate(trained):
+    """int8 activations are calibrated on training samples (global min/max, shared with tflite)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    out, results, _ = trained
+    base = results.variant("float32").metrics["accuracy"]
+    v = results.variant("ternary_int8")
+    assert v.status == "ok" and v.metrics["accuracy"] >= base - 0.10, v.error
+    tensors = Interpreter(model_path=str(out / v.artifact)).get_input_details()
+    assert tensors[0]["dtype"] == np.int8 and tensors[0]["quantization"][0] > 0  # calibrated int8 activations
 
 
 def test_qat_is_full_integer_and_records_training(trained):

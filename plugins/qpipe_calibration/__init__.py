@@ -107,7 +107,8 @@ class Sample(Calibrator):
 
     def features(self, ctx: CalibrateContext) -> np.ndarray:
         """Penultimate features of every calibration row (once per run and dataset)."""
-        from qpipe_calibration.activations import Probe, float_tflite, penultimate_features
+        from qpipe.conversion import float_tflite
+        from qpipe_calibration.activations import Probe, penultimate_features
 
         key = f"qpipe_calibration.features:{fingerprint(ctx.data)}"
         return ctx.model.memo(key, lambda: penultimate_features(Probe(float_tflite(ctx.model)), ctx.data))
@@ -119,7 +120,8 @@ class Sample(Calibrator):
         Keyed by the samples' content, so every estimator over the same selection shares them.
         Returns the statistics and facts about them (``reused`` is True on a cache hit).
         """
-        from qpipe_calibration.activations import Probe, collect_statistics, float_tflite
+        from qpipe.conversion import float_tflite
+        from qpipe_calibration.activations import Probe, collect_statistics
 
         key = f"qpipe_calibration.statistics:{fingerprint(samples)}"
         computed: list[bool] = []

@@ -1,6 +1,6 @@
 """Run the float .tflite on calibration samples and read every intermediate tensor.
 
-The model is converted once per run (float32, from the run's shared SavedModel) so tensor
+The float .tflite is the run's one conversion (``qpipe.conversion.float_tflite``), so tensor
 names match the ones the TFLite converter gives the quantized model. The interpreter runs
 without delegates and with ``experimental_preserve_all_tensors`` so each op's output can be
 read after ``invoke``.
@@ -13,31 +13,14 @@ from typing import Iterator
 
 import numpy as np
 
-from qpipe import Dataset, LoadedModel, QpipeError
-from qpipe.tfenv import quiet, tensorflow
+from qpipe import Dataset
+from qpipe.tfenv import quiet
 
 from qpipe_calibration.estimators import TensorStats
 
 #: values kept per tensor for percentile/MSE/entropy (a seeded random subset beyond this)
 MAX_VALUES = 1 << 18
 BATCH = 64
-
-
-def float_tflite(model: LoadedModel) -> bytes:
-    """The model as a float32 .tflite flatbuffer, converted once per run."""
-
-    def convert() -> bytes:
-        tf = tensorflow()
-        with quiet():
-            saved_model = model.saved_model_dir()
-            converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
-            try:
-                return bytes(converter.convert())
-            except Exception as exc:
-                raise QpipeError(f"calibration: cannot convert the model to a float .tflite to read "
-                                 f"its activations: {str(exc).splitlines()[0][:300]}") from exc
-
-    return model.memo("qpipe_calibration.float_tflite", convert)
 
 
 class Probe:

@@ -128,7 +128,7 @@ class EngineChoice:
 
         ``auto`` is safe because its output matches the converter's: on the digits and tiny
         test models the int8/int16x8 outputs' mean and max error against float are the
-        converter's to 1e-7 (calibrated with global min/max, see ``aeq.calibration_data``).
+        converter's to 1e-7 (calibrated with global min/max, see ``qpipe.conversion.calibration_data``).
         """
         why_not = self.aeq_supported(ctx)
         if self.options.engine == "ai-edge-quantizer" and why_not:

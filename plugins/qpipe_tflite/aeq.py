@@ -9,70 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from qpipe import Calibration, QpipeError, QuantizeContext, match_inputs
-from qpipe.conversion import float_tflite
+from qpipe import QpipeError, QuantizeContext
+from qpipe.conversion import calibrate_ai_edge_quantizer, float_tflite
 from qpipe.tfenv import quiet
 
 ENGINE = "ai-edge-quantizer"
-
-
-def _signature_inputs(interpreter: Any) -> tuple[str, list[str]]:
-    signatures = interpreter.get_signature_list()
-    if not signatures:
-        raise QpipeError("the float .tflite has no signature; ai-edge-quantizer needs one (use engine: converter)")
-    key = "serving_default" if "serving_default" in signatures else next(iter(signatures))
-    return key, list(signatures[key]["inputs"])
-
-
-#: most bytes of tensors one calibration step may hold (ai-edge-quantizer keeps every tensor)
-STEP_BYTES = 256 << 20
-
-
-def _samples_per_step(interpreter: Any, key: str, count: int) -> int:
-    """Samples per calibration step: as many as fit in ``STEP_BYTES`` of tensors, or one when
-    the model's batch dimension is fixed."""
-    import numpy as np
-
-    inputs = interpreter.get_signature_runner(key).get_input_details().values()
-    if any(len(d["shape_signature"]) == 0 or d["shape_signature"][0] != -1 for d in inputs):
-        return 1
-    per_sample = sum(int(np.prod(d["shape"])) * np.dtype(d["dtype"]).itemsize
-                     for d in interpreter.get_tensor_details())
-    return max(1, min(count, STEP_BYTES // max(1, per_sample)))
-
-
-def calibration_data(flatbuffer: bytes, calibration: Calibration) -> list[dict[str, list[dict[str, Any]]]]:
-    """The calibration samples as ai-edge-quantizer datasets, one per batch.
-
-    Keyed by signature and signature input name, as ai-edge-quantizer wants them. Each batch
-    is calibrated on its own and the ranges merged by ``merge_ranges``: ai-edge-quantizer
-    otherwise smooths per-step min/max with a moving average, which on per-sample steps
-    clips activations (16x the converter's output error on our tiny test model).
-    """
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_content=flatbuffer)
-    key, names = _signature_inputs(interpreter)
-    data = calibration.samples
-    mapping = match_inputs(names, data.inputs, "the float .tflite")
-    step = _samples_per_step(interpreter, key, len(data))
-    return [{key: [{sig: data.inputs[ours][i:i + step].astype("float32") for sig, ours in mapping.items()}]}
-            for i in range(0, len(data), step)]
-
-
-def merge_ranges(total: dict[str, Any], step: dict[str, Any]) -> dict[str, Any]:
-    """Tensor statistics of two calibration steps: the smallest min and the largest max."""
-    import numpy as np
-
-    merged = dict(total)
-    for name, qsv in step.items():
-        seen = merged.get(name)
-        if seen and qsv and "min" in seen and "min" in qsv:
-            merged[name] = {**seen, "min": np.minimum(seen["min"], qsv["min"]),
-                            "max": np.maximum(seen["max"], qsv["max"])}
-        elif not seen:
-            merged[name] = qsv
-    return merged
 
 
 def quantize(ctx: QuantizeContext, recipe: Any, calibrate: bool) -> bytes:
@@ -86,10 +27,7 @@ def quantize(ctx: QuantizeContext, recipe: Any, calibrate: bool) -> bytes:
     try:
         with quiet():
             if calibrate:
-                ranges: dict[str, Any] = {}
-                for batch in calibration_data(source, ctx.calibration):
-                    ranges = merge_ranges(ranges, engine.calibrate(batch))
-                result = engine.quantize(ranges)
+                result = engine.quantize(calibrate_ai_edge_quantizer(engine, source, ctx.calibration.samples))
             else:
                 result = engine.quantize()
     except QpipeError:

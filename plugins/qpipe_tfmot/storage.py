@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from qpipe import Dataset, QpipeError
+from qpipe.conversion import calibrate_ai_edge_quantizer
 from qpipe.tfenv import quiet, tensorflow
 
 
@@ -53,6 +54,8 @@ def _convert(converter: Any) -> bytes:
 DYNAMIC_BITS = {"FULLY_CONNECTED": 2, "CONV_2D": 4}
 #: TFLite op -> weight bits with int8 activations (LiteRT has no int8 kernels for INT2 weights)
 STATIC_BITS = {"FULLY_CONNECTED": 4, "CONV_2D": 4, "DEPTHWISE_CONV_2D": 4}
+#: training samples that calibrate int8 activations
+CALIBRATION_SAMPLES = 200
 
 
 def layer_scopes(float_tflite: bytes, layers: list[str]) -> dict[str, list[str]]:
@@ -109,28 +112,11 @@ def store_low_bit(float_tflite: bytes, layers: list[str], activations: str,
         if engine.need_calibration:
             if calibration is None:
                 raise QpipeError("int8 activations need calibration samples")
-            result = engine.quantize(engine.calibrate(calibration_data(float_tflite, calibration)))
+            samples = calibration if len(calibration) <= CALIBRATION_SAMPLES else \
+                calibration.take(np.arange(CALIBRATION_SAMPLES))
+            result = engine.quantize(calibrate_ai_edge_quantizer(engine, float_tflite, samples))
         elif chosen:
             result = engine.quantize()
         else:
             return float_tflite, {}
     return bytes(result.quantized_model), chosen
-
-
-def calibration_data(float_tflite: bytes, data: Dataset, count: int = 200) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Samples keyed by signature and the model's own input names, as ai-edge-quantizer wants."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    signatures = Interpreter(model_content=float_tflite).get_signature_list()
-    key = "serving_default" if "serving_default" in signatures else next(iter(signatures))
-    names = signatures[key]["inputs"]
-    ours = list(data.inputs)
-    if len(names) == 1 and len(ours) == 1:
-        mapping = {names[0]: ours[0]}
-    else:
-        mapping = {n: n for n in names if n in data.inputs}
-        if len(mapping) != len(names):
-            raise QpipeError(f"cannot match the .tflite inputs {names} to the data's inputs {ours}")
-    rows = min(count, len(data))
-    return {key: [{n: data.inputs[src][i:i + 1].astype(np.float32) for n, src in mapping.items()}
-                  for i in range(rows)]}
