@@ -37,12 +37,33 @@ def float_tflite(model: LoadedModel, report: Callable[[str], None] | None = None
     return model.memo(MEMO_KEY, convert)
 
 
-def _signature_inputs(interpreter: Any) -> tuple[str, list[str]]:
+def signature_key(interpreter: Any) -> str | None:
+    """The signature a LiteRT interpreter is run through: ``serving_default``, else its first
+    one; None when the .tflite has no signature."""
     signatures = interpreter.get_signature_list()
     if not signatures:
+        return None
+    return "serving_default" if "serving_default" in signatures else next(iter(signatures))
+
+
+def tensors_by_name(interpreter: Any, kind: str = "inputs") -> dict[str, dict]:
+    """{name: tensor detail} of a LiteRT interpreter's ``inputs`` or ``outputs``, named as its
+    signature names them (tensor names when it has none), in signature order."""
+    details = interpreter.get_input_details() if kind == "inputs" else interpreter.get_output_details()
+    key = signature_key(interpreter)
+    if key is None:
+        return {d["name"]: d for d in details}
+    runner = interpreter.get_signature_runner(key)
+    named = runner.get_input_details() if kind == "inputs" else runner.get_output_details()
+    by_index = {d["index"]: d for d in details}
+    return {name: by_index[d["index"]] for name, d in named.items()}
+
+
+def _signature_inputs(interpreter: Any) -> tuple[str, list[str]]:
+    key = signature_key(interpreter)
+    if key is None:
         raise QpipeError("the float .tflite has no signature; ai-edge-quantizer needs one (use engine: converter)")
-    key = "serving_default" if "serving_default" in signatures else next(iter(signatures))
-    return key, list(signatures[key]["inputs"])
+    return key, list(interpreter.get_signature_list()[key]["inputs"])
 
 
 #: most bytes of tensors one calibration step may hold (ai-edge-quantizer keeps every tensor)

@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from qpipe import Dataset
+from qpipe.conversion import tensors_by_name
 from qpipe.tfenv import quiet
 
 from qpipe_calibration.estimators import TensorStats
@@ -36,19 +37,9 @@ class Probe:
                 model_content=flatbuffer, experimental_preserve_all_tensors=True,
                 experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
             self.interpreter.allocate_tensors()
-        self.inputs = self._input_details()
+        self.inputs = tensors_by_name(self.interpreter, "inputs")
         self.activations = self._activation_indices()
         self._shapes: dict[int, tuple] = {}
-
-    def _input_details(self) -> dict[str, dict]:
-        details = self.interpreter.get_input_details()
-        signatures = self.interpreter.get_signature_list()
-        if signatures:
-            key = "serving_default" if "serving_default" in signatures else next(iter(signatures))
-            by_index = {d["index"]: d for d in details}
-            named = self.interpreter.get_signature_runner(key).get_input_details()
-            return {name: by_index[d["index"]] for name, d in named.items()}
-        return {d["name"]: d for d in details}
 
     def _activation_indices(self) -> dict[int, str]:
         """Float tensors that are graph inputs or op outputs (not weights), by index."""

@@ -15,6 +15,7 @@ from pydantic import Field
 
 import qpipe
 from qpipe import Artifact, Backend, LoadedModel, QpipeError, Runner, match_inputs
+from qpipe.conversion import tensors_by_name
 from qpipe.tfenv import quiet
 
 
@@ -67,20 +68,9 @@ class LiteRTRunner(Runner):
                 self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise QpipeError(f"LiteRT cannot load {os.path.basename(path)}: {exc}") from exc
-        self.inputs = self._named(self.interpreter.get_input_details(), "inputs")
-        outputs = self._named(self.interpreter.get_output_details(), "outputs")
-        self.output = next(iter(outputs.values()))
+        self.inputs = tensors_by_name(self.interpreter, "inputs")
+        self.output = next(iter(tensors_by_name(self.interpreter, "outputs").values()))
         self._shapes = {d["index"]: tuple(d["shape"]) for d in self.interpreter.get_input_details()}
-
-    def _named(self, details: list[dict], kind: str) -> dict[str, dict]:
-        signatures = self.interpreter.get_signature_list()
-        if signatures:
-            key = "serving_default" if "serving_default" in signatures else next(iter(signatures))
-            runner = self.interpreter.get_signature_runner(key)
-            by_name = runner.get_input_details() if kind == "inputs" else runner.get_output_details()
-            by_index = {d["index"]: d for d in details}
-            return {name: by_index[d["index"]] for name, d in by_name.items()}
-        return {d["name"]: d for d in details}
 
     def _resize(self, pairs: list[tuple[dict, np.ndarray]]) -> None:
         """Resize every input whose shape changed, then re-allocate once."""
