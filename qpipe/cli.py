@@ -186,7 +186,7 @@ def build_app(pm: Any = None) -> typer.Typer:
                 plugin_obj = pm.get_plugin(name)
                 if plugin_obj is not None:
                     listing[name]["hooks"] = sorted(h.name for h in pm.get_hookcallers(plugin_obj) or [])
-            failures = dict(pm.load_failures)
+            failures = {**pm.load_failures, **registry.problems()}
             if as_json:
                 typer.echo(json.dumps({"plugins": listing, "load_failures": failures}, indent=2))
                 return
@@ -201,8 +201,10 @@ def build_app(pm: Any = None) -> typer.Typer:
                 table.add_row(name, item.get("version") or "", comps or "(hooks: " + ", ".join(item["hooks"]) + ")")
             console = Console()
             console.print(table)
-            for name, error in failures.items():
+            for name, error in pm.load_failures.items():
                 console.print(f"[red]failed to load plugin '{name}':[/red] {error}")
+            for name, error in registry.problems().items():
+                console.print(f"[red]not usable: {name}:[/red] {error}")
 
     @app.command(name="cache")
     def cache_cmd(
