@@ -234,14 +234,32 @@ def build_app(pm: Any = None) -> typer.Typer:
     @app.command(name="new-plugin")
     def new_plugin_cmd(
         name: str = typer.Argument(..., help="Plugin name: lower-case letters, digits, '_' (e.g. my_metrics)."),
+        kind: str = typer.Option("evaluator", "--kind", help="What the plugin adds: evaluator, quantizer, calibrator or backend."),
         directory: Path = typer.Option(Path("."), "--dir", help="Where to create the qpipe-NAME folder."),
     ) -> None:
-        """Create a plugin package (pyproject entry point, an evaluator, a passing test)."""
+        """Create a plugin package (pyproject entry point, one component of KIND, passing tests)."""
         with ErrorGuard(False):
             from qpipe.scaffold import new_plugin
 
-            root = new_plugin(name, directory)
-            typer.echo(f"created {root}\nnext: cd {root} && pip install -e . && pytest")
+            root = new_plugin(name, directory, kind)
+            typer.echo(f"created {root}\nnext: cd {root}\n"
+                       "      python -m qpipe plugin-venv .venv   # reuses this qpipe; nothing downloaded\n"
+                       "      .venv/bin/python -m pip install --no-deps -e .\n"
+                       "      .venv/bin/python -m pytest")
+
+    @app.command(name="plugin-venv")
+    def plugin_venv_cmd(
+        folder: Path = typer.Argument(Path(".venv"), help="The virtual environment to create."),
+    ) -> None:
+        """Create a venv that reuses this qpipe and its packages (for developing a plugin)."""
+        with ErrorGuard(False):
+            from qpipe.testing import overlay_venv
+
+            if folder.exists() and any(folder.iterdir()):
+                raise fail(f"{folder} already exists and is not empty; choose another folder")
+            python = overlay_venv(folder)
+            typer.echo(f"created {folder}: {python} sees qpipe {__version__}; "
+                       f"{python.parent / 'qpipe'} runs the CLI")
 
     @app.command(name="log")
     def log_cmd(

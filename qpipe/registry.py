@@ -10,6 +10,10 @@ from qpipe.errors import PluginError, QpipeError
 from qpipe.plugins import QpipePluginManager
 
 
+#: the method each kind of component must implement (checked when it is registered)
+REQUIRED_METHOD = {"quantizer": "quantize", "calibrator": "calibrate", "backend": "load", "evaluator": "evaluate"}
+
+
 @dataclass(frozen=True)
 class Entry:
     """A registered component class and the plugin that registered it."""
@@ -76,6 +80,10 @@ class Registry:
                 )
             if not component.name:
                 raise PluginError(f"plugin '{plugin}': {component.__name__} has no 'name'")
+            method = REQUIRED_METHOD[kind]
+            if getattr(component, method) is getattr(base, method):
+                raise PluginError(f"plugin '{plugin}': {kind} '{component.name}' ({component.__name__}) does not "
+                                  f"implement {method}(); every {kind} must")
             if (kind, component.name) in self.contested:
                 self.contested[(kind, component.name)].append(plugin)
                 return

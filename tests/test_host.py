@@ -19,6 +19,9 @@ class Copy(Quantizer):
 
     name = "test.copy"
 
+    def quantize(self, ctx):
+        raise NotImplementedError("only registered, never run")
+
 
 class CopyPlugin:
     @qpipe.hookimpl
@@ -68,7 +71,7 @@ def test_duplicate_component_names_name_both_plugins(pm):
     class Other:
         @qpipe.hookimpl
         def qpipe_register_quantizers(self, register):
-            class Int8Again(Quantizer):
+            class Int8Again(Copy):
                 name = "tflite.int8"
 
             register(Int8Again)
@@ -96,6 +99,22 @@ def test_register_hook_that_raises_names_the_plugin(pm):
     with pytest.raises(QpipeError, match="unknown evaluator 'broken.x'.*note: plugin 'broken' failed to register: "
                                          "plugin 'broken' raised in qpipe_register_evaluators: RuntimeError: boom"):
         registry.get("evaluator", "broken.x")
+
+
+def test_a_component_without_its_method_is_refused_at_registration(pm):
+    class Lazy:
+        @qpipe.hookimpl
+        def qpipe_register_quantizers(self, register):
+            class NoQuantize(Quantizer):
+                name = "lazy.q"
+
+            register(NoQuantize)
+
+    pm.register_plugin(Lazy(), "lazy")
+    registry = Registry.from_plugins(pm)
+    assert registry.failures["lazy"] == ("plugin 'lazy': quantizer 'lazy.q' (NoQuantize) does not implement "
+                                         "quantize(); every quantizer must")
+    assert "lazy.q" not in registry.names("quantizer")
 
 
 def test_registering_a_non_component_is_an_error(pm):
