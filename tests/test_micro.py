@@ -38,7 +38,8 @@ def micro_pm():
 def run(_tiny_session, tmp_path_factory):
     project = _tiny_session.copy_to(tmp_path_factory.mktemp("micro"))
     pipeline = project.write_pipeline(VARIANTS, evaluators=["accuracy", "micro"], cache=False,
-                                      objective={"maximize": "accuracy"}, constraints=BUDGETS)
+                                      objective={"maximize": "accuracy"}, constraints=BUDGETS,
+                                      tracking={"experiment": "micro-test"})
     return project, run_pipeline_file(pipeline, micro_pm(), output=project.root / "out")
 
 
@@ -131,6 +132,24 @@ def test_gate_fails_when_no_variant_fits_the_budget(run, tmp_path):
     assert result.exit_code == 3, result.output
     gate = json.loads((tmp_path / "out" / "results.json").read_text())["gate"]
     assert gate["passed"] is False and "arena_bytes" in gate["failures"]["int8"]
+
+
+def test_micro_metrics_arrive_in_mlflow(run, tmp_path, tmp_path_factory):
+    from qpipe_mlflow.testing import child_runs, parent_runs, sqlite_store
+
+    _, results = run
+    store = sqlite_store(tmp_path / "mlflow.db", tmp_path_factory.getbasetemp())  # migrated once per session
+    app = build_app(plugin_manager(entry_points=("tflm", "mlflow")))
+    out = CliRunner().invoke(app, ["log", str(Path(results.extra["pipeline_file"]).parent / "out"),
+                                   "--tracking-uri", store])
+    assert out.exit_code == 0, out.output
+    (parent,) = parent_runs(store, "micro-test")
+    kids = child_runs(store, parent)
+    for name in ("float32", "int8"):
+        logged, measured = kids[name].data.metrics, results.variant(name).metrics
+        for metric in ("arena_bytes", "flash_bytes", "micro_ops", "micro_compatible", "micro_max_abs_diff"):
+            assert logged[metric] == pytest.approx(measured[metric]), (name, metric)
+    assert kids["dynamic"].data.metrics["micro_compatible"] == 0.0 and "arena_bytes" not in kids["dynamic"].data.metrics
 
 
 def test_missing_tflite_micro_is_one_line_with_the_install_command(project, monkeypatch):
