@@ -114,6 +114,31 @@ def test_arena_bytes_is_the_smallest_arena_that_works(run):
     assert results.variant("int8").metrics["arena_bytes"] < results.variant("float32").metrics["arena_bytes"]
 
 
+def test_unsupported_op_is_named_and_a_crashing_arena_is_survived(run, tmp_path):
+    from qpipe_tflm import TFLMBackend
+    from qpipe_tflm.arena import Prober
+
+    from qpipe import QpipeError
+    from qpipe.tfenv import tensorflow
+
+    tf = tensorflow()
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 16], tf.float32)])
+    def top3(x):
+        return tf.math.top_k(x, 3).values
+
+    path = tmp_path / "topk.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_concrete_functions([top3.get_concrete_function()], top3).convert())
+    with pytest.raises(QpipeError, match=r"TFLite Micro cannot run topk.tflite: .*'TOPK_V2'"):
+        TFLMBackend().load(Artifact(path, "tflite"))
+    project, results = run
+    int8 = results.variant("int8")
+    with Prober(project.root / "out" / int8.artifact) as prober:
+        tiny = prober.attempt(16)  # TFLM crashes (SIGSEGV) on some too-small arenas
+        assert not tiny.ok and tiny.reason
+        assert prober.attempt(int(int8.metrics["arena_bytes"])).ok  # a new worker if the last one died
+
+
 def test_budgets_select_the_variant_that_fits(run):
     _, results = run
     selected = results.selected

@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import Field
 
 import qpipe
-from qpipe import EvalContext, Evaluator, QpipeError
+from qpipe import EvalContext, Evaluator
 from qpipe_tflm.arena import Prober, smallest_arena
 from qpipe_tflm.runtime import LiteRTEngine, SampleRunner, TFLMEngine, require_tflm
 
@@ -99,7 +99,8 @@ class Micro(Evaluator):
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         artifact, opts = ctx.artifact, self.options
         if artifact.format != "tflite" or not artifact.path.is_file():
-            raise QpipeError(f"micro: measures .tflite files; this variant produced a {artifact.format} artifact")
+            ctx.record("micro_reason", f"TFLite Micro runs .tflite files, not {artifact.format} artifacts")
+            return {"micro_compatible": 0.0}
         path = artifact.path
         ops = op_names(path)
         ctx.record("micro_ops", ops)

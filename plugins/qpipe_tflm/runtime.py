@@ -122,8 +122,8 @@ class SampleRunner(Runner):
         count = len(np.asarray(next(iter(inputs.values()))))
         outputs = []
         for i in range(count):
-            values = {self.inputs[name].position: self._sample(self.inputs[name], np.asarray(inputs[key][i:i + 1]), name)
-                      for name, key in feeds.items()}
+            values = {port.position: self._sample(port, np.asarray(inputs[key][i:i + 1]), name)
+                      for name, key in feeds.items() for port in [self.inputs[name]]}
             outputs.append(np.array(self.engine.run(values, self.output.position), copy=True))
         return dequantize_array(np.concatenate(outputs, axis=0), self.output.detail)
 
