@@ -221,9 +221,15 @@ class KerasBackend(Backend):
 
 @qpipe.hookimpl
 def qpipe_register_quantizers(register) -> None:
+    from qpipe_keras.bfloat16 import KerasBfloat16
+
     register(KerasOriginal)
+    register(KerasBfloat16)
 
 
 @qpipe.hookimpl
 def qpipe_register_backends(register) -> None:
+    from qpipe_keras.bfloat16 import KerasBfloat16Backend
+
     register(KerasBackend)
+    register(KerasBfloat16Backend)
