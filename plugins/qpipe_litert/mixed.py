@@ -37,12 +37,11 @@ class Budget(qpipe.Options):
 
 
 class MixedOptions(qpipe.Options):
-    budget: Budget | None = Field(None, description="size budget; without it the pipeline's constraints "
-                                                    "decide (one layer widened at a time)")
+    budget: Budget | None = Field(None, description="{size_bytes: N} or {size_ratio: R} (float32 file / mixed "
+                                                    "file); without it the pipeline's constraints decide")
     widths: list[Literal["int2", "int4", "int8"]] = Field(
         ["int2", "int4", "int8"], description="candidate weight widths (each offered per op only where "
                                               "ai-edge-quantizer stores it and LiteRT runs it)")
-    allow_float: bool = Field(False, description="let the search keep a layer's weights in float")
     samples: int = Field(200, ge=10, description="calibration samples used to measure sensitivity")
     max_trials: int = Field(40, ge=1, description="end-to-end checks the search may run")
     report: bool = Field(True, description="write the per-layer, per-width sensitivity CSV and charts")
@@ -71,7 +70,7 @@ class Mixed(Quantizer):
         if self.options.report:
             files = write_report(costs, ctx.work_dir, f"{ctx.variant}.widths")
             ctx.record("sensitivity_files", sorted(p.name for p in files))
-        table = CostTable(layers, costs, self.options.allow_float)
+        table = CostTable(layers, costs, allow_float=False)
         start, steps = greedy_steps(table)
         search = Search(self, ctx, source, layers, table, start, steps, probe)
         content, assignment, record = search.run()
@@ -175,7 +174,7 @@ def layer_records(layers: list[Layer], table: CostTable, assignment: dict[int, s
                   "bits": width_bits(width), "offered": table.offered[layer.index],
                   "error": error, "bytes_saved": saved, "accuracy_delta": delta}
         if width == FLOAT:
-            record["reason"] = table.reasons.get(layer.index, "allow_float: the search kept it in float")
+            record["reason"] = table.reasons.get(layer.index, "kept in float")
         records.append(record)
     return records
 
