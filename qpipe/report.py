@@ -136,7 +136,19 @@ def accuracy_chart_data(results: PipelineResults) -> dict[str, Any] | None:
     if not pts:
         return None
     return {"pipeline": results.pipeline, "metric": metric, "points": [[p.name, p.size, p.quality] for p in pts],
-            "front": [p.name for p in pareto_front(pts)], "chosen": selected_variant(results)[0]}
+            "front": [p.name for p in pareto_front(pts)], "chosen": selected_variant(results)[0],
+            "sweeps": sweeps(results, pts)}
+
+
+def sweeps(results: PipelineResults, pts: list[Point]) -> dict[str, list[str]]:
+    """Quantizers with three or more charted variants (a grid of options, e.g. budgets):
+    their variants by size, drawn as one line against the other variants."""
+    charted = {p.name: p for p in pts}
+    groups: dict[str, list[Point]] = {}
+    for v in _ok(results):
+        if v.name in charted:
+            groups.setdefault(v.quantizer, []).append(charted[v.name])
+    return {q: [p.name for p in sorted(group, key=lambda p: p.size)] for q, group in groups.items() if len(group) >= 3}
 
 
 def draw_accuracy_chart(data: dict[str, Any], path: Path) -> Path:
@@ -152,6 +164,9 @@ def draw_accuracy_chart(data: dict[str, Any], path: Path) -> Path:
                label="Pareto front", zorder=4)
     ax.step([p.size / 1024 for p in front], [p.quality for p in front], where="post", color="#d62728",
             linewidth=1, alpha=0.6)
+    for quantizer, names in data.get("sweeps", {}).items():
+        ax.plot([pts[n].size / 1024 for n in names], [pts[n].quality for n in names], linestyle="--",
+                linewidth=1, alpha=0.7, label=f"{quantizer} sweep")
     offsets = ((5, 4), (5, -11), (5, 14), (5, -21))  # neighbours' labels take turns above and below
     for i, p in enumerate(sorted(pts.values(), key=lambda p: p.size)):
         ax.annotate(p.name + (" (selected)" if p.name == data["chosen"] else ""), (p.size / 1024, p.quality),

@@ -100,3 +100,16 @@ def test_mixed_without_budget_or_constraints_fails_clearly(tmp_path, project):
     path = project.write_pipeline([{"name": "mixed", "quantizer": "litert.mixed"}], evaluators=["size"])
     results = run_pipeline_file(path, plugin_manager(), output=tmp_path / "out")
     assert "needs options.budget" in results.variant("mixed").error
+
+
+def test_accuracy_chart_draws_the_budget_sweep_against_the_uniform_variants(mixed_run):
+    from qpipe.report import ACCURACY_CHART, accuracy_chart_data
+
+    out, results = mixed_run
+    data = accuracy_chart_data(results)
+    sweep = data["sweeps"]["litert.mixed"]
+    assert sorted(sweep) == ["budget", "constrained", "impossible"]
+    sizes = [results.variant(name).metrics["size_bytes"] for name in sweep]
+    assert sizes == sorted(sizes)
+    assert set(data["sweeps"]) == {"litert.mixed"}  # one variant per uniform quantizer: no line
+    assert (out / ACCURACY_CHART).read_bytes().startswith(b"\x89PNG")
