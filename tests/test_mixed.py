@@ -113,3 +113,14 @@ def test_accuracy_chart_draws_the_budget_sweep_against_the_uniform_variants(mixe
     assert sizes == sorted(sizes)
     assert set(data["sweeps"]) == {"litert.mixed"}  # one variant per uniform quantizer: no line
     assert (out / ACCURACY_CHART).read_bytes().startswith(b"\x89PNG")
+
+
+def test_analyze_reports_every_width_for_a_mixed_variant(mixed_run, tmp_path):
+    from qpipe_tflite.analyze import analyze_variant
+
+    out, _ = mixed_run
+    rows, files = analyze_variant(plugin_manager(), out.parent / "pipeline.yaml", "budget", tmp_path / "an")
+    assert {(r["op"], r["width"]) for r in rows if r["runs"]} >= {("DEPTHWISE_CONV_2D", "int8"),
+                                                                 ("FULLY_CONNECTED", "int4")}
+    assert all(r["bytes_saved"] > 0 for r in rows if r["runs"])
+    assert files["csv"].is_file() and (tmp_path / "an" / "budget.widths.int4.png").is_file()

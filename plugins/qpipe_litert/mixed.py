@@ -11,6 +11,8 @@ constraints, written by ai-edge-quantizer so the file stores each layer at its w
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -21,7 +23,7 @@ from qpipe.conversion import float_tflite
 from qpipe.selection import unmet
 
 from qpipe_litert.search import CostTable, assignment_after, bits_per_weight, greedy_steps, steps_for_size
-from qpipe_litert.widths import FLOAT, WIDTHS, Layer, Probe, apply, layers_of, measure, stored_bits, \
+from qpipe_litert.widths import FLOAT, WIDTHS, Cost, Layer, Probe, apply, layers_of, measure, stored_bits, \
     width_bits, write_report
 
 
@@ -63,10 +65,7 @@ class Mixed(Quantizer):
         if self.options.budget is None and (not ctx.constraints or ctx.evaluate is None):
             raise QpipeError("litert.mixed needs options.budget ({size_bytes: N} or {size_ratio: R}) or "
                              "constraints in the pipeline, e.g. constraints: ['accuracy_delta >= -0.01']")
-        samples = ctx.calibration.samples
-        probe = Probe(source, samples.take(range(min(len(samples), self.options.samples))))
-        widths = sorted(set(self.options.widths), key=width_bits)
-        costs = measure(source, layers, probe, widths, ctx.report)
+        probe, costs = self.measure_costs(ctx, source, layers)
         if self.options.report:
             files = write_report(costs, ctx.work_dir, f"{ctx.variant}.widths")
             ctx.record("sensitivity_files", sorted(p.name for p in files))
@@ -86,6 +85,19 @@ class Mixed(Quantizer):
                 "mixed_predicted_probe_accuracy_delta": record["predicted"]["accuracy_delta"],
                 **({"mixed_measured_probe_accuracy_delta": record["measured"]["accuracy_delta"]}
                    if record["measured"]["accuracy_delta"] is not None else {})}})
+
+    def measure_costs(self, ctx: QuantizeContext, source: bytes, layers: list[Layer]) -> tuple[Probe, list[Cost]]:
+        """The probe (float outputs on the calibration samples) and every (layer, width) cost."""
+        samples = ctx.calibration.samples
+        probe = Probe(source, samples.take(range(min(len(samples), self.options.samples))))
+        widths = sorted(set(self.options.widths), key=width_bits)
+        return probe, measure(source, layers, probe, widths, ctx.report)
+
+    def sensitivity_by_width(self, ctx: QuantizeContext) -> tuple[list[dict[str, Any]], list[Path]]:
+        """For ``qpipe analyze``: every (layer, width) cost as rows, and the CSV and charts written."""
+        source = float_tflite(ctx.model, ctx.report)
+        _, costs = self.measure_costs(ctx, source, layers_of(source))
+        return [asdict(c) for c in costs], write_report(costs, ctx.work_dir, f"{ctx.variant}.widths")
 
 
 class Search:
