@@ -122,5 +122,9 @@ def test_analyze_reports_every_width_for_a_mixed_variant(mixed_run, tmp_path):
     rows, files = analyze_variant(plugin_manager(), out.parent / "pipeline.yaml", "budget", tmp_path / "an")
     assert {(r["op"], r["width"]) for r in rows if r["runs"]} >= {("DEPTHWISE_CONV_2D", "int8"),
                                                                  ("FULLY_CONNECTED", "int4")}
-    assert all(r["bytes_saved"] > 0 for r in rows if r["runs"])
+    assert all(r["bytes_saved"] > 0 for r in rows if r["runs"] and r["width"].startswith("int"))
+    # static int8 weights with int8 / int16 activations, calibrated, each layer alone
+    static = [r for r in rows if r["width"] in ("w8a8", "w8a16")]
+    assert len(static) == 2 * len({r["layer"] for r in rows}) and all(r["runs"] for r in static)
+    assert all(0 <= r["error"] < 0.1 for r in static)
     assert files["csv"].is_file() and (tmp_path / "an" / "budget.widths.int4.png").is_file()

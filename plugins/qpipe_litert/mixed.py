@@ -23,7 +23,7 @@ from qpipe.conversion import float_tflite
 from qpipe.selection import unmet
 
 from qpipe_litert.search import CostTable, assignment_after, bits_per_weight, greedy_steps, steps_for_size
-from qpipe_litert.widths import FLOAT, WIDTHS, Cost, Layer, Probe, apply, layers_of, measure, stored_bits, \
+from qpipe_litert.widths import ACTIVATION_WIDTHS, FLOAT, WIDTHS, Cost, Layer, Probe, apply, layers_of, measure, stored_bits, \
     width_bits, write_report
 
 
@@ -86,17 +86,19 @@ class Mixed(Quantizer):
                 **({"mixed_measured_probe_accuracy_delta": record["measured"]["accuracy_delta"]}
                    if record["measured"]["accuracy_delta"] is not None else {})}})
 
-    def measure_costs(self, ctx: QuantizeContext, source: bytes, layers: list[Layer]) -> tuple[Probe, list[Cost]]:
+    def measure_costs(self, ctx: QuantizeContext, source: bytes, layers: list[Layer],
+                      extra: tuple[str, ...] = ()) -> tuple[Probe, list[Cost]]:
         """The probe (float outputs on the calibration samples) and every (layer, width) cost."""
         samples = ctx.calibration.samples
         probe = Probe(source, samples.take(range(min(len(samples), self.options.samples))))
-        widths = sorted(set(self.options.widths), key=width_bits)
+        widths = sorted(set(self.options.widths), key=width_bits) + list(extra)
         return probe, measure(source, layers, probe, widths, ctx.report)
 
     def sensitivity_by_width(self, ctx: QuantizeContext) -> tuple[list[dict[str, Any]], list[Path]]:
-        """For ``qpipe analyze``: every (layer, width) cost as rows, and the CSV and charts written."""
+        """For ``qpipe analyze``: every (layer, width) cost as rows — weight widths and static int8
+        weights with int8/int16 activations — and the CSV and charts written."""
         source = float_tflite(ctx.model, ctx.report)
-        _, costs = self.measure_costs(ctx, source, layers_of(source))
+        _, costs = self.measure_costs(ctx, source, layers_of(source), tuple(ACTIVATION_WIDTHS))
         return [asdict(c) for c in costs], write_report(costs, ctx.work_dir, f"{ctx.variant}.widths")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qpipe_litert.widths import FLOAT, Cost, Layer, width_bits
+from qpipe_litert.widths import FLOAT, WIDTHS, Cost, Layer, width_bits
 
 
 @dataclass
@@ -37,7 +37,8 @@ class CostTable:
         self.reasons: dict[int, str] = {}
         self.offered: dict[int, list[str]] = {}
         for layer in layers:
-            runnable = sorted((c.width for c in costs if c.layer == layer.index and c.runs), key=width_bits)
+            runnable = sorted((c.width for c in costs if c.layer == layer.index and c.runs and c.width in WIDTHS),
+                              key=width_bits)
             if not runnable:
                 notes = "; ".join(sorted({c.note for c in costs if c.layer == layer.index and c.note}))
                 self.reasons[layer.index] = f"no quantized width runs for this op ({notes or 'none measured'})"

@@ -21,12 +21,16 @@ from typing import Any, Callable
 import numpy as np
 
 from qpipe import Dataset, QpipeError
+from qpipe.conversion import calibrate_ai_edge_quantizer
 from qpipe.tfenv import quiet
 
 from qpipe_litert.inspect import WEIGHT_INPUTS, inspect_tflite
 
 #: candidate weight widths, narrowest first (bits)
 WIDTHS = {"int2": 2, "int4": 4, "int8": 8}
+#: static int8 weights with int8 / int16 activations (calibrated): measured for ``qpipe analyze``;
+#: they save no bytes over dynamic int8, so the size search does not take them
+ACTIVATION_WIDTHS = {"w8a8": 8, "w8a16": 16}
 FLOAT = "float"
 
 
@@ -62,7 +66,8 @@ class Cost:
 
 
 def width_bits(width: str) -> int:
-    return WIDTHS.get(width, 32)
+    """Stored weight bits of a width name (float: 32)."""
+    return WIDTHS.get(width, 8 if width in ACTIVATION_WIDTHS else 32)
 
 
 def layers_of(flatbuffer: bytes) -> list[Layer]:
@@ -99,17 +104,22 @@ def recipe(layers: list[Layer], assignment: dict[int, str]) -> list[dict[str, An
     manager = recipe_manager.RecipeManager()
     for layer in layers:
         width = assignment.get(layer.index, FLOAT)
-        if width in WIDTHS:
-            try:
-                manager.add_dynamic_config(regex="^" + re.escape(layer.scope) + "$",
-                                           operation_name=qtyping.TFLOperationName(layer.op), num_bits=WIDTHS[width])
-            except ValueError as exc:
-                raise Unsupported(f"ai-edge-quantizer has no {width} dynamic-range config for {layer.op}") from exc
+        regex, op = "^" + re.escape(layer.scope) + "$", qtyping.TFLOperationName(layer.op)
+        try:
+            if width in WIDTHS:
+                manager.add_dynamic_config(regex=regex, operation_name=op, num_bits=WIDTHS[width])
+            elif width in ACTIVATION_WIDTHS:
+                manager.add_static_config(regex=regex, operation_name=op, weight_num_bits=8,
+                                          activation_num_bits=ACTIVATION_WIDTHS[width])
+        except ValueError as exc:
+            raise Unsupported(f"ai-edge-quantizer has no {width} config for {layer.op}") from exc
     return manager.get_quantization_recipe()
 
 
-def apply(flatbuffer: bytes, layers: list[Layer], assignment: dict[int, str]) -> bytes:
-    """``flatbuffer`` with each layer's weights at its assigned width."""
+def apply(flatbuffer: bytes, layers: list[Layer], assignment: dict[int, str],
+          calibration: Dataset | None = None) -> bytes:
+    """``flatbuffer`` with each layer's weights at its assigned width (static activation widths
+    are calibrated on ``calibration``)."""
     from ai_edge_quantizer import quantizer
 
     rules = recipe(layers, assignment)
@@ -117,9 +127,15 @@ def apply(flatbuffer: bytes, layers: list[Layer], assignment: dict[int, str]) ->
         return flatbuffer
     engine = quantizer.Quantizer(bytearray(flatbuffer))
     engine.load_quantization_recipe(rules)
+    static = any(w in ACTIVATION_WIDTHS for w in assignment.values())
+    if static and calibration is None:
+        raise QpipeError("static activation widths need calibration samples")
     try:
         with quiet():
-            return bytes(engine.quantize().quantized_model)
+            ranges = calibrate_ai_edge_quantizer(engine, flatbuffer, calibration) if static else None
+            return bytes(engine.quantize(ranges).quantized_model)
+    except QpipeError:
+        raise
     except Exception as exc:
         raise QpipeError(f"ai-edge-quantizer failed on a mixed recipe: {type(exc).__name__}: {exc}") from exc
 
@@ -174,13 +190,13 @@ def measure(flatbuffer: bytes, layers: list[Layer], probe: Probe, widths: list[s
         report(f"sensitivity: {layer.op} {layer.short}")
         for width in widths:
             try:
-                content = apply(flatbuffer, layers, {layer.index: width})
+                content = apply(flatbuffer, layers, {layer.index: width}, probe.data)
             except Unsupported as exc:
                 costs.append(Cost(layer.index, layer.op, layer.short, width, False, float("inf"), None, 0, str(exc)))
                 continue
             stored = stored_bits(content, [layer])[layer.index]
             saved = len(flatbuffer) - len(content)
-            if stored != WIDTHS[width]:
+            if stored != width_bits(width):
                 costs.append(Cost(layer.index, layer.op, layer.short, width, False, float("inf"), None, saved,
                                   f"ai-edge-quantizer stores {layer.op} weights as {stored}-bit, not {width}"))
                 continue
