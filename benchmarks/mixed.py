@@ -1,11 +1,12 @@
 """Print the mixed-precision table of docs/mixed-precision.md, measured now.
 
-Runs ``examples/mixed/pipeline.yaml`` (uniform int8 and int4, float fallback, litert.mixed at
-three size budgets and under the accuracy constraint, bfloat16) without tracking or cache and
-prints one row per variant: accuracy, its delta to float32, file size, ratio to float32, the
-ratio as a multiple of uniform int8's, bits per weight and the quantize time.
+Runs ``examples/mixed/pipeline.yaml`` and ``pipeline-narrow.yaml`` (uniform int8 and int4,
+float fallback, litert.mixed at three size budgets and under the accuracy constraint,
+bfloat16) without tracking or cache and prints, per model, one row per variant: accuracy, its
+delta to float32, file size, ratio to float32, the ratio as a multiple of uniform int8's, bits
+per weight and the quantize time.
 
-    .venv/bin/python benchmarks/mixed.py [--work DIR]      # a few minutes on 2 busy cores
+    .venv/bin/python benchmarks/mixed.py [--work DIR] [--only wide|narrow]   # ~2.5 minutes on 2 busy cores
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PIPELINE = ROOT / "examples" / "mixed" / "pipeline.yaml"
+PIPELINES = {"wide": ROOT / "examples" / "mixed" / "pipeline.yaml",
+             "narrow": ROOT / "examples" / "mixed" / "pipeline-narrow.yaml"}
 
 
-def run(work: Path) -> dict:
-    """Run the pipeline into ``work``; return results.json."""
+def run(pipeline: Path, work: Path) -> dict:
+    """Run ``pipeline`` into ``work``; return results.json."""
     qpipe = Path(sys.executable).parent / "qpipe"
     started = time.perf_counter()
-    subprocess.run([str(qpipe), "run", str(PIPELINE), "--no-tracking", "--no-cache", "--output", str(work)],
+    subprocess.run([str(qpipe), "run", str(pipeline), "--no-tracking", "--no-cache", "--output", str(work)],
                    check=True, stdout=subprocess.DEVNULL)
     results = json.loads((work / "results.json").read_text())
     results["_seconds"] = time.perf_counter() - started
@@ -54,13 +56,17 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, help="keep the run here (default: a temporary folder)")
+    parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("--only", choices=sorted(PIPELINES), help="run one of the two models")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        work = args.work or Path(scratch) / "run"
-        results = run(work)
-        print(table(results))
-        print(f"\nwhole run: {results['_seconds']:.0f} s")
+        for name, pipeline in PIPELINES.items():
+            if args.only and name != args.only:
+                continue
+            results = run(pipeline, (args.work or Path(scratch)) / name)
+            print(f"## {results['pipeline']} ({pipeline.relative_to(ROOT)})\n")
+            print(table(results))
+            print(f"\nwhole run: {results['_seconds']:.0f} s\n")
 
 
 if __name__ == "__main__":

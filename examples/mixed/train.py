@@ -2,9 +2,11 @@
 
 Depthwise-separable blocks (depthwise 3x3 + BN + ReLU6, pointwise 1x1 + BN + ReLU6) as in
 MobileNet, on scikit-learn's bundled digits (no download). Writes ``model.keras`` (Keras 3)
-and ``data.npz`` (x_train, y_train, x_cal, y_cal, x_test, y_test) beside this file.
+and ``data.npz`` (x_train, y_train, x_cal, y_cal, x_test, y_test) beside this file;
+``--narrow`` trains a narrower copy (stem 16, blocks 24-96) as ``model_narrow.keras``: fewer
+weights per layer, and one where uniform int4 costs accuracy.
 
-    python examples/mixed/train.py [--epochs N]
+    python examples/mixed/train.py [--epochs N] [--narrow]
 """
 
 from __future__ import annotations
@@ -67,12 +69,14 @@ def train(data: dict[str, np.ndarray], epochs: int, seed: int = 0, **kwargs):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--narrow", action="store_true", help="the narrow model (model_narrow.keras)")
     args = parser.parse_args()
     data = load_split()
-    model = train(data, args.epochs)
+    shape = {"widths": (24, 48, 48, 96, 96), "stem": 16} if args.narrow else {}
+    model = train(data, args.epochs, **shape)
     _, accuracy = model.evaluate(data["x_test"], data["y_test"], verbose=0)
     print(f"test accuracy {accuracy:.4f}, {model.count_params()} parameters")
-    model.save(HERE / "model.keras")
+    model.save(HERE / ("model_narrow.keras" if args.narrow else "model.keras"))
     np.savez_compressed(HERE / "data.npz", **data)
 
 

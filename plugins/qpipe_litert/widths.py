@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -210,11 +210,9 @@ def write_report(costs: list[Cost], folder: Path, stem: str) -> list[Path]:
     """``<stem>.csv`` (every layer and width) and ``<stem>.<width>.png`` (a chart per width)."""
     folder.mkdir(parents=True, exist_ok=True)
     csv_path = folder / f"{stem}.csv"
+    fields = list(Cost.__dataclass_fields__)
     with open(csv_path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(Cost.__dataclass_fields__))
-        writer.writeheader()
-        for cost in costs:
-            writer.writerow(asdict(cost))
+        csv.writer(fh).writerows([fields, *([getattr(c, f) for f in fields] for c in costs)])
     import matplotlib
 
     matplotlib.use("Agg")
