@@ -81,10 +81,7 @@ class Mixed(Quantizer):
         return Artifact(path=path, format="tflite", metadata={
             "engine": "ai-edge-quantizer", "recipe": "mixed dynamic-range weights (per-layer widths)",
             "layers": layer_records(layers, table, assignment), "bits_per_weight_assigned": round(bits, 4),
-            "search": record, "metrics": {
-                "mixed_predicted_probe_accuracy_delta": record["predicted"]["accuracy_delta"],
-                **({"mixed_measured_probe_accuracy_delta": record["measured"]["accuracy_delta"]}
-                   if record["measured"]["accuracy_delta"] is not None else {})}})
+            "search": record, "metrics": probe_metrics(record)})
 
     def measure_costs(self, ctx: QuantizeContext, source: bytes, layers: list[Layer],
                       extra: tuple[str, ...] = ()) -> tuple[Probe, list[Cost]]:
@@ -125,6 +122,8 @@ class Search:
             target = None
             count, content, assignment, misses = self.by_constraints()
         predicted = self.table.predict(assignment, len(self.source))
+        if self.probe.float_accuracy is None:  # no class labels: nothing to predict accuracy from
+            predicted.pop("accuracy_delta")
         _, _, measured_delta = self.probe.score(content)
         record = {"steps_available": len(self.steps), "steps_taken": count, "target_bytes": target,
                   "trials": self.trials, "meets": not misses, "unmet": misses,
@@ -167,6 +166,13 @@ class Search:
         path = self.ctx.artifact_path(".tflite")
         path.write_bytes(content)
         return Artifact(path=path, format="tflite")
+
+
+def probe_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """Predicted and measured accuracy delta on the calibration samples (when they have labels)."""
+    pairs = (("mixed_predicted_probe_accuracy_delta", record["predicted"].get("accuracy_delta")),
+             ("mixed_measured_probe_accuracy_delta", record["measured"]["accuracy_delta"]))
+    return {key: float(value) for key, value in pairs if value is not None}
 
 
 def check_file(content: bytes, layers: list[Layer], assignment: dict[int, str]) -> None:
