@@ -87,8 +87,9 @@ def test_unreachable_budget_is_a_warning_not_a_silent_pass(mixed_run):
 
 
 def test_sensitivity_csv_and_a_chart_per_width(mixed_run):
-    out, results = mixed_run
-    rows = list(csv.DictReader(open(out / "budget.widths.csv", encoding="utf-8")))
+    out, _ = mixed_run
+    with open(out / "budget.widths.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
     assert {r["width"] for r in rows} == {"int2", "int4", "int8"}
     depthwise = [r for r in rows if r["op"] == "DEPTHWISE_CONV_2D" and r["width"] != "int8"]
     assert depthwise and all(r["runs"] == "False" and r["note"] for r in depthwise)

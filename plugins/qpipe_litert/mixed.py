@@ -23,8 +23,8 @@ from qpipe.conversion import float_tflite
 from qpipe.selection import unmet
 
 from qpipe_litert.search import CostTable, assignment_after, bits_per_weight, greedy_steps, steps_for_size
-from qpipe_litert.widths import ACTIVATION_WIDTHS, FLOAT, WIDTHS, Cost, Layer, Probe, apply, layers_of, measure, stored_bits, \
-    width_bits, write_report
+from qpipe_litert.widths import (ACTIVATION_WIDTHS, FLOAT, Cost, Layer, Probe, apply, layers_of, measure,
+                                 stored_bits, width_bits, write_report)
 
 
 class Budget(qpipe.Options):
@@ -32,7 +32,7 @@ class Budget(qpipe.Options):
     size_ratio: float | None = Field(None, gt=0, description="smallest float32-file / mixed-file size ratio")
 
     @model_validator(mode="after")
-    def _one(self) -> "Budget":
+    def _one(self) -> Budget:
         if (self.size_bytes is None) == (self.size_ratio is None):
             raise ValueError("budget takes exactly one of size_bytes or size_ratio")
         return self
@@ -156,8 +156,10 @@ class Search:
         while True:
             content, assignment = self.build(count)
             self.ctx.report(f"mixed: checking {count}/{len(self.steps)} narrowing steps")
-            misses = unmet(self.ctx.constraints, self.ctx.evaluate(self._artifact(content)))
-            self.trials.append({"steps": count, "size_bytes": len(content), "unmet": misses})
+            metrics = self.ctx.evaluate(self._artifact(content))
+            misses = unmet(self.ctx.constraints, metrics)
+            self.trials.append({"steps": count, "size_bytes": len(content), "unmet": misses,
+                                "metrics": {c.metric: metrics.get(c.metric) for c in self.ctx.constraints}})
             if not misses or count == 0 or len(self.trials) >= self.options.max_trials:
                 return count, content, assignment, misses
             count -= 1
@@ -199,4 +201,4 @@ def layer_records(layers: list[Layer], table: CostTable, assignment: dict[int, s
     return records
 
 
-__all__ = ["Mixed", "WIDTHS"]
+__all__ = ["Mixed"]

@@ -14,9 +14,10 @@ from __future__ import annotations
 import csv
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -133,7 +134,8 @@ def apply(flatbuffer: bytes, layers: list[Layer], assignment: dict[int, str],
     try:
         with quiet():
             ranges = calibrate_ai_edge_quantizer(engine, flatbuffer, calibration) if static else None
-            return bytes(engine.quantize(ranges).quantized_model)
+            result = engine.quantize(ranges, enable_progress_bar=False, enable_progress_report=False)
+            return bytes(result.quantized_model)
     except QpipeError:
         raise
     except Exception as exc:
