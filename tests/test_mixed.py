@@ -74,8 +74,10 @@ def test_constraint_search_widens_until_the_constraint_holds(mixed_run):
     variant = results.variant("constrained")
     assert variant.metrics["accuracy_delta"] >= -0.02
     search = variant.metadata["search"]
-    assert search["meets"] and search["trials"][-1]["unmet"] == []
-    assert all(trial["unmet"] for trial in search["trials"][:-1])  # widened only while failing
+    walk = [trial for trial in search["trials"] if "also" not in trial]  # one layer up a width per trial
+    assert search["meets"] and walk[-1]["unmet"] == []
+    assert all(trial["unmet"] for trial in walk[:-1])  # widened only while failing
+    assert [t["steps"] for t in walk] == list(range(walk[0]["steps"], walk[-1]["steps"] - 1, -1))
     assert {layer["width"] for layer in variant.metadata["layers"]} <= {"int4", "int8"}
 
 

@@ -151,18 +151,42 @@ class Search:
         return count, content, assignment, misses
 
     def by_constraints(self) -> tuple[int, bytes, dict[int, str], list[str]]:
-        """Start with every step taken; undo one (one layer up a width) while constraints fail."""
+        """Start with every step taken; undo one (one layer up a width) while constraints fail,
+        then try each later step on its own on top of the passing mix (``refine``)."""
         count = len(self.steps)
         while True:
-            content, assignment = self.build(count)
+            assignment = assignment_after(self.start, self.steps, count)
             self.ctx.report(f"mixed: checking {count}/{len(self.steps)} narrowing steps")
-            metrics = self.ctx.evaluate(self._artifact(content))
-            misses = unmet(self.ctx.constraints, metrics)
-            self.trials.append({"steps": count, "size_bytes": len(content), "unmet": misses,
-                                "metrics": {c.metric: metrics.get(c.metric) for c in self.ctx.constraints}})
+            content, misses = self.check(assignment, {"steps": count})
             if not misses or count == 0 or len(self.trials) >= self.options.max_trials:
-                return count, content, assignment, misses
+                break
             count -= 1
+        if not misses:
+            content, assignment = self.refine(count, content, assignment)
+        return count, content, assignment, misses
+
+    def refine(self, count: int, content: bytes, assignment: dict[int, str]) -> tuple[bytes, dict[int, str]]:
+        """Past the first failing step, take any later step (one layer down a width) that keeps
+        the constraints (the greedy order is a guess; the prefix is not the only passing mix)."""
+        for step in self.steps[count + 1:]:
+            if assignment[step.layer] != step.before or len(self.trials) >= self.options.max_trials:
+                continue
+            trial = {**assignment, step.layer: step.after}
+            name = self.layers[step.layer].short
+            self.ctx.report(f"mixed: trying {name} at {step.after}")
+            narrower, misses = self.check(trial, {"steps": count, "also": f"{name}: {step.before} -> {step.after}"})
+            if not misses:
+                content, assignment = narrower, trial
+        return content, assignment
+
+    def check(self, assignment: dict[int, str], trial: dict[str, Any]) -> tuple[bytes, list[str]]:
+        """Build ``assignment``, evaluate it end to end, record the trial; (file, unmet constraints)."""
+        content = apply(self.source, self.layers, assignment)
+        metrics = self.ctx.evaluate(self._artifact(content))
+        misses = unmet(self.ctx.constraints, metrics)
+        self.trials.append({**trial, "size_bytes": len(content), "unmet": misses,
+                            "metrics": {c.metric: metrics.get(c.metric) for c in self.ctx.constraints}})
+        return content, misses
 
     def _artifact(self, content: bytes) -> Artifact:
         path = self.ctx.artifact_path(".tflite")
