@@ -89,7 +89,7 @@ def test_unreachable_budget_is_a_warning_not_a_silent_pass(mixed_run):
 
 
 def test_sensitivity_csv_and_a_chart_per_width(mixed_run):
-    out, _ = mixed_run
+    out, results = mixed_run
     with open(out / "budget.widths.csv", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert {r["width"] for r in rows} == {"int2", "int4", "int8"}
@@ -97,6 +97,7 @@ def test_sensitivity_csv_and_a_chart_per_width(mixed_run):
     assert depthwise and all(r["runs"] == "False" and r["note"] for r in depthwise)
     for width in ("int2", "int4", "int8"):
         assert (out / f"budget.widths.{width}.png").stat().st_size > 1000
+    assert "budget.widths.csv" in results.variant("budget").metadata["files"]  # the tracker logs these
 
 
 def test_mixed_without_budget_or_constraints_fails_clearly(tmp_path, project):

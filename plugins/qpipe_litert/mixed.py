@@ -68,7 +68,7 @@ class Mixed(Quantizer):
         probe, costs = self.measure_costs(ctx, source, layers)
         if self.options.report:
             files = write_report(costs, ctx.work_dir, f"{ctx.variant}.widths")
-            ctx.record("sensitivity_files", sorted(p.name for p in files))
+            ctx.record("files", sorted(p.name for p in files))  # logged to MLflow with the run
         table = CostTable(layers, costs, allow_float=False)
         start, steps = greedy_steps(table)
         search = Search(self, ctx, source, layers, table, start, steps, probe)
