@@ -37,7 +37,7 @@ def mixed_run(tmp_path_factory):
     path = project.write_pipeline([
         {"name": "int8", "quantizer": "tflite.dynamic"},
         {"name": "budget", "quantizer": "litert.mixed", "options": {"budget": {"size_bytes": 60000}}},
-        {"name": "constrained", "quantizer": "litert.mixed", "options": {"widths": ["int4", "int8"]}},
+        {"name": "constrained", "quantizer": "litert.mixed", "options": {"widths": ["int4"]}},  # + int8
         {"name": "impossible", "quantizer": "litert.mixed", "options": {"budget": {"size_ratio": 100}}},
     ], evaluators=["accuracy", "size", "storage"], constraints=["accuracy_delta >= -0.02"])
     return root / "out", run_pipeline_file(path, plugin_manager(), output=root / "out")
@@ -78,7 +78,9 @@ def test_constraint_search_widens_until_the_constraint_holds(mixed_run):
     assert search["meets"] and walk[-1]["unmet"] == []
     assert all(trial["unmet"] for trial in walk[:-1])  # widened only while failing
     assert [t["steps"] for t in walk] == list(range(walk[0]["steps"], walk[-1]["steps"] - 1, -1))
-    assert {layer["width"] for layer in variant.metadata["layers"]} <= {"int4", "int8"}
+    layers = variant.metadata["layers"]
+    assert {layer["width"] for layer in layers} <= {"int4", "int8"}
+    assert [layer["width"] for layer in layers if layer["op"] == "DEPTHWISE_CONV_2D"] == ["int8"]
 
 
 def test_unreachable_budget_is_a_warning_not_a_silent_pass(mixed_run):

@@ -43,7 +43,8 @@ class MixedOptions(qpipe.Options):
                                                     "file); without it the pipeline's constraints decide")
     widths: list[Literal["int2", "int4", "int8"]] = Field(
         ["int2", "int4", "int8"], description="candidate weight widths (each offered per op only where "
-                                              "ai-edge-quantizer stores it and LiteRT runs it)")
+                                              "ai-edge-quantizer stores it and LiteRT runs it); int8 "
+                                              "is always one: the width for ops the others miss")
     samples: int = Field(200, ge=10, description="calibration samples used to measure sensitivity")
     max_trials: int = Field(40, ge=1, description="end-to-end checks the search may run")
     report: bool = Field(True, description="write the per-layer, per-width sensitivity CSV and charts")
@@ -88,7 +89,7 @@ class Mixed(Quantizer):
         """The probe (float outputs on the calibration samples) and every (layer, width) cost."""
         samples = ctx.calibration.samples
         probe = Probe(source, samples.take(range(min(len(samples), self.options.samples))))
-        widths = sorted(set(self.options.widths), key=width_bits) + list(extra)
+        widths = sorted(set(self.options.widths) | {"int8"}, key=width_bits) + list(extra)
         return probe, measure(source, layers, probe, widths, ctx.report)
 
     def sensitivity_by_width(self, ctx: QuantizeContext) -> tuple[list[dict[str, Any]], list[Path]]:
