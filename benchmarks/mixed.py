@@ -1,12 +1,12 @@
 """Print the mixed-precision table of docs/mixed-precision.md, measured now.
 
-Runs ``examples/mixed/pipeline.yaml`` and ``pipeline-narrow.yaml`` (uniform int8 and int4,
-float fallback, litert.mixed at three size budgets and under the accuracy constraint,
-bfloat16) without tracking or cache and prints, per model, one row per variant: accuracy, its
-delta to float32, file size, ratio to float32, the ratio as a multiple of uniform int8's, bits
-per weight and the quantize time.
+Runs ``examples/mixed/pipeline.yaml``, ``pipeline-narrow.yaml`` and ``pipeline-mobilenetv2.yaml``
+(uniform int8 and int4, float fallback, litert.mixed at three size budgets and under the
+accuracy constraint, bfloat16) without tracking or cache and prints, per model, one row per
+variant: accuracy, its delta to float32, file size, ratio to float32, the ratio as a multiple
+of uniform int8's, bits per weight and the quantize time.
 
-    .venv/bin/python benchmarks/mixed.py [--work DIR] [--only wide|narrow]   # ~2.5 minutes on 2 busy cores
+    .venv/bin/python benchmarks/mixed.py [--work DIR] [--only wide|narrow|mobilenetv2]   # 2.5-4 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINES = {"wide": ROOT / "examples" / "mixed" / "pipeline.yaml",
-             "narrow": ROOT / "examples" / "mixed" / "pipeline-narrow.yaml"}
+             "narrow": ROOT / "examples" / "mixed" / "pipeline-narrow.yaml",
+             "mobilenetv2": ROOT / "examples" / "mixed" / "pipeline-mobilenetv2.yaml"}
 
 
 def run(pipeline: Path, work: Path) -> dict:
@@ -58,7 +59,7 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary folder)")
-    parser.add_argument("--only", choices=sorted(PIPELINES), help="run one of the two models")
+    parser.add_argument("--only", choices=sorted(PIPELINES), help="run one of the models")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         for name, pipeline in PIPELINES.items():
