@@ -115,7 +115,7 @@ def test_children_carry_params_metrics_and_tags(tracked, store):
         assert params["backend.threads"] == str(v.backend["options"]["threads"])
         assert params["backend.batch_size"] == str(v.backend["options"]["batch_size"])
         for key, value in v.metrics.items():
-            assert metrics[key] == pytest.approx(value), key
+            assert metrics[key] == pytest.approx(value, rel=1e-5), key  # 6 significant digits
         keys = set(v.metrics) if keys is None else keys
         assert set(v.metrics) == keys, "the same metric keys on every child"
     int8 = kids["int8"].data.params

@@ -33,6 +33,8 @@ from qpipe import QpipeError
 from qpipe.components import file_sha256
 from qpipe.results import RESULTS_FILE, PipelineResults, VariantResult
 
+from qpipe_mlflow import datasets as data_inputs
+from qpipe_mlflow.naming import curve_key, history_curves, parent_name, run_name, short_names, tidy
 from qpipe_mlflow.target import Target
 
 KIND = "qpipe.kind"  # "pipeline" on parent runs, "variant" on child runs
@@ -46,6 +48,10 @@ VERSION_TAGS = {"tensorflow": "qpipe.tensorflow_version", "ai-edge-litert": "qpi
                 "tensorflow-model-optimization": "qpipe.tfmot_version", "mlflow": "qpipe.mlflow_version"}
 MAX_TAG = 5000
 MAX_PARAM = 6000
+#: the MLflow 3 UI opens an experiment with this tag on its runs table, not the GenAI overview
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+#: final metrics that do not describe the evaluation data (no dataset on them)
+NOT_EVALUATION = ("train_", "val_", "variant_seconds")
 
 
 def guarded(method: Callable) -> Callable:
@@ -85,6 +91,8 @@ class Tracker:
         self.deferred: list[str] = []
         self.registered: str | None = None
         self.output_dir: Path | None = None
+        self.rules: dict[str, list[tuple[str, str]]] = {}  # grid names -> short run names
+        self.datasets: dict[str, Any] = {}  # mlflow Dataset per data section
 
     # ------------------------------------------------------------------ connecting
     @classmethod
@@ -124,8 +132,10 @@ class Tracker:
         results: PipelineResults = run.results
         self.output_dir = Path(run.output_dir)
         started = parse_time(results.started)
-        self.run_name = f"{run.name}-{(started or _dt.datetime.now()).strftime('%Y%m%d-%H%M%S')}"
+        self.run_name = parent_name(run, started or _dt.datetime.now())
+        self.rules = short_names(run.config)
         tags = {KIND: "pipeline", "qpipe.pipeline": run.name, "qpipe.status": "running",
+                "qpipe.started": results.started or "",
                 "qpipe.output_dir": str(Path(run.output_dir).resolve()), "qpipe.pipeline_file": str(run.config_path),
                 "qpipe.baseline": results.baseline, **version_tags(results), **input_tags(results)}
         if run.config.description:
@@ -139,9 +149,12 @@ class Tracker:
                 self.parent_id = parent.info.run_id
                 cfg = run.config
                 self.log(self.parent_id, params={
-                    "pipeline": run.name, "baseline": results.baseline, "variants": len(cfg.variants),
+                    "pipeline": run.name, "baseline": results.baseline,
                     "evaluators": ",".join(e.name for e in cfg.evaluators),
                     "model": cfg.model.path or cfg.model.function, "calibrator": cfg.calibrator.name})
+                self.datasets = data_inputs.datasets(results, cfg)
+                if self.datasets:
+                    self.client.log_inputs(self.parent_id, data_inputs.inputs(self.datasets, list(self.datasets)))
         except Exception as exc:  # noqa: BLE001
             raise QpipeError(f"MLflow: cannot start a run in experiment '{self.target.experiment}' at "
                              f"{self.target.uri}: {one_line(exc)}; fix it or run with --no-tracking") from None
@@ -182,7 +195,7 @@ class Tracker:
         if self.registered:
             tags["qpipe.registered_model"] = self.registered
         ok = sum(v.status == "ok" for v in results.variants)
-        self.log(self.parent_id, tags=tags,
+        self.log(self.parent_id, tags=tags, params={"variants": len(results.variants)},
                  metrics={"variants_ok": ok, "variants_failed": len(results.variants) - ok})
         self.log_parent_files(run, results)
         self.client.set_terminated(self.parent_id, END_STATUS.get(results.status, "FINISHED"),
@@ -228,7 +241,7 @@ class Tracker:
     def open_child(self, variant: str) -> str:
         """The child run of ``variant``, created on first use."""
         if variant not in self.children:
-            child = self.client.create_run(self.experiment_id, run_name=variant, tags=with_context({
+            child = self.client.create_run(self.experiment_id, run_name=run_name(variant, self.rules), tags=with_context({
                 PARENT_TAG: self.parent_id, KIND: "variant", "qpipe.variant": variant, "qpipe.status": "running"}))
             self.children[variant] = child.info.run_id
         return self.children[variant]
@@ -252,28 +265,55 @@ class Tracker:
         run_id = self.open_child(variant)
         step = int(step) if step is not None else self.steps.get(variant, 0)
         now = int(time.time() * 1000)
-        batch = [Metric(metric_key(k), v, now, step) for k, v in metrics.items() if number(v) is not None]
+        batch = [Metric(metric_key(curve_key(k)), tidy(number(v)), now, step) for k, v in metrics.items()
+                 if number(v) is not None]
         self.client.log_batch(run_id, metrics=batch)
         self.steps[variant] = max(step, self.steps.get(variant, 0))
 
     @guarded
     def variant_ended(self, run: Any, result: VariantResult) -> None:
-        """Params, metrics, tags and files of a finished or failed variant; end its child run."""
+        """Params, final metrics (step 0, on its logged model and the evaluation dataset), tags,
+        data inputs and files of a finished or failed variant; end its child run."""
         run_id = self.open_child(result.name)
         ok = result.status == "ok"
         try:
-            step = self.steps.get(result.name, 0)
-            metrics = {k: v for k, v in result.metrics.items()}
+            metrics = dict(result.metrics)
             if result.seconds is not None:
                 metrics["variant_seconds"] = result.seconds
-            self.log(run_id, params=variant_params(result), metrics=metrics, tags=variant_tags(run, result), step=step)
+            params, tags = variant_params(result), variant_tags(run, result)
+            model_id = self.log_model(run, result, run_id, params) if ok else None
+            self.log(run_id, params=params, metrics=metrics, tags=tags, model_id=model_id)
+            if self.datasets:
+                self.client.log_inputs(run_id, data_inputs.inputs(self.datasets, data_inputs.used_sections(result)))
+            if result.name not in self.steps:  # curves not sent live (a replay, a cached variant)
+                self.log_curves(run_id, history_curves(result.metadata))
             self.log_variant_files(run, result, run_id)
             register = run.config.tracking.register_model
             if ok and register is not None and register.variant == result.name:
-                self.register(run, result, run_id, register.name)
+                self.register(run, result, run_id, model_id, register.name)
         finally:
             self.children.pop(result.name, None)
             self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+    def log_model(self, run: Any, result: VariantResult, run_id: str, params: dict[str, Any]) -> str:
+        """The variant as a LoggedModel of its child run (see pyfunc.py); its id."""
+        from qpipe_mlflow.pyfunc import log_variant_model
+
+        path = artifact_path(run, result)
+        tags = {"qpipe.variant": result.name, "qpipe.quantizer": result.quantizer, "qpipe.pipeline": run.name}
+        if path is not None and path.is_file():
+            tags["qpipe.artifact_sha256"] = file_sha256(path)
+        return log_variant_model(self.client, self.experiment_id, run_id, run_name(result.name, self.rules),
+                                 path if run.config.tracking.log_models else None, result.backend,
+                                 {k: text(v, MAX_PARAM) for k, v in params.items()}, tags)
+
+    def log_curves(self, run_id: str, curves: list[tuple[str, float, int]]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(metric_key(k), tidy(float(v)), now, step) for k, v, step in curves]
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
 
     def log_variant_files(self, run: Any, result: VariantResult, run_id: str) -> None:
         entry = next((v for v in run.results.to_dict()["variants"] if v["name"] == result.name), None)
@@ -292,35 +332,42 @@ class Tracker:
         else:
             self.client.log_artifact(run_id, str(path))
 
-    def register(self, run: Any, result: VariantResult, run_id: str, name: str) -> None:
-        """Log the variant as a pyfunc model on its child run and register it as ``name``."""
-        from qpipe_mlflow.pyfunc import log_and_register
+    def register(self, run: Any, result: VariantResult, run_id: str, model_id: str | None, name: str) -> None:
+        """Register the variant's logged model as a new version of ``name``."""
+        from qpipe_mlflow.pyfunc import register
 
         path = artifact_path(run, result)
-        if path is None or not path.is_file():
-            raise QpipeError(f"tracking.register: variant '{result.name}' has no artifact file to register")
+        if model_id is None or path is None or path.suffix != ".tflite":
+            raise QpipeError(f"tracking.register: variant '{result.name}' has no .tflite model to register "
+                             "(tracking.log_models must be on)")
         tags = {"qpipe.variant": result.name, "qpipe.quantizer": result.quantizer,
                 "qpipe.artifact_sha256": file_sha256(path), "qpipe.pipeline": run.name}
-        model_uri, version = log_and_register(self.target.uri, run_id, path, name, result.backend, result.name, tags)
-        self.registered = model_uri
-        self.log(run_id, tags={"qpipe.registered_model": model_uri})
+        self.registered = register(self.target.uri, model_id, name, tags)
+        self.log(run_id, tags={"qpipe.registered_model": self.registered})
 
     # ------------------------------------------------------------------ helpers
     def log(self, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
-            tags: dict[str, Any] | None = None, step: int = 0) -> None:
-        """log_batch in chunks MLflow accepts; values made valid (finite numbers, short strings)."""
+            tags: dict[str, Any] | None = None, model_id: str | None = None) -> None:
+        """One log_batch per MLflow limit (100 params, 100 tags, 1000 items); values made valid
+        (finite numbers rounded, short strings); metrics at step 0, linked to ``model_id`` and,
+        unless about training, to the evaluation dataset."""
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
-        items: list[Any] = [Param(metric_key(k), text(v, MAX_PARAM)) for k, v in (params or {}).items()]
-        items += [RunTag(k, text(v, MAX_TAG)) for k, v in (tags or {}).items() if v is not None]
-        items += [Metric(metric_key(k), number(v), now, step) for k, v in (metrics or {}).items()
-                  if number(v) is not None]
-        for start in range(0, len(items), 100):
-            chunk = items[start:start + 100]
-            self.client.log_batch(run_id, params=[i for i in chunk if isinstance(i, Param)],
-                                  tags=[i for i in chunk if isinstance(i, RunTag)],
-                                  metrics=[i for i in chunk if isinstance(i, Metric)])
+        evaluation = self.datasets.get("evaluation")
+        params_ = [Param(metric_key(k), text(v, MAX_PARAM)) for k, v in (params or {}).items()]
+        tags_ = [RunTag(k, text(v, MAX_TAG)) for k, v in (tags or {}).items() if v is not None]
+        metrics_ = []
+        for k, v in (metrics or {}).items():
+            if number(v) is None:
+                continue
+            on_data = evaluation is not None and not str(k).startswith(NOT_EVALUATION)
+            metrics_.append(Metric(metric_key(k), tidy(number(v)), now, 0, model_id=model_id,
+                                   dataset_name=evaluation.name if on_data else None,
+                                   dataset_digest=evaluation.digest if on_data else None))
+        while params_ or tags_ or metrics_:
+            self.client.log_batch(run_id, params=params_[:100], tags=tags_[:100], metrics=metrics_[:800])
+            params_, tags_, metrics_ = params_[100:], tags_[100:], metrics_[800:]
 
     def _explain(self, where: str, exc: BaseException) -> str:
         """A warning for a failed call; a server that no longer answers turns tracking off."""
@@ -360,7 +407,8 @@ def experiment(client: Any, target: Target) -> str:
     if found is None:
         try:
             return client.create_experiment(target.experiment, artifact_location=target.artifact_location,
-                                            tags={"qpipe.created_by": f"qpipe {qpipe.__version__}"})
+                                            tags={"qpipe.created_by": f"qpipe {qpipe.__version__}",
+                                                  EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]})
         except Exception:
             found = client.get_experiment_by_name(target.experiment)  # created meanwhile by another run
             if found is None:
@@ -369,6 +417,8 @@ def experiment(client: Any, target: Target) -> str:
         raise QpipeError(f"MLflow experiment '{target.experiment}' at {target.uri} is deleted: restore it "
                          f"(mlflow experiments restore --experiment-id {found.experiment_id}) or set "
                          "tracking.experiment to another name")
+    if EXPERIMENT_KIND[0] not in found.tags:  # an experiment from before: open it on its runs too
+        client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
     return found.experiment_id
 
 
