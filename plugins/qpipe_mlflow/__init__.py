@@ -35,6 +35,15 @@ def qpipe_pipeline_started(run: Any) -> None:
     if register is not None:
         _check_register(run, register)
     tracker = Tracker.connect(target)
+    if run.replay:  # qpipe log: a run the store already has complete is not sent twice
+        from qpipe_mlflow.resend import logged_before
+        from qpipe_mlflow.tracker import announce_existing, quiet_logs
+
+        with quiet_logs():
+            old = logged_before(tracker, run)
+        if old is not None:
+            announce_existing(tracker, old)
+            return
     tracker.start(run)
     run.state[STATE_KEY] = tracker
 

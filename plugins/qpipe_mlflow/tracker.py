@@ -16,17 +16,13 @@ import contextlib
 import datetime as _dt
 import functools
 import json
-import logging
 import os
-import re
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import qpipe
 from qpipe import QpipeError
@@ -34,11 +30,11 @@ from qpipe.components import file_sha256
 from qpipe.results import RESULTS_FILE, PipelineResults, VariantResult
 
 from qpipe_mlflow import datasets as data_inputs
+from qpipe_mlflow.store import (KIND, PARENT_TAG, experiment, flatten, metric_key, ms, number, one_line,
+                                parse_time, probe, quiet_logs, text, with_context)
 from qpipe_mlflow.naming import curve_key, history_curves, parent_name, run_name, short_names, tidy
 from qpipe_mlflow.target import Target
 
-KIND = "qpipe.kind"  # "pipeline" on parent runs, "variant" on child runs
-PARENT_TAG = "mlflow.parentRunId"
 #: bounded retries and timeouts for HTTP stores (MLflow's defaults wait minutes on a dead
 #: server); set the variables yourself to override
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
@@ -48,8 +44,6 @@ VERSION_TAGS = {"tensorflow": "qpipe.tensorflow_version", "ai-edge-litert": "qpi
                 "tensorflow-model-optimization": "qpipe.tfmot_version", "mlflow": "qpipe.mlflow_version"}
 MAX_TAG = 5000
 MAX_PARAM = 6000
-#: the MLflow 3 UI opens an experiment with this tag on its runs table, not the GenAI overview
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 #: final metrics that do not describe the evaluation data (no dataset on them)
 NOT_EVALUATION = ("train_", "val_", "variant_seconds")
 
@@ -93,11 +87,13 @@ class Tracker:
         self.output_dir: Path | None = None
         self.rules: dict[str, list[tuple[str, str]]] = {}  # grid names -> short run names
         self.datasets: dict[str, Any] = {}  # mlflow Dataset per data section
+        self.recorded: str | None = None  # the parent run id results.json had before this run
 
     # ------------------------------------------------------------------ connecting
     @classmethod
     def connect(cls, target: Target) -> "Tracker":
         """Check the store answers and get (or create) the experiment; QpipeError if not."""
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in qpipe's output
         if target.is_http:
             for key, value in HTTP_DEFAULTS.items():
                 os.environ.setdefault(key, value)
@@ -158,26 +154,8 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001
             raise QpipeError(f"MLflow: cannot start a run in experiment '{self.target.experiment}' at "
                              f"{self.target.uri}: {one_line(exc)}; fix it or run with --no-tracking") from None
+        self.recorded = (run.results.extra.get("mlflow") or {}).get("run_id")
         run.results.extra["mlflow"] = self.info()
-        if run.replay:
-            with contextlib.suppress(Exception):
-                self.supersede(run)
-
-    def supersede(self, run: Any) -> None:
-        """End FAILED the runs an earlier, interrupted attempt left RUNNING for this output folder."""
-        folder = str(Path(run.output_dir).resolve())
-        if "'" in folder:
-            return
-        stale = self.client.search_runs([self.experiment_id], filter_string=(
-            f"tags.`qpipe.output_dir` = '{folder}' and attributes.status = 'RUNNING'"))
-        for old in stale:
-            if old.info.run_id == self.parent_id:
-                continue
-            for child in self.client.search_runs([self.experiment_id], filter_string=(
-                    f"tags.`{PARENT_TAG}` = '{old.info.run_id}' and attributes.status = 'RUNNING'")):
-                self.client.set_terminated(child.info.run_id, "FAILED")
-            self.client.set_tag(old.info.run_id, "qpipe.superseded_by", self.parent_id)
-            self.client.set_terminated(old.info.run_id, "FAILED")
 
     @guarded
     def finish(self, run: Any, results: PipelineResults) -> None:
@@ -200,6 +178,11 @@ class Tracker:
         self.log_parent_files(run, results)
         self.client.set_terminated(self.parent_id, END_STATUS.get(results.status, "FINISHED"),
                                    end_time=ms(parse_time(results.finished)) if run.replay else None)
+        if run.replay:
+            from qpipe_mlflow.resend import supersede
+
+            with contextlib.suppress(Exception):
+                supersede(self, run)
         register = run.config.tracking.register_model
         if register is not None and self.registered is None:
             raise QpipeError(f"tracking.register: variant '{register.variant}' did not finish ok; "
@@ -386,42 +369,6 @@ class Tracker:
 # --------------------------------------------------------------------------- free functions
 
 
-def probe(target: Target, timeout: float = 5.0) -> None:
-    """GET <server>/health; QpipeError naming the URI and the cure if nothing answers."""
-    url = target.uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http(s) only
-            response.read(64)
-    except urllib.error.HTTPError:
-        return  # it answered: the API calls that follow will tell whether it is MLflow
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise QpipeError(f"MLflow tracking server {target.uri} (from {target.source}) is unreachable: {reason}. "
-                         "Start it, point --tracking-uri / MLFLOW_TRACKING_URI / tracking.uri at a running "
-                         "one, or run with --no-tracking") from None
-
-
-def experiment(client: Any, target: Target) -> str:
-    """The id of the experiment named by ``target``, created (with its artifact location) if new."""
-    found = client.get_experiment_by_name(target.experiment)
-    if found is None:
-        try:
-            return client.create_experiment(target.experiment, artifact_location=target.artifact_location,
-                                            tags={"qpipe.created_by": f"qpipe {qpipe.__version__}",
-                                                  EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]})
-        except Exception:
-            found = client.get_experiment_by_name(target.experiment)  # created meanwhile by another run
-            if found is None:
-                raise
-    if found.lifecycle_stage == "deleted":
-        raise QpipeError(f"MLflow experiment '{target.experiment}' at {target.uri} is deleted: restore it "
-                         f"(mlflow experiments restore --experiment-id {found.experiment_id}) or set "
-                         "tracking.experiment to another name")
-    if EXPERIMENT_KIND[0] not in found.tags:  # an experiment from before: open it on its runs too
-        client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
-    return found.experiment_id
-
-
 def variant_params(result: VariantResult) -> dict[str, Any]:
     """quantizer, its options, calibrator and its options, backend and its options (threads,
     batch size), flattened with dots: the same keys on every child of the same quantizer."""
@@ -477,16 +424,6 @@ def version_tags(results: PipelineResults) -> dict[str, str]:
     return tags
 
 
-def with_context(tags: dict[str, Any]) -> dict[str, Any]:
-    """``tags`` plus what MLflow's fluent API would add (user, source, git commit)."""
-    try:
-        from mlflow.tracking.context.registry import resolve_tags
-
-        return resolve_tags(tags)
-    except Exception:  # noqa: BLE001 - context tags are a nicety
-        return tags
-
-
 def artifact_path(run: Any, result: VariantResult) -> Path | None:
     if not result.artifact:
         return None
@@ -494,63 +431,14 @@ def artifact_path(run: Any, result: VariantResult) -> Path | None:
     return path if path.exists() else None
 
 
-def flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
-    if isinstance(value, dict):
-        for key, item in value.items():
-            flatten(f"{prefix}.{key}", item, out)
-    else:
-        out[prefix] = value
-
-
-def metric_key(key: Any) -> str:
-    """A name MLflow accepts (letters, digits, _ - . / space and colon)."""
-    return re.sub(r"[^\w\-. /:]", "_", str(key))[:250]
-
-
-def text(value: Any, limit: int) -> str:
-    value = value if isinstance(value, str) else json.dumps(value, default=str)
-    return value if len(value) <= limit else value[:limit - 3] + "..."
-
-
-def number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if value == value and abs(value) != float("inf") else None
-
-
-def one_line(exc: BaseException) -> str:
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    return message if len(message) <= 400 else message[:397] + "..."
-
-
-def parse_time(text_value: str | None) -> _dt.datetime | None:
-    try:
-        return _dt.datetime.fromisoformat(text_value) if text_value else None
-    except ValueError:
-        return None
-
-
-def ms(moment: _dt.datetime | None) -> int | None:
-    return int(moment.timestamp() * 1000) if moment is not None else None
-
-
 def _plain(result: VariantResult) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(result), default=str))
 
 
-@contextlib.contextmanager
-def quiet_logs() -> Iterator[None]:
-    """Keep MLflow's and alembic's INFO chatter (database migrations) off the console."""
-    loggers = [logging.getLogger(name) for name in ("mlflow", "alembic")]
-    saved = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(max(lg.level, logging.WARNING))
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, saved):
-            lg.setLevel(level)
+def announce_existing(tracker: Tracker, old: Any) -> None:
+    """One line on stderr: ``qpipe log`` found the run already in the store and sent nothing."""
+    sys.stderr.write(f"mlflow: run {old.info.run_name} ({old.info.run_id}) is already in experiment "
+                     f"'{tracker.target.experiment}' at {tracker.target.uri}, complete; nothing sent\n")
 
 
 def announce(tracker: Tracker) -> None:
