@@ -20,6 +20,7 @@ from qpipe import QpipeError
 DEFAULT_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 ENV_URI = "MLFLOW_TRACKING_URI"
+UI_ADDRESS = "http://127.0.0.1:5000"  # where ``mlflow ui`` listens by default
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,15 @@ class Target:
         db = self.sqlite_path
         return (db.parent / ARTIFACTS_DIR).as_uri() if db is not None else None
 
-    def ui_hint(self) -> str:
-        """How to look at this store in the MLflow UI."""
-        if self.sqlite_path is not None:
-            return f"mlflow ui --backend-store-uri {self.uri}"
-        return f"open {self.uri}" if self.is_http else f"mlflow ui --backend-store-uri {self.uri}"
+    def ui_hint(self, experiment_id: str | None = None) -> str:
+        """How to look at this store in the MLflow UI: the command to start it (local stores) and
+        the experiment's page. ``workflowType=machine_learning`` opens MLflow 3's "Model training"
+        view (its runs table): the UI's GenAI view is the default whatever the experiment's tags."""
+        page = f"/#/experiments/{experiment_id}?workflowType=machine_learning" if experiment_id else ""
+        if self.is_http:
+            return f"open {self.uri.rstrip('/')}{page}" if page else f"open {self.uri}"
+        start = f"mlflow ui --backend-store-uri {self.uri}"
+        return f"{start}, then open {UI_ADDRESS}{page}" if page else start
 
 
 def resolve_uri(yaml_uri: str | None, base_dir: Path, cli_uri: str | None = None,

@@ -46,6 +46,10 @@ MAX_TAG = 5000
 MAX_PARAM = 6000
 #: final metrics that do not describe the evaluation data (no dataset on them)
 NOT_EVALUATION = ("train_", "val_", "variant_seconds")
+#: run metrics that describe the run rather than the model: kept off the Models tab
+NOT_MODEL = ("_delta", "_seconds")
+#: results.json metrics that are tags in MLflow (``qpipe.cache`` says hit or miss)
+NOT_METRIC = ("cache_hit", "cache_hit_delta")
 
 
 def guarded(method: Callable) -> Callable:
@@ -332,8 +336,8 @@ class Tracker:
     def log(self, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
             tags: dict[str, Any] | None = None, model_id: str | None = None) -> None:
         """One log_batch per MLflow limit (100 params, 100 tags, 1000 items); values made valid
-        (finite numbers rounded, short strings); metrics at step 0, linked to ``model_id`` and,
-        unless about training, to the evaluation dataset."""
+        (finite numbers rounded, short strings); metrics at step 0, linked to ``model_id`` (but
+        deltas and timings) and, unless about training, to the evaluation dataset."""
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
@@ -342,10 +346,11 @@ class Tracker:
         tags_ = [RunTag(k, text(v, MAX_TAG)) for k, v in (tags or {}).items() if v is not None]
         metrics_ = []
         for k, v in (metrics or {}).items():
-            if number(v) is None:
+            if number(v) is None or k in NOT_METRIC:
                 continue
             on_data = evaluation is not None and not str(k).startswith(NOT_EVALUATION)
-            metrics_.append(Metric(metric_key(k), tidy(number(v)), now, 0, model_id=model_id,
+            on_model = model_id if not str(k).endswith(NOT_MODEL) else None
+            metrics_.append(Metric(metric_key(k), tidy(number(v)), now, 0, model_id=on_model,
                                    dataset_name=evaluation.name if on_data else None,
                                    dataset_digest=evaluation.digest if on_data else None))
         while params_ or tags_ or metrics_:
@@ -444,4 +449,4 @@ def announce_existing(tracker: Tracker, old: Any) -> None:
 def announce(tracker: Tracker) -> None:
     """One line on stderr: where the run went and how to look at it."""
     sys.stderr.write(f"mlflow: logged run {tracker.run_name} ({tracker.parent_id}) to experiment "
-                     f"'{tracker.target.experiment}' at {tracker.target.uri}; view: {tracker.target.ui_hint()}\n")
+                     f"'{tracker.target.experiment}' at {tracker.target.uri}; view: {tracker.target.ui_hint(tracker.experiment_id)}\n")
