@@ -224,3 +224,41 @@ def test_registered_variant_loads_and_serves_without_qpipe(tracked, store, tmp_p
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGTERM)
             serve.wait(timeout=30)
+
+
+def load_ui_check():
+    """benchmarks/ui_check.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ui_check.py"
+    spec = importlib.util.spec_from_file_location("ui_check", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ui_check"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_mlflow_ui_shows_runs_models_and_artifacts(tracked, store, tmp_path):
+    """benchmarks/ui_check.py in headless Chromium: the runs table on arrival, every variant
+    with its metrics on the Models tab, a variant's .tflite among its artifacts. Needs
+    Playwright (the test extra) and Debian's chromium (`make test` installs it as root)."""
+    import shutil
+
+    check = load_ui_check()
+    if not any(Path(c).is_file() for c in check.CHROMIUM) and not shutil.which("chromium"):
+        pytest.fail("no Chromium: install Debian's (apt-get install -y chromium); `make test` does as root")
+    output = tracked[4]
+    shots = check.check(output, store)
+    assert shots == output / "ui"
+    for name in ("1-runs.png", "2-models.png", "3-models-chart.png", "4-artifacts.png"):
+        assert (shots / name).stat().st_size > 10_000, name
+
+    copy = tmp_path / "copy"  # a check that fails says which
+    shutil.copytree(output, copy, ignore=shutil.ignore_patterns("ui"))
+    data = json.loads((copy / "results.json").read_text())
+    data["extra"]["mlflow"]["run_name"] = "no-such-run"
+    (copy / "results.json").write_text(json.dumps(data))
+    check.TIMEOUT_MS = 10_000
+    with pytest.raises(check.Failed, match="does not list run no-such-run"):
+        check.check(copy, store)

@@ -86,6 +86,7 @@ def qpipe_pipeline_finished(run: Any, results: Any) -> None:
     try:
         tracker.finish(run, results)
     finally:
+        tracker.close()
         if tracker.lost is None:
             announce(tracker)
 
@@ -94,7 +95,10 @@ def qpipe_pipeline_finished(run: Any, results: Any) -> None:
 def qpipe_pipeline_failed(run: Any, error: BaseException, interrupted: bool) -> None:
     tracker = run.state.pop(STATE_KEY, None)
     if tracker is not None:
-        tracker.fail(run, error, interrupted)
+        try:
+            tracker.fail(run, error, interrupted)
+        finally:
+            tracker.close()
 
 
 @qpipe.hookimpl

@@ -92,6 +92,7 @@ class Tracker:
         self.rules: dict[str, list[tuple[str, str]]] = {}  # grid names -> short run names
         self.datasets: dict[str, Any] = {}  # mlflow Dataset per data section
         self.recorded: str | None = None  # the parent run id results.json had before this run
+        self.folders: Any = None  # pyfunc.ModelFolders once a variant is logged as a model
 
     # ------------------------------------------------------------------ connecting
     @classmethod
@@ -206,6 +207,12 @@ class Tracker:
         for path in files:
             self.client.log_artifact(self.parent_id, str(path))
 
+    def close(self) -> None:
+        """Remove the model folders' scratch space."""
+        if self.folders is not None:
+            self.folders.close()
+            self.folders = None
+
     @guarded
     def fail(self, run: Any, error: BaseException, interrupted: bool) -> None:
         """End every open run KILLED (Ctrl-C) or FAILED (a crash); keep what is known."""
@@ -290,9 +297,13 @@ class Tracker:
         tags = {"qpipe.variant": result.name, "qpipe.quantizer": result.quantizer, "qpipe.pipeline": run.name}
         if path is not None and path.is_file():
             tags["qpipe.artifact_sha256"] = file_sha256(path)
+        if self.folders is None:
+            from qpipe_mlflow.pyfunc import ModelFolders
+
+            self.folders = ModelFolders()
         return log_variant_model(self.client, self.experiment_id, run_id, run_name(result.name, self.rules),
                                  path if run.config.tracking.log_models else None, result.backend,
-                                 {k: text(v, MAX_PARAM) for k, v in params.items()}, tags)
+                                 {k: text(v, MAX_PARAM) for k, v in params.items()}, tags, self.folders)
 
     def log_curves(self, run_id: str, curves: list[tuple[str, float, int]]) -> None:
         from mlflow.entities import Metric
