@@ -14,6 +14,7 @@ the pairs' differences (target: at most 1 s) and of their ratios. Each run is it
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -25,27 +26,29 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGET_SECONDS = 1.0
 
 
-def timed(args: list[str], cwd: Path) -> float:
+def timed(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "qpipe.cli", "run", *args], cwd=cwd, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "qpipe.cli", "run", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     seconds = time.perf_counter() - started
     if done.returncode not in (0, 3):  # 3: the gate failed, still a full run
         raise SystemExit(f"qpipe run {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     return seconds
 
 
-def measure(pipeline: Path, work: Path, rounds: int) -> dict[str, float]:
-    """Median untracked and tracked seconds, and the medians of the pairs' differences and ratios."""
+def measure(pipeline: Path, work: Path, rounds: int, env: dict[str, str] | None = None) -> dict[str, float]:
+    """Median untracked and tracked seconds, and the medians of the pairs' differences and ratios
+    (``env``: extra environment variables, e.g. ``QPIPE_CACHE_DIR``)."""
     uri = f"sqlite:///{(work / 'mlflow.db').resolve()}"
     cwd = pipeline.parent
-    timed([str(pipeline), "--no-tracking", "-o", str(work / "warm-untracked")], cwd)
-    timed([str(pipeline), "--tracking-uri", uri, "-o", str(work / "warm-tracked")], cwd)
+    timed([str(pipeline), "--no-tracking", "-o", str(work / "warm-untracked")], cwd, env)
+    timed([str(pipeline), "--tracking-uri", uri, "-o", str(work / "warm-tracked")], cwd, env)
     pairs = []
     for i in range(rounds):
         runs = {"untracked": [str(pipeline), "--no-tracking", "-o", str(work / f"untracked-{i}")],
                 "tracked": [str(pipeline), "--tracking-uri", uri, "-o", str(work / f"tracked-{i}")]}
         order = list(runs) if i % 2 == 0 else list(reversed(runs))  # alternate who goes first
-        seconds = {name: timed(runs[name], cwd) for name in order}
+        seconds = {name: timed(runs[name], cwd, env) for name in order}
         pairs.append((seconds["untracked"], seconds["tracked"]))
         print(f"  round {i + 1}: untracked {seconds['untracked']:.2f} s, tracked {seconds['tracked']:.2f} s",
               file=sys.stderr)
