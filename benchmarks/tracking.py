@@ -32,7 +32,8 @@ def timed(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> floa
                           env={**os.environ, **(env or {})})
     seconds = time.perf_counter() - started
     if done.returncode not in (0, 3):  # 3: the gate failed, still a full run
-        raise SystemExit(f"qpipe run {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        raise SystemExit(f"qpipe run {' '.join(args)} failed ({done.returncode}):\n"
+                         f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
     return seconds
 
 
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     found = measure(args.pipeline.resolve(), work, args.rounds)
     verdict = "ok" if found["added_s"] <= TARGET_SECONDS else f"OVER the {TARGET_SECONDS:.0f} s target"
-    print(f"tracking, cached re-run of {args.pipeline.name} ({args.rounds} pairs): untracked {found['untracked_s']:.2f} s, "
+    print(f"tracking, cached re-run of {args.pipeline.name} ({args.rounds} pairs): "
+          f"untracked {found['untracked_s']:.2f} s, "
           f"tracked {found['tracked_s']:.2f} s; tracking adds {found['added_s']:.2f} s ({verdict}), "
           f"tracked/untracked {found['ratio']:.2f}x (medians)")
     return 0

@@ -173,7 +173,8 @@ def check_models(page, info: dict, names: dict, shots: Path) -> None:
     absent = [m for m in METRICS if m not in columns]
     if absent:
         raise Failed(f"the Models tab has no {absent} columns (columns: {sorted(columns)})")
-    empty = {m: v for m, v in columns.items() if m in METRICS and len([x for x in v if x not in ("", "-")]) < len(info["ok"])}
+    empty = {m: v for m, v in columns.items()
+             if m in METRICS and len([x for x in v if x not in ("", "-")]) < len(info["ok"])}
     if empty:
         raise Failed(f"the Models tab's metric columns are not filled for every variant: {empty}")
     page.locator("label:has(input[name='view-mode'][value='CHART'])").first.click()  # the chart view
@@ -216,7 +217,8 @@ def check_artifacts(page, address: str, info: dict, names: dict, shots: Path) ->
     variant = next((v for v in info["ok"] if info["artifacts"].get(v, "").endswith(".tflite")), None)
     if variant is None:
         raise Failed("no variant produced a .tflite")
-    page.goto(f"{address}/#/experiments/{info['experiment_id']}/runs/{names[variant][1]}/artifacts?workflowType=machine_learning")
+    run_page = f"{address}/#/experiments/{info['experiment_id']}/runs/{names[variant][1]}"
+    page.goto(f"{run_page}/artifacts?workflowType=machine_learning")
     try:
         page.get_by_text(info["artifacts"][variant], exact=True).first.wait_for(timeout=TIMEOUT_MS)
     except Exception:

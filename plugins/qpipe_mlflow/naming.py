@@ -7,6 +7,7 @@
   reports while training go under their own keys with their real steps: ``train/loss``,
   ``val/loss``.
 - Values are rounded to 6 significant digits (whole numbers, such as sizes, stay exact).
+- Tags name the stack's versions and the sha256 of the model and data.
 """
 
 from __future__ import annotations
@@ -16,8 +17,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-SHORT = 20  # run names longer than this are cut in the runs table
+import qpipe
+from qpipe.results import PipelineResults
+
 STAMP = re.compile(r"(\d{8}-\d{6})")
+VERSION_TAGS = {"tensorflow": "qpipe.tensorflow_version", "ai-edge-litert": "qpipe.litert_version",
+                "tf-keras": "qpipe.tf_keras_version", "keras": "qpipe.keras_version",
+                "tensorflow-model-optimization": "qpipe.tfmot_version", "mlflow": "qpipe.mlflow_version"}
 
 
 def abbreviation(key: str) -> str:
@@ -89,3 +95,24 @@ def parent_name(run: Any, started: Any) -> str:
     if found:
         return f"{pipeline}-{found.group(1)}"
     return f"{pipeline}-{started.strftime('%Y%m%d-%H%M%S')}" if started is not None else pipeline
+
+
+def input_tags(results: PipelineResults) -> dict[str, str]:
+    """sha256 of the model and of each data file, as recorded in results.json."""
+    tags = {}
+    if results.model.get("sha256"):
+        tags["qpipe.model_sha256"] = results.model["sha256"]
+    for section, info in (results.data or {}).items():
+        if isinstance(info, dict) and info.get("sha256"):
+            tags[f"qpipe.data.{section}_sha256"] = info["sha256"]
+    return tags
+
+
+def version_tags(results: PipelineResults) -> dict[str, str]:
+    """qpipe (as recorded by the run), TensorFlow, LiteRT and the rest of the stack (installed)."""
+    from qpipe.tfenv import versions
+
+    tags = {"qpipe.version": results.qpipe_version or qpipe.__version__}
+    for dist, version in versions().items():
+        tags[VERSION_TAGS.get(dist, f"qpipe.{dist}_version")] = version
+    return tags

@@ -98,7 +98,8 @@ class ModelFolders:
         if key not in self._templates:
             self._templates[key] = self._template(len(self._templates), tflite, config, signature, example)
         template = self._templates[key]
-        shutil.copytree(template, local, ignore=lambda folder, names: [TFLITE] if Path(folder).name == "artifacts" else [])
+        shutil.copytree(template, local,
+                        ignore=lambda folder, names: [TFLITE] if Path(folder).name == "artifacts" else [])
         shutil.copy(tflite, local / "artifacts" / TFLITE)
         mlmodel = Model.load(str(local / "MLmodel"))
         mlmodel.run_id, mlmodel.model_uuid, mlmodel.model_id = run_id, model.model_id, model.model_id
@@ -122,7 +123,8 @@ class ModelFolders:
         level = log.level
         log.setLevel(logging.ERROR)  # "validating input example..." at INFO
         try:
-            mlflow.pyfunc.save_model(str(folder), python_model=str(CODE), artifacts={ARTIFACT_KEY: str(staged / TFLITE)},
+            mlflow.pyfunc.save_model(str(folder), python_model=str(CODE),
+                                     artifacts={ARTIFACT_KEY: str(staged / TFLITE)},
                                      model_config=config or None, signature=signature, input_example=example,
                                      pip_requirements=requirements())
         finally:

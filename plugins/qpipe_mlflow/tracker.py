@@ -32,16 +32,14 @@ from qpipe.results import RESULTS_FILE, PipelineResults, VariantResult
 from qpipe_mlflow import datasets as data_inputs
 from qpipe_mlflow.store import (KIND, PARENT_TAG, experiment, flatten, metric_key, ms, number, one_line,
                                 parse_time, probe, quiet_logs, text, with_context)
-from qpipe_mlflow.naming import curve_key, history_curves, parent_name, run_name, short_names, tidy
+from qpipe_mlflow.naming import (curve_key, history_curves, input_tags, parent_name, run_name, short_names, tidy,
+                                 version_tags)
 from qpipe_mlflow.target import Target
 
 #: bounded retries and timeouts for HTTP stores (MLflow's defaults wait minutes on a dead
 #: server); set the variables yourself to override
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 END_STATUS = {"finished": "FINISHED", "interrupted": "KILLED", "crashed": "FAILED"}
-VERSION_TAGS = {"tensorflow": "qpipe.tensorflow_version", "ai-edge-litert": "qpipe.litert_version",
-                "tf-keras": "qpipe.tf_keras_version", "keras": "qpipe.keras_version",
-                "tensorflow-model-optimization": "qpipe.tfmot_version", "mlflow": "qpipe.mlflow_version"}
 MAX_TAG = 5000
 MAX_PARAM = 6000
 #: final metrics that do not describe the evaluation data (no dataset on them)
@@ -235,7 +233,8 @@ class Tracker:
     def open_child(self, variant: str) -> str:
         """The child run of ``variant``, created on first use."""
         if variant not in self.children:
-            child = self.client.create_run(self.experiment_id, run_name=run_name(variant, self.rules), tags=with_context({
+            name = run_name(variant, self.rules)
+            child = self.client.create_run(self.experiment_id, run_name=name, tags=with_context({
                 PARENT_TAG: self.parent_id, KIND: "variant", "qpipe.variant": variant, "qpipe.status": "running"}))
             self.children[variant] = child.info.run_id
         return self.children[variant]
@@ -419,27 +418,6 @@ def variant_tags(run: Any, result: VariantResult) -> dict[str, Any]:
     return tags
 
 
-def input_tags(results: PipelineResults) -> dict[str, str]:
-    """sha256 of the model and of each data file, as recorded in results.json."""
-    tags = {}
-    if results.model.get("sha256"):
-        tags["qpipe.model_sha256"] = results.model["sha256"]
-    for section, info in (results.data or {}).items():
-        if isinstance(info, dict) and info.get("sha256"):
-            tags[f"qpipe.data.{section}_sha256"] = info["sha256"]
-    return tags
-
-
-def version_tags(results: PipelineResults) -> dict[str, str]:
-    """qpipe (as recorded by the run), TensorFlow, LiteRT and the rest of the stack (installed)."""
-    from qpipe.tfenv import versions
-
-    tags = {"qpipe.version": results.qpipe_version or qpipe.__version__}
-    for dist, version in versions().items():
-        tags[VERSION_TAGS.get(dist, f"qpipe.{dist}_version")] = version
-    return tags
-
-
 def artifact_path(run: Any, result: VariantResult) -> Path | None:
     if not result.artifact:
         return None
@@ -460,4 +438,5 @@ def announce_existing(tracker: Tracker, old: Any) -> None:
 def announce(tracker: Tracker) -> None:
     """One line on stderr: where the run went and how to look at it."""
     sys.stderr.write(f"mlflow: logged run {tracker.run_name} ({tracker.parent_id}) to experiment "
-                     f"'{tracker.target.experiment}' at {tracker.target.uri}; view: {tracker.target.ui_hint(tracker.experiment_id)}\n")
+                     f"'{tracker.target.experiment}' at {tracker.target.uri}; "
+                     f"view: {tracker.target.ui_hint(tracker.experiment_id)}\n")
