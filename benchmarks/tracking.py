@@ -40,6 +40,7 @@ def timed(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> floa
 def measure(pipeline: Path, work: Path, rounds: int, env: dict[str, str] | None = None) -> dict[str, float]:
     """Median untracked and tracked seconds, and the medians of the pairs' differences and ratios
     (``env``: extra environment variables, e.g. ``QPIPE_CACHE_DIR``)."""
+    work.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{(work / 'mlflow.db').resolve()}"
     cwd = pipeline.parent
     timed([str(pipeline), "--no-tracking", "-o", str(work / "warm-untracked")], cwd, env)

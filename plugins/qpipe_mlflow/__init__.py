@@ -2,10 +2,12 @@
 
 A run is one parent MLflow run (named ``<pipeline>-<timestamp>``) in the experiment
 ``tracking.experiment`` (default: the pipeline's name), with one nested child run per variant
-(named after it): params, the metrics of results.json, tags, the ``.tflite`` and the variant's
-results. ``tracking.register`` registers one variant as a pyfunc model that predicts through
-LiteRT. ``tracking: false`` or ``--no-tracking`` runs without MLflow, which is then never
-imported. The tracker lives in ``run.state["mlflow"]`` for the length of one run.
+(params, final metrics at step 0, training curves, tags, the data as dataset inputs, the
+``.tflite`` and the variant's results) and, per finished variant, an MLflow 3 logged model: a
+pyfunc that runs the ``.tflite`` with LiteRT and needs no qpipe (see pyfunc.py).
+``tracking.register`` registers one variant's model. ``qpipe log`` sends a run once.
+``tracking: false`` or ``--no-tracking`` runs without MLflow, which is then never imported.
+The tracker lives in ``run.state["mlflow"]`` for the length of one run.
 """
 
 from __future__ import annotations
