@@ -56,8 +56,9 @@ def experiment(client: Any, target: Target) -> str:
         raise QpipeError(f"MLflow experiment '{target.experiment}' at {target.uri} is deleted: restore it "
                          f"(mlflow experiments restore --experiment-id {found.experiment_id}) or set "
                          "tracking.experiment to another name")
-    if EXPERIMENT_KIND[0] not in found.tags:  # an experiment from before: open it on its runs too
-        client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
+    if EXPERIMENT_KIND[0] not in found.tags:  # an experiment from before: mark it too (a nicety)
+        with contextlib.suppress(Exception):
+            client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
     return found.experiment_id
 
 
