@@ -244,7 +244,7 @@ def load_config(path: str | Path) -> LoadedConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"pipeline file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.safe_load(text)
@@ -264,6 +264,20 @@ def load_config(path: str | Path) -> LoadedConfig:
     if config.baseline is not None and config.baseline not in names:
         raise loaded.error(("baseline",), unknown_name_message("baseline variant", config.baseline, names))
     return loaded
+
+
+def _read_text(path: Path) -> str:
+    """The pipeline file's text; a file that is not UTF-8 or cannot be read is a ConfigError."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the pipeline file {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: the pipeline file is not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+                          "save it as UTF-8") from None
 
 
 def _config_error(path: Path, root: yaml.Node | None, exc: ValidationError, model: type[BaseModel],

@@ -42,6 +42,8 @@ class PipelineResults:
     baseline: str
     variants: list[VariantResult] = field(default_factory=list)
     started: str | None = None
+    #: the run's unique timestamp, as in its default folder name and its MLflow parent run's name
+    timestamp: str | None = None
     finished: str | None = None
     status: str = "running"  # running | finished | interrupted | crashed
     qpipe_version: str | None = None
