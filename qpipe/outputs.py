@@ -82,10 +82,11 @@ def _claim(path: Path, stamp: str, force: bool, retry: bool) -> OutputFolder:
         path.mkdir()
         created = True
     except FileExistsError:
+        if not path.is_dir():  # a file where a parent folder should be, or one made meanwhile
+            raise QpipeError(f"output folder {path} cannot be created: a file is in the way; "
+                             "choose another --output (or output.dir)") from None
         if retry:
             raise
-        if not path.is_dir():
-            raise QpipeError(f"output folder {path} is a file, not a folder: choose another --output") from None
         created = False
     except OSError as exc:
         raise QpipeError(f"output folder {path} cannot be created: {exc.strerror or exc}; "
@@ -106,7 +107,7 @@ def _refuse_if_used(path: Path) -> None:
     if not names:
         return
     if MARKER in names or "results.json" in names:
-        raise QpipeError(f"output folder {path} already holds a qpipe run; choose another --output "
+        raise QpipeError(f"output folder {path} already holds a run; choose another --output "
                          "(or pass --force to write over it)")
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     raise QpipeError(f"output folder {path} holds files qpipe did not write ({shown}); choose a new or "

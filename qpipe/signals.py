@@ -38,7 +38,8 @@ def held_signals() -> Iterator[None]:
 
     try:
         for sig in HELD:
-            previous[sig] = signal.signal(sig, hold)
+            if signal.getsignal(sig) is not None:  # None: set outside Python, cannot be restored
+                previous[sig] = signal.signal(sig, hold)
         yield
     finally:
         for sig, handler in previous.items():
@@ -56,4 +57,4 @@ def _deliver(signum: int, handler: Any, frame: Any) -> None:
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         os.kill(os.getpid(), signum)
-    # SIG_IGN (or None: installed outside Python): ignore, as it would have
+    # SIG_IGN: ignored, as it would have been
