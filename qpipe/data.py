@@ -398,7 +398,7 @@ def bind_to_model(raw: tuple, model_inputs: list[TensorInfo], what: str, allow_n
             raise DataError(f"{what}: {count} input rows but {len(y)} labels")
         if y.dtype.kind not in "biuf":
             raise DataError(f"{what}: labels have dtype {y.dtype}; expected numbers")
-        check_values(y, "the labels", what, allow_nonfinite=allow_nonfinite)
+        check_values(y, "the label array", what, allow_nonfinite=allow_nonfinite)
     return Dataset(inputs=out, labels=y)
 
 

@@ -75,9 +75,10 @@ def check_npz_file(path: Path, what: str) -> None:
             if info.compress_type != zipfile.ZIP_STORED:
                 total += need
                 if total > budget:
+                    before = " (with the compressed arrays before it)" if total > need else ""
                     raise DataError(f"{what}: {path.name}: {_describe(key, header)} is compressed, so it would "
-                                    f"be decompressed into memory; with the arrays before it that is more than "
-                                    f"the {human_bytes(budget)} limit: {OVERRIDE}")
+                                    f"be decompressed into memory{before}: more than the {human_bytes(budget)} "
+                                    f"limit; {OVERRIDE}")
 
 
 def _read_header(fh: Any, path: Path, key: str, what: str) -> tuple | None:
