@@ -19,6 +19,9 @@ import numpy as np
 from qpipe.errors import DataError
 from qpipe.limits import human_bytes, limit, warn_once
 
+#: elements checked at once
+CHECK_BLOCK = 1 << 22
+
 OVERRIDE = "raise QPIPE_MAX_DATA_BYTES for data you trust, or save it uncompressed with numpy.savez " \
            "(streamed a batch at a time)"
 
@@ -96,8 +99,15 @@ def check_values(values: np.ndarray, name: str, what: str, target: Any = None, *
     """Refuse NaN/Inf in ``values`` and values that overflow when cast to ``target``.
 
     ``start`` is the row of ``values[0]`` in the whole array (for blocks of a streamed
-    array), so the index named is the array's own.
+    array), so the index named is the array's own. Large arrays are checked in blocks, so the
+    temporary masks stay small.
     """
+    rows = max(1, CHECK_BLOCK // max(1, values[:1].size))
+    if values.ndim and len(values) > rows:
+        for first in range(0, len(values), rows):
+            check_values(values[first:first + rows], name, what, target, start=start + first,
+                         allow_nonfinite=allow_nonfinite)
+        return
     if values.dtype.kind == "f" and not np.isfinite(values).all():
         index = _first(~np.isfinite(values), start)
         message = f"{what}: {name} has {values[index_in(index, start)]} at index {index}"
@@ -114,6 +124,8 @@ def check_values(values: np.ndarray, name: str, what: str, target: Any = None, *
         return
     with np.errstate(invalid="ignore"):
         bad = (values > info.max) | (values < info.min)
+        if values.dtype.kind == "f":
+            bad &= np.isfinite(values)  # NaN/Inf were reported (or allowed) above
     if bad.any():
         index = _first(bad, start)
         raise DataError(f"{what}: {name} has {values[index_in(index, start)]} at index {index}, outside the "
@@ -180,6 +192,9 @@ def check_class_labels(labels: np.ndarray, classes: int | None, what: str = "lab
     bad = (flat < 0) if top is None else ((flat < 0) | (flat >= top))
     if bad.any():
         i = int(np.argmax(bad))
-        where = "negative" if top is None else f"outside [0, {top}) for a model with {classes} outputs"
-        raise DataError(f"{what} have {flat[i]:g} at index {i}, {where}; fix the labels or the model")
+        if top is None:
+            raise DataError(f"{what} have {flat[i]:g} at index {i}, a negative class id; fix the labels")
+        outputs = f"{classes} outputs" if classes > 1 else "1 output (a binary classifier: classes 0 and 1)"
+        raise DataError(f"{what} have {flat[i]:g} at index {i}, outside [0, {top}) for a model with {outputs}; "
+                        "fix the labels, or for regression targets use the regression evaluator, not accuracy")
     return flat.astype(np.int64)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import qpipe.data
+import qpipe.datacheck
 from qpipe.components import TensorInfo
 from qpipe.config import DataSource, load_config, resolve
 from qpipe.data import Dataset, LazyArray, bind_to_model, load_source
@@ -60,7 +61,8 @@ def test_allow_nonfinite_turns_the_error_into_a_warning(project, pm, capsys):
            "data.allow_nonfinite)" in capsys.readouterr().err
 
 
-def test_nan_labels_and_float64_overflow_are_errors():
+def test_nan_labels_and_float64_overflow_are_errors(monkeypatch):
+    monkeypatch.setattr(qpipe.datacheck, "CHECK_BLOCK", 100)  # checked in blocks of one row here
     x = np.zeros((6, 8, 8, 1))
     with pytest.raises(DataError, match=r"data.training: the label array has nan at index 4"):
         bind_to_model((x, np.array([0.1, 0.2, 0.3, 0.4, np.nan, 0.5])), IMAGE, "data.training")
@@ -68,6 +70,8 @@ def test_nan_labels_and_float64_overflow_are_errors():
     with pytest.raises(DataError, match=r"input 'image' has 1e\+39 at index \(2, 7, 7, 0\), outside the range of "
                                         r"the model's float32"):
         bind_to_model((x, None), IMAGE, "data.evaluation")
+    x[2, 7, 7, 0] = np.inf  # allowed inf is not also an overflow
+    assert np.isinf(bind_to_model((x, None), IMAGE, "d", allow_nonfinite=True).inputs["image"][2, 7, 7, 0])
     # regression targets are floats: fine
     y = np.linspace(-3.5, 2.25, 6)
     assert np.array_equal(bind_to_model((np.zeros((6, 8, 8, 1)), y), IMAGE, "d").labels, y)
@@ -90,6 +94,7 @@ def test_streamed_arrays_are_checked_as_they_are_read(tmp_path, monkeypatch):
 @pytest.mark.parametrize("labels, pattern", [
     (np.array([0, 1, 7, 2]), r"labels have 7 at index 2, outside \[0, 4\) for a model with 4 outputs"),
     (np.array([0, -1, 2, 3]), r"labels have -1 at index 1, outside \[0, 4\)"),
+    (np.array([1.0, 243.0, 0.0, 1.0]), r"labels have 243 at index 1, outside \[0, 4\).*regression evaluator"),
     (np.array([0.0, 1.0, 2.7, 1.0]), r"labels have 2.7 at index 2, not a class id"),
     (np.array([0.0, np.nan, 2.0, 1.0]), r"labels have nan at index 1, not a class id"),
     (np.eye(3)[[0, 1, 2, 1]], r"one-hot rows of width 3, but the model has 4 outputs"),
@@ -104,6 +109,11 @@ def test_good_class_labels_pass():
     assert Dataset({"x": np.zeros(3)}, np.array([0.0, 3.0, 1.0])).class_labels(4).tolist() == [0, 3, 1]
     assert Dataset({"x": np.zeros(3)}, np.eye(4)[[2, 0, 3]]).class_labels(4).tolist() == [2, 0, 3]
     assert Dataset({"x": np.zeros(3)}, np.array([[1], [0], [1]])).class_labels(1).tolist() == [1, 0, 1]
+    assert Dataset({"x": np.zeros(3)}, np.array([5, 0, 9])).class_labels().tolist() == [5, 0, 9]  # no range known
+    with pytest.raises(DataError, match="a negative class id"):
+        Dataset({"x": np.zeros(3)}, np.array([5, -2, 9])).class_labels()
+    with pytest.raises(DataError, match=r"outside \[0, 2\) for a model with 1 output \(a binary classifier"):
+        Dataset({"x": np.zeros(3)}, np.array([151.0, 75.0, 141.0])).class_labels(1)
 
 
 def test_out_of_range_labels_fail_the_variant_instead_of_scoring_it(project):
