@@ -40,12 +40,12 @@ def limit(name: str) -> int:
 
 
 def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KB' (powers of 1000, as file managers show)."""
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
+    """1536 -> '1.5 KiB' (powers of 1024, like the limits' K/M/G suffixes)."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
             return f"{int(n)} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def cpu_count() -> int:

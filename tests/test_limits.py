@@ -130,7 +130,7 @@ def test_a_zip_bomb_npz_is_refused_in_seconds_and_bounded_memory(tmp_path):
     report = measured(sys.executable, "-c", LOAD, str(bomb))
     assert report["code"] == 2, report
     [line] = error_lines(report)
-    assert "bomb.npz" in line and "array 'x'" in line and "5.6 GB" in line and "QPIPE_MAX_DATA_BYTES" in line
+    assert "bomb.npz" in line and "array 'x'" in line and "5.2 GiB" in line and "QPIPE_MAX_DATA_BYTES" in line
     assert report["seconds"] < 20 and report["peak_mb"] < 300, report
 
 
@@ -178,7 +178,7 @@ def test_the_data_limit_has_an_override_and_streamed_files_stay_unlimited(tmp_pa
     np.savez_compressed(tmp_path / "small.npz", x=x)
     np.savez(tmp_path / "stored.npz", x=x)
     monkeypatch.setenv("QPIPE_MAX_DATA_BYTES", "8K")
-    with pytest.raises(DataError, match=r"small.npz: array 'x' .* is compressed.* 8.2 KB limit"):
+    with pytest.raises(DataError, match=r"small.npz: array 'x' .* is compressed.* 8.0 KiB limit"):
         load_source(DataSource(path="small.npz"), tmp_path, "data.evaluation")
     # uncompressed members are read from the file (streamed when large): the limit is for memory
     assert np.array_equal(load_source(DataSource(path="stored.npz"), tmp_path, "d")[0], x)
@@ -190,7 +190,7 @@ def test_a_huge_pipeline_file_is_refused_before_parsing(tmp_path, monkeypatch):
     text = "name: big\ndescription: '" + "x" * 1_200_000 + "\n"  # also malformed: the quote never closes
     path = tmp_path / "pipeline.yaml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match=r"pipeline.yaml: the file is 1.2 MB; .* limited to 1.0 MB .*QPIPE_MAX_YAML"):
+    with pytest.raises(ConfigError, match=r"pipeline.yaml: the file is 1.1 MiB; .* limited to 1.0 MiB .*QPIPE_MAX_YAML"):
         load_config(path)
     monkeypatch.setenv("QPIPE_MAX_YAML_BYTES", "2M")
     with pytest.raises(ConfigError, match="malformed YAML"):
