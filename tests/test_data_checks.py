@@ -72,6 +72,12 @@ def test_nan_labels_and_float64_overflow_are_errors(monkeypatch):
         bind_to_model((x, None), IMAGE, "data.evaluation")
     x[2, 7, 7, 0] = np.inf  # allowed inf is not also an overflow
     assert np.isinf(bind_to_model((x, None), IMAGE, "d", allow_nonfinite=True).inputs["image"][2, 7, 7, 0])
+    two = [TensorInfo("image", (None, 8, 8, 1), "float32"), TensorInfo("meta", (None, 3), "int8")]
+    meta = np.zeros((6, 3), np.int64)
+    meta[4, 2] = 300  # wraps around in int8
+    with pytest.raises(DataError, match=r"input 'meta' has 300 at index \(4, 2\), outside the range of the "
+                                        r"model's int8 \(-128 to 127\)"):
+        bind_to_model(({"image": np.zeros((6, 8, 8, 1)), "meta": meta}, None), two, "data.evaluation")
     # regression targets are floats: fine
     y = np.linspace(-3.5, 2.25, 6)
     assert np.array_equal(bind_to_model((np.zeros((6, 8, 8, 1)), y), IMAGE, "d").labels, y)
