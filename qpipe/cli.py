@@ -148,7 +148,8 @@ def build_app(pm: Any = None) -> typer.Typer:
                 pm.unregister(name="qpipe-console")
             for warning in warnings:
                 typer.echo(f"warning: {warning}", err=True)
-            print_summary(results, Path(output) if output else None)
+            headline = [name for ev in resolved.evaluators for name in getattr(ev.component, "headline", ())]
+            print_summary(results, Path(output) if output else None, headline)
             if results.gate is not None and not results.gate["passed"]:
                 raise fail(f"gate: {results.gate['reason']} ({', '.join(results.gate['constraints'])}); "
                            "see 'gate' in results.json", EXIT_GATE_FAILED)
@@ -191,7 +192,7 @@ def build_app(pm: Any = None) -> typer.Typer:
                 plugin_obj = pm.get_plugin(name)
                 if plugin_obj is not None:
                     listing[name]["hooks"] = sorted(h.name for h in pm.get_hookcallers(plugin_obj) or [])
-            failures = dict(pm.load_failures)
+            failures = {**pm.load_failures, **registry.problems()}
             if as_json:
                 typer.echo(json.dumps({"plugins": listing, "load_failures": failures}, indent=2))
                 return
@@ -206,8 +207,10 @@ def build_app(pm: Any = None) -> typer.Typer:
                 table.add_row(name, item.get("version") or "", comps or "(hooks: " + ", ".join(item["hooks"]) + ")")
             console = Console()
             console.print(table)
-            for name, error in failures.items():
+            for name, error in pm.load_failures.items():
                 console.print(f"[red]failed to load plugin '{name}':[/red] {error}")
+            for name, error in registry.problems().items():
+                console.print(f"[red]not usable: {name}:[/red] {error}")
 
     @app.command(name="cache")
     def cache_cmd(
@@ -237,14 +240,32 @@ def build_app(pm: Any = None) -> typer.Typer:
     @app.command(name="new-plugin")
     def new_plugin_cmd(
         name: str = typer.Argument(..., help="Plugin name: lower-case letters, digits, '_' (e.g. my_metrics)."),
+        kind: str = typer.Option("evaluator", "--kind", help="What the plugin adds: evaluator, quantizer, calibrator or backend."),
         directory: Path = typer.Option(Path("."), "--dir", help="Where to create the qpipe-NAME folder."),
     ) -> None:
-        """Create a plugin package (pyproject entry point, an evaluator, a passing test)."""
+        """Create a plugin package (pyproject entry point, one component of KIND, passing tests)."""
         with ErrorGuard(False):
             from qpipe.scaffold import new_plugin
 
-            root = new_plugin(name, directory)
-            typer.echo(f"created {root}\nnext: cd {root} && pip install -e . && pytest")
+            root = new_plugin(name, directory, kind)
+            typer.echo(f"created {root}\nnext: cd {root}\n"
+                       "      python -m qpipe plugin-venv .venv   # reuses this qpipe; nothing downloaded\n"
+                       "      .venv/bin/python -m pip install --no-deps -e .\n"
+                       "      .venv/bin/python -m pytest")
+
+    @app.command(name="plugin-venv")
+    def plugin_venv_cmd(
+        folder: Path = typer.Argument(Path(".venv"), help="The virtual environment to create."),
+    ) -> None:
+        """Create a venv that reuses this qpipe and its packages (for developing a plugin)."""
+        with ErrorGuard(False):
+            from qpipe.testing import overlay_venv
+
+            if folder.exists() and any(folder.iterdir()):
+                raise fail(f"{folder} already exists and is not empty; choose another folder")
+            python = overlay_venv(folder)
+            typer.echo(f"created {folder}: {python} sees qpipe {__version__}; "
+                       f"{python.parent / 'qpipe'} runs the CLI")
 
     @app.command(name="log")
     def log_cmd(

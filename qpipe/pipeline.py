@@ -102,7 +102,8 @@ def load_inputs(pm: QpipePluginManager, resolved: ResolvedPipeline) -> Inputs:
         source = getattr(data_cfg, section)
         if source is None:
             return None
-        return bind_to_model(load_source(source, base, f"data.{section}"), model.inputs, f"data.{section}")
+        return bind_to_model(load_source(source, base, f"data.{section}"), model.inputs, f"data.{section}",
+                             allow_nonfinite=data_cfg.allow_nonfinite)
 
     needs_calibration = any(rv.calibrator is not None for rv in resolved.variants)
     needs_training = any(type(rv.quantizer.component).needs_training for rv in resolved.variants)

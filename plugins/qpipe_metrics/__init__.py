@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 
 import qpipe
 from qpipe import EvalContext, Evaluator, QpipeError
+from qpipe.limits import clamp_threads
 
 
 def _flat(outputs: np.ndarray) -> np.ndarray:
@@ -36,8 +37,8 @@ class Accuracy(Evaluator):
     Options = AccuracyOptions
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
-        labels = ctx.data.class_labels()
         scores = _flat(ctx.outputs)
+        labels = ctx.data.class_labels(classes=scores.shape[1])
         if scores.shape[1] == 1:  # a single sigmoid unit: binary classifier
             predicted = (scores[:, 0] >= 0.5).astype(np.int64)
         else:
@@ -109,6 +110,11 @@ class LatencyOptions(qpipe.Options):
     warmup: int = Field(5, ge=0, description="untimed invokes first")
     runs: int = Field(50, ge=1, description="timed invokes")
     threads: int | None = Field(None, ge=1, description="threads (default: the backend's)")
+
+    @field_validator("threads")
+    @classmethod
+    def _at_most_cpus(cls, value: int | None) -> int | None:
+        return None if value is None else clamp_threads(value, "evaluator latency")
 
 
 class Latency(Evaluator):
