@@ -1,0 +1,183 @@
+"""Untrusted inputs: model files that hold code, tampered cache entries, forged output folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import pytest
+
+from qpipe.errors import QpipeError
+from qpipe.testing import run_pipeline_file
+
+QPIPE = [sys.executable, "-m", "qpipe.cli"]
+
+
+def qpipe_cli(*args, cwd=None):
+    return subprocess.run([*QPIPE, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def one_error_line(proc, code: int) -> str:
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return errors[0]
+
+
+def writes_marker(marker) -> str:
+    """Source of a lambda that writes ``marker`` (a constant in its bytecode) and passes its input on."""
+    return f"lambda t: (open({str(marker)!r}, 'w').write('pwned'), t)[1]"
+
+
+# --------------------------------------------------------------------------- safe loading
+
+
+def test_h5_lambda_refused_in_safe_mode_and_its_code_never_runs(project, tmp_path):
+    from qpipe.tfenv import tf_keras
+
+    keras = tf_keras()
+    marker = tmp_path / "pwned.txt"
+    base = keras.models.load_model(project.model_path)
+    inputs = keras.Input((8, 8, 1), name="image")
+    evil = keras.layers.Lambda(eval(writes_marker(marker)), name="evil")(inputs)  # noqa: S307 - the test's payload
+    keras.Model(inputs, base(evil)).save(project.root / "evil.h5")
+    marker.unlink()  # building the model called the lambda once
+    pipeline = project.write_pipeline(model={"path": "evil.h5"})
+
+    line = one_error_line(qpipe_cli("run", pipeline, "--no-tracking", "-o", project.root / "run"), 2)
+    assert "evil.h5: refused in safe mode: layer 'evil' is a Lambda layer" in line
+    assert "model.safe_mode: false" in line
+    assert not marker.exists()  # the file's code never ran
+    assert not (project.root / "run" / "results.json").exists()
+
+    trusted = project.write_pipeline(model={"path": "evil.h5", "safe_mode": False})
+    results = run_pipeline_file(trusted, output=project.root / "trusted")
+    assert results.variant("float32").status == "ok"
+    assert marker.read_text() == "pwned"  # opting out really runs the file's code: the refusal was needed
+
+
+@pytest.mark.parametrize("claimed", ["2.21.0", "3.10.0", None])
+def test_h5_keras_version_cannot_pick_an_unchecked_loader(project, pm, tmp_path, claimed):
+    """Whatever Keras the file claims to come from, the scan runs before the loader it picks."""
+    config = {"class_name": "Sequential", "config": {"name": "s", "layers": [
+        {"class_name": "InputLayer", "config": {"batch_input_shape": [None, 8, 8, 1], "name": "image"}},
+        {"class_name": "Lambda", "config": {"name": "payload", "function": ["AAAA", None, None],
+                                            "function_type": "lambda", "module": "__main__"}}]}}
+    with h5py.File(project.root / "forged.h5", "w") as f:
+        f.attrs["model_config"] = json.dumps(config)
+        if claimed:
+            f.attrs["keras_version"] = claimed
+    with pytest.raises(QpipeError, match="forged.h5: refused in safe mode: layer 'payload' is a Lambda layer"):
+        run_pipeline_file(project.write_pipeline(model={"path": "forged.h5"}), pm)
+
+
+def _legacy_layer(cls, name, config=None, **extra):
+    return {"class_name": cls, "config": {"name": name, **(config or {})}, **extra}
+
+
+@pytest.mark.parametrize("layer, reason", [
+    (_legacy_layer("TimeDistributed", "td", {"layer": _legacy_layer("Sequential", "inner", {"layers": [
+        _legacy_layer("Bidirectional", "bi", {"layer": _legacy_layer("Lambda", "deep", {"function_type": "lambda"})})]})}),
+     r"layer 'deep' is a Lambda layer \(.*\) \(in Sequential 's' > TimeDistributed 'td' > Sequential 'inner' > "
+     r"Bidirectional 'bi'\)"),
+    (_legacy_layer("TFOpLambda", "tf.io.gfile.rmtree", {"function": "io.gfile.rmtree"}),
+     r"layer 'tf.io.gfile.rmtree' calls tf.io.gfile.rmtree, which is not a tensor-math function"),
+    (_legacy_layer("MyLayer", "mine"), r"class 'MyLayer' is not a Keras built-in nor registered"),
+    ({"module": "os", "class_name": "system", "config": {"name": "x"}}, r"class 'system' from module 'os' is not part of Keras"),
+    (_legacy_layer("Dense", "d", {"units": 2, "activation": {
+        "module": "keras.src.utils.file_utils", "class_name": "function", "config": "get_file"}}),
+     r"function 'get_file' from module 'keras.src.utils.file_utils' is not a Keras activation"),
+])
+def test_code_anywhere_in_a_stored_config_is_refused(tmp_path, layer, reason):
+    from qpipe_keras.safety import check_keras_file
+
+    path = tmp_path / "m.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["keras_version"] = "2.21.0"
+        f.attrs["model_config"] = json.dumps(_legacy_layer("Sequential", "s", {"layers": [layer]}))
+    with pytest.raises(QpipeError, match=reason):
+        check_keras_file(path)
+
+
+def test_ordinary_models_pass_the_scan(tmp_path):
+    """Built-in layers, wrappers, nested models, TF math ops and a compiled model are not code."""
+    from qpipe_keras.safety import check_keras_file
+    from qpipe.tfenv import keras3, tensorflow, tf_keras
+
+    tf, k2, k3 = tensorflow(), tf_keras(), keras3()
+    inputs = k2.Input((5, 4))
+    inner = k2.Sequential([k2.Input((4,)), k2.layers.Dense(3, activation="relu", kernel_regularizer="l2"),
+                           k2.layers.BatchNormalization()])
+    x = k2.layers.Bidirectional(k2.layers.LSTM(3, return_sequences=True))(k2.layers.TimeDistributed(inner)(inputs))
+    x = tf.nn.softmax(tf.reshape(x, (-1, 30)) * 2.0)[:, :3]
+    model = k2.Model(inputs, tf.clip_by_value(tf.math.exp(x), 0.0, 1.0))
+    model.compile(k2.optimizers.Adam(), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    inputs3 = k3.Input((8, 8, 1))
+    x3 = k3.layers.SeparableConv2D(4, 3, activation="relu")(inputs3)
+    x3 = k3.ops.add(k3.layers.GlobalAveragePooling2D()(k3.layers.BatchNormalization()(x3)), 1.0)
+    model3 = k3.Model(inputs3, k3.layers.Dense(3, activation="softmax")(x3))
+    model3.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    for m, name in ((model, "tk.h5"), (model, "tk.keras"), (model3, "k3.keras"), (model3, "k3.h5")):
+        m.save(tmp_path / name)
+        check_keras_file(tmp_path / name)
+
+
+def _file_writing_saved_model(folder, marker, how: str):
+    """A SavedModel with serving_default (image -> 4 scores) that writes ``marker`` on load
+    (a resource initializer) or reads a file into a lookup table on load."""
+    from qpipe.tfenv import tensorflow
+
+    tf = tensorflow()
+
+    class Payload(tf.saved_model.experimental.TrackableResource):
+        def _create_resource(self):
+            return tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=[], shared_name=f"payload{id(self)}")
+
+        def _initialize(self):
+            tf.io.write_file(str(marker), "pwned")
+            tf.raw_ops.AssignVariableOp(resource=self.resource_handle, value=1.0)
+
+    class Model(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable(tf.random.stateless_normal((64, 4), seed=(1, 2)))
+            if how == "initializer":
+                self.payload = Payload()
+            else:
+                marker.write_text("a\nb\n")
+                self.table = tf.lookup.StaticHashTable(tf.lookup.TextFileInitializer(
+                    str(marker), tf.string, tf.lookup.TextFileIndex.WHOLE_LINE, tf.int64,
+                    tf.lookup.TextFileIndex.LINE_NUMBER), -1)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 1], tf.float32, name="image")])
+        def serve(self, image):
+            return {"scores": tf.nn.softmax(tf.matmul(tf.reshape(image, (-1, 64)), self.w))}
+
+    model = Model()
+    tf.saved_model.save(model, str(folder), signatures={"serving_default": model.serve})
+
+
+@pytest.mark.parametrize("how, op", [("initializer", "WriteFile"), ("lookup", "InitializeTableFromTextFileV2")])
+def test_saved_model_touching_files_refused(project, pm, tmp_path, how, op):
+    marker = tmp_path / "marker.txt"
+    _file_writing_saved_model(project.root / "sm", marker, how)
+    marker.unlink(missing_ok=True)
+    with pytest.raises(QpipeError, match=rf"sm: refused in safe mode: function '.*' uses op {op} .*safe_mode: false"):
+        run_pipeline_file(project.write_pipeline(model={"path": "sm"}), pm)
+    assert not marker.exists()
+    if how == "initializer":  # opting out runs the graph's file write: the refusal was needed
+        results = run_pipeline_file(project.write_pipeline(model={"path": "sm", "safe_mode": False}), pm)
+        assert results.model["flavor"] == "saved_model"  # loaded (its resource does not convert)
+        assert marker.read_text() == "pwned"
+
+
+def test_plain_saved_model_still_loads(project, pm):
+    from qpipe.tfenv import tf_keras
+
+    tf_keras().models.load_model(project.model_path).export(str(project.root / "exported"))
+    results = run_pipeline_file(project.write_pipeline(model={"path": "exported"}), pm)
+    assert results.model["flavor"] == "saved_model"
+    assert results.variant("float32").status == "ok"
