@@ -85,6 +85,16 @@ def read_results(output_dir: Path) -> PipelineResults:
     return PipelineResults.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
 
+def contained(output_dir: Path, relative: Any) -> Path | None:
+    """``output_dir / relative`` resolved (symlinks followed) when it lies inside ``output_dir``;
+    None for anything else (an absolute path, ``..``, a symlink leading out, not a string)."""
+    if not isinstance(relative, str) or not relative.strip():
+        return None
+    root = Path(output_dir).resolve()
+    path = (root / relative).resolve()
+    return path if path != root and path.is_relative_to(root) else None
+
+
 def _finite(value: Any) -> Any:
     """Replace NaN/inf (not valid JSON) with None, recursively."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -181,3 +181,85 @@ def test_plain_saved_model_still_loads(project, pm):
     results = run_pipeline_file(project.write_pipeline(model={"path": "exported"}), pm)
     assert results.model["flavor"] == "saved_model"
     assert results.variant("float32").status == "ok"
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def run_with_warnings(pipeline, output):
+    from qpipe.config import load_config, resolve
+    from qpipe.pipeline import run_pipeline
+    from qpipe.registry import Registry
+    from qpipe.testing import plugin_manager
+
+    pm = plugin_manager()
+    return run_pipeline(pm, resolve(load_config(pipeline), Registry.from_plugins(pm)), output, {"no_tracking": True})
+
+
+def cached_entry(project, result):
+    return next((project.root / ".qpipe-cache" / "v1").glob(f"??/{result.metadata['cache_key']}"))
+
+
+def damage_truncate(entry, artifact):
+    data = artifact.read_bytes()
+    artifact.write_bytes(data[: len(data) // 2])
+
+
+def damage_bitflip(entry, artifact):
+    data = bytearray(artifact.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    artifact.write_bytes(bytes(data))
+
+
+def damage_symlink(entry, artifact):
+    artifact.unlink()
+    artifact.symlink_to("/etc/hostname")
+
+
+@pytest.mark.parametrize("damage", [damage_truncate, damage_bitflip, damage_symlink])
+def test_a_damaged_cache_entry_is_recomputed_with_a_warning(project, damage):
+    from ai_edge_litert.interpreter import Interpreter
+
+    pipeline = project.write_pipeline([{"name": "int8", "quantizer": "tflite.int8"}])
+    first, _ = run_with_warnings(pipeline, project.root / "one")
+    entry = cached_entry(project, first.variant("int8"))
+    damage(entry, entry / "artifact" / first.variant("int8").artifact)
+
+    second, warnings = run_with_warnings(pipeline, project.root / "two")
+    int8 = second.variant("int8")
+    assert int8.status == "ok" and int8.metadata["cache"] == "miss", int8.metadata
+    assert [w for w in warnings if f"cache entry {entry.name[:12]}" in w and "damaged" in w and "recomputing" in w]
+    fresh = project.root / "two" / int8.artifact
+    assert fresh.read_bytes() == (project.root / "one" / first.variant("int8").artifact).read_bytes()
+    Interpreter(model_path=str(fresh)).allocate_tensors()
+    assert int8.metrics["accuracy"] == first.variant("int8").metrics["accuracy"]
+
+    third, warnings = run_with_warnings(pipeline, project.root / "three")  # the bad entry was replaced
+    assert third.variant("int8").metadata["cache"] == "hit" and not [w for w in warnings if "damaged" in w]
+
+
+@pytest.mark.parametrize("field, value", [("artifact", "../../../ESC/evil.tflite"),
+                                          ("files", ["../../../ESC/passwd"])])
+def test_a_cache_entry_naming_paths_outside_itself_is_refused(project, field, value):
+    pipeline = project.write_pipeline([{"name": "int8", "quantizer": "tflite.int8"}])
+    first, _ = run_with_warnings(pipeline, project.root / "runs" / "one")
+    entry = cached_entry(project, first.variant("int8"))
+    info = json.loads((entry / "entry.json").read_text())
+    if field == "artifact":  # a consistent forgery: the file is there and its checksum matches
+        evil = entry / "artifact" / value
+        evil.parent.mkdir(parents=True, exist_ok=True)
+        evil.write_bytes(b"forged")
+        info["artifact"] = value
+        info["raw_metrics"]["accuracy"] = 1.0
+    else:
+        info["result"]["metadata"]["files"] = value
+    (entry / "entry.json").write_text(json.dumps(info))
+
+    second, warnings = run_with_warnings(pipeline, project.root / "runs" / "two")
+    int8 = second.variant("int8")
+    assert int8.status == "ok" and int8.metadata["cache"] == "miss"
+    assert int8.metrics["accuracy"] == first.variant("int8").metrics["accuracy"]  # not the forged 1.0
+    assert [w for w in warnings if "names a path outside the entry" in w]
+    assert not list(project.root.parent.rglob("ESC/evil.tflite"))[1:]  # only the forger's own file, in the cache
+    assert not (project.root.parent / "ESC").exists()  # where runs/two/../../../ESC would have been written
+    assert "files" not in int8.metadata or not int8.metadata["files"]
