@@ -263,3 +263,124 @@ def test_a_cache_entry_naming_paths_outside_itself_is_refused(project, field, va
     assert not list(project.root.parent.rglob("ESC/evil.tflite"))[1:]  # only the forger's own file, in the cache
     assert not (project.root.parent / "ESC").exists()  # where runs/two/../../../ESC would have been written
     assert "files" not in int8.metadata or not int8.metadata["files"]
+
+
+# --------------------------------------------------------------------------- qpipe log
+
+
+@pytest.fixture(scope="module")
+def finished_folder(tmp_path_factory):
+    """A real, untracked run's output folder (copied by each test before it forges it)."""
+    from qpipe.testing import tiny_project
+
+    project = tiny_project(tmp_path_factory.mktemp("logged"))
+    pipeline = project.write_pipeline([{"name": "dynamic", "quantizer": "tflite.dynamic"}],
+                                      tracking={"experiment": "forged"})
+    run_pipeline_file(pipeline, output=project.root / "out", settings={"no_tracking": True})
+    return project.root / "out"
+
+
+def qpipe_log(folder, store):
+    from typer.testing import CliRunner
+
+    from qpipe.cli import build_app
+    from qpipe.testing import plugin_manager
+
+    return CliRunner().invoke(build_app(plugin_manager(entry_points=["mlflow"])),
+                              ["log", str(folder), "--tracking-uri", store])
+
+
+def logged_runs(store):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+@pytest.fixture
+def store(tmp_path, tmp_path_factory):
+    from qpipe_mlflow.testing import sqlite_store
+
+    return sqlite_store(tmp_path / "mlflow.db", tmp_path_factory.getbasetemp())
+
+
+def forge(finished_folder, tmp_path, change):
+    import shutil
+
+    folder = tmp_path / "theirs"
+    shutil.copytree(finished_folder, folder)
+    results = json.loads((folder / "results.json").read_text())
+    change(folder, results)
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def _artifact(value):
+    return lambda folder, results: results["variants"][1].update(artifact=value)
+
+
+def _component_file(value):
+    return lambda folder, results: results["variants"][1]["metadata"].update(files=[value])
+
+
+def _symlinked_artifact(folder, results):
+    target = folder / results["variants"][1]["artifact"]
+    target.unlink()
+    target.symlink_to("/etc/hostname")
+
+
+@pytest.mark.parametrize("change, named", [
+    (_artifact("/etc/passwd"), "/etc/passwd"),
+    (_artifact("../../../../../../etc/os-release"), "../../../../../../etc/os-release"),
+    (_component_file("../secret.txt"), "../secret.txt"),
+    (_symlinked_artifact, "dynamic.tflite"),
+])
+def test_qpipe_log_of_a_forged_folder_uploads_nothing(finished_folder, tmp_path, store, change, named):
+    folder = forge(finished_folder, tmp_path, change)
+    (tmp_path / "secret.txt").write_text("secret")
+    out = qpipe_log(folder, store)
+    assert out.exit_code == 2, out.output
+    assert f"variant 'dynamic' names '{named}', which is not inside the output folder; nothing was logged" \
+        in out.output
+    assert "Traceback" not in out.output and not logged_runs(store)
+
+
+def test_qpipe_log_refuses_a_pipeline_copy_leading_out_of_the_folder(finished_folder, tmp_path, store):
+    def change(folder, results):
+        (tmp_path / "private.yaml").write_text((folder / "pipeline.yaml").read_text() + "# private\n")
+        (folder / "pipeline.yaml").unlink()
+        (folder / "pipeline.yaml").symlink_to(tmp_path / "private.yaml")
+
+    out = qpipe_log(forge(finished_folder, tmp_path, change), store)
+    assert out.exit_code == 2 and "pipeline.yaml) is missing or points outside the folder" in out.output
+    assert not logged_runs(store)
+
+
+@pytest.mark.parametrize("text, problem", [
+    (lambda good: good[: len(good) // 2], "not valid JSON"),
+    (lambda good: json.dumps({**json.loads(good), "variants": "all"}), "'variants' has the wrong type (str)"),
+    (lambda good: json.dumps({**json.loads(good), "variants": [{"name": "x", "metrics": []}]}),
+     "'variants[0].metrics' has the wrong type (list)"),
+    (lambda good: "[1, 2]", "not a JSON object"),
+])
+def test_qpipe_log_of_a_garbled_results_json_is_one_line(finished_folder, tmp_path, text, problem):
+    def change(folder, results):
+        pass
+
+    folder = forge(finished_folder, tmp_path, change)
+    (folder / "results.json").write_text(text((folder / "results.json").read_text()))
+    proc = qpipe_cli("log", folder, "--tracking-uri", f"sqlite:///{tmp_path / 'never.db'}")
+    line = one_error_line(proc, 2)
+    assert f"{folder / 'results.json'}: {problem}" in line and "truncated or was not written by qpipe" in line
+    assert not (tmp_path / "never.db").exists()
+
+
+def test_qpipe_log_of_a_killed_run_is_not_finished(finished_folder, tmp_path, store):
+    def killed(folder, results):  # what a SIGKILLed run leaves: written after each variant, no final state
+        results.update(status="running", finished=None)
+
+    out = qpipe_log(forge(finished_folder, tmp_path, killed), store)
+    assert out.exit_code == 0, out.output
+    assert "no final state (status 'running'" in out.output and "logging it as interrupted" in out.output
+    parents = [r for r in logged_runs(store) if r.data.tags.get("qpipe.kind") == "pipeline"]
+    assert [(p.info.status, p.data.tags["qpipe.status"]) for p in parents] == [("KILLED", "interrupted")]
