@@ -80,13 +80,17 @@ def _legacy_layer(cls, name, config=None, **extra):
 
 @pytest.mark.parametrize("layer, reason", [
     (_legacy_layer("TimeDistributed", "td", {"layer": _legacy_layer("Sequential", "inner", {"layers": [
-        _legacy_layer("Bidirectional", "bi", {"layer": _legacy_layer("Lambda", "deep", {"function_type": "lambda"})})]})}),
+        _legacy_layer("Bidirectional", "bi", {
+            "layer": _legacy_layer("Lambda", "deep", {"function_type": "lambda"})})]})}),
      r"layer 'deep' is a Lambda layer \(.*\) \(in Sequential 's' > TimeDistributed 'td' > Sequential 'inner' > "
      r"Bidirectional 'bi'\)"),
     (_legacy_layer("TFOpLambda", "tf.io.gfile.rmtree", {"function": "io.gfile.rmtree"}),
      r"layer 'tf.io.gfile.rmtree' calls tf.io.gfile.rmtree, which is not a tensor-math function"),
     (_legacy_layer("MyLayer", "mine"), r"class 'MyLayer' is not a Keras built-in nor registered"),
-    ({"module": "os", "class_name": "system", "config": {"name": "x"}}, r"class 'system' from module 'os' is not part of Keras"),
+    ({"module": "os", "class_name": "system", "config": {"name": "x"}},
+     r"class 'system' from module 'os' is not part of Keras"),
+    ({"module": "keras.src.utils.file_utils", "class_name": "get_file", "config": {"name": "x"}},
+     r"'get_file' from module 'keras.src.utils.file_utils' is not a Keras class"),
     (_legacy_layer("Dense", "d", {"units": 2, "activation": {
         "module": "keras.src.utils.file_utils", "class_name": "function", "config": "get_file"}}),
      r"function 'get_file' from module 'keras.src.utils.file_utils' is not a Keras activation"),

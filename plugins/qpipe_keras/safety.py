@@ -13,6 +13,7 @@ other machines. Each refusal names the layer or op and how to opt out.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import re
 import zipfile
@@ -137,6 +138,8 @@ def _unsafe_object(node: dict, flavor: str) -> str | None:
     if module is not None:
         if not isinstance(module, str) or not re.match(r"^(tf_)?keras(\.|$)", module):
             return f"class '{cls}' from module '{module}' is not part of Keras (a custom object)"
+        if not _keras_class(module, cls, flavor) and not _registered(node.get("registered_name") or cls, flavor):
+            return f"'{cls}' from module '{module}' is not a Keras class"
         return None
     if cls in TF_OP_LAYERS:
         return _unsafe_tf_op(node, label)
@@ -166,6 +169,16 @@ def builtin_names(flavor: str) -> frozenset[str]:
         module = getattr(keras, space, None)
         names.update(n for n in dir(module) if isinstance(getattr(module, n, None), type))
     return frozenset(names)
+
+
+def _keras_class(module: str, cls: str, flavor: str) -> bool:
+    """Whether ``module.cls`` is a class of the Keras that will load the file (not a function)."""
+    if flavor == "tf_keras" and not module.startswith("tf_"):
+        module = "tf_" + module  # tf_keras stores its own modules as keras.*
+    try:
+        return isinstance(getattr(importlib.import_module(module), cls, None), type)
+    except ImportError:
+        return False
 
 
 def _registered(cls: str, flavor: str) -> bool:
