@@ -45,6 +45,7 @@ import numpy as np
 from qpipe import __version__
 from qpipe.components import file_sha256
 from qpipe.errors import QpipeError
+from qpipe.results import contained
 
 CACHE_ENV = "QPIPE_CACHE_DIR"
 DEFAULT_DIR = ".qpipe-cache"
@@ -204,12 +205,16 @@ class Entry:
         path = self.folder / "outputs.npy"
         return np.load(path, allow_pickle=False) if path.is_file() else None
 
+    def artifact_digests(self) -> dict[str, str]:
+        """sha256 of the artifact's files, by path inside the artifact ('' for a single file)."""
+        prefix = f"artifact/{self.artifact}"
+        return {k[len(prefix):].lstrip("/"): v for k, v in self.files.items()
+                if k == prefix or k.startswith(prefix + "/")}
+
     def restore_artifact(self, output_dir: Path) -> Path:
         """Copy the artifact into ``output_dir`` (at the same relative path); return it.
 
         Refuses a path outside ``output_dir`` and checks the copy against the entry's checksums."""
-        from qpipe.results import contained
-
         source = self.folder / "artifact" / self.artifact
         target = contained(output_dir, self.artifact) if _safe_relative(self.artifact) else None
         if target is None:
@@ -222,9 +227,7 @@ class Entry:
         else:
             shutil.copyfile(source, target)
         copied = file_digests(target) if target.is_dir() else {"": file_sha256(target)}
-        stored = {k[len("artifact/" + self.artifact):].lstrip("/"): v for k, v in self.files.items()
-                  if k == "artifact/" + self.artifact or k.startswith("artifact/" + self.artifact + "/")}
-        if copied != stored:
+        if copied != self.artifact_digests():
             shutil.rmtree(target) if target.is_dir() else target.unlink()
             raise QpipeError(f"cache entry {self.key[:12]} changed while it was restored; run again or "
                              "use --no-cache")
@@ -269,9 +272,11 @@ class VariantCache:
             return None, f"entry.json names a path outside the entry or another key (artifact: {entry.artifact!r})"
         if not entry.files:
             return None, "no checksums (stored by an older qpipe)"
-        held = {k: v for k, v in (file_digests(folder) or {"symlink": ""}).items() if k != "entry.json"}
-        artifact = f"artifact/{entry.artifact}"
-        if held != entry.files or not any(k == artifact or k.startswith(artifact + "/") for k in held):
+        held = file_digests(folder)
+        if held is None:
+            return None, "it holds a symlink"
+        held.pop("entry.json", None)
+        if held != entry.files or not entry.artifact_digests():
             changed = sorted(set(held) ^ set(entry.files) | {k for k in held if held[k] != entry.files.get(k)})
             return None, f"files differ from their checksums: {', '.join(changed[:3]) or entry.artifact}"
         return entry, None

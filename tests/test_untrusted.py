@@ -178,6 +178,21 @@ def test_saved_model_touching_files_refused(project, pm, tmp_path, how, op):
         assert marker.read_text() == "pwned"
 
 
+def test_tf1_saved_model_refused(project, pm):
+    """Its init and saver ops run on load and live in the main graph, where they cannot be told apart."""
+    from qpipe.tfenv import tensorflow
+
+    tf = tensorflow()
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as session:
+        image = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 1], name="image")
+        weights = tf.compat.v1.get_variable("w", initializer=tf.zeros((64, 4)))
+        scores = tf.nn.softmax(tf.matmul(tf.reshape(image, (-1, 64)), weights))
+        session.run(tf.compat.v1.global_variables_initializer())
+        tf.compat.v1.saved_model.simple_save(session, str(project.root / "tf1"), {"image": image}, {"scores": scores})
+    with pytest.raises(QpipeError, match="tf1: refused in safe mode: a TF1-format SavedModel"):
+        run_pipeline_file(project.write_pipeline(model={"path": "tf1"}), pm)
+
+
 def test_plain_saved_model_still_loads(project, pm):
     from qpipe.tfenv import tf_keras
 
