@@ -47,7 +47,7 @@ class ModelSource(Strict):
 
     path: str | None = Field(None, description="a .keras or .h5 file, or a SavedModel folder")
     function: str | None = Field(None, description="'module:function' returning a model")
-    safe_mode: bool = Field(True, description="load Keras files in safe mode (no arbitrary code)")
+    safe_mode: bool = Field(True, description="refuse model files holding code (docs/security.md); false runs it")
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSource":

@@ -324,7 +324,7 @@ def execute(runner: Runner) -> Iterator[VariantResult]:
     resolved = runner.resolved
     results = runner.run_info.results
     root = cache_dir(resolved.config, resolved.loaded.base_dir, runner.settings)
-    cache = VariantCache(root) if root is not None else None
+    cache = VariantCache(root, warn=runner.warnings.append) if root is not None else None
     data_hashes = {k: v.get("sha256") for k, v in results.data.items()}
     keys = KeyMaker(resolved, runner.inputs, data_hashes) if cache is not None else None
     stats = {"dir": str(root) if root else None, "hits": 0, "misses": 0, "stored": 0}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qpipe.results import PipelineResults, VariantResult
+from qpipe.results import PipelineResults, VariantResult, contained
 
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
@@ -227,8 +227,9 @@ def try_write_report(results: PipelineResults, output_dir: Path, cache_dir: Path
 
 
 def report_files(output_dir: Path) -> list[Path]:
-    """The report files present in ``output_dir``."""
-    return [Path(output_dir) / name for name in REPORT_FILES if (Path(output_dir) / name).is_file()]
+    """The report files present in ``output_dir`` (not symlinks leading out of it)."""
+    return [Path(output_dir) / name for name in REPORT_FILES
+            if (path := contained(output_dir, name)) is not None and path.is_file()]
 
 
 def _figure(size: tuple[float, float]) -> tuple[Any, Any]:
