@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -69,6 +70,8 @@ class ConsoleDisplay:
     def qpipe_variant_finished(self, result) -> None:
         acc = result.metrics.get("accuracy")
         extra = f" accuracy {acc:.4f}" if acc is not None else ""
+        if result.warnings:
+            extra += f" [yellow]({len(result.warnings)} warning(s))[/yellow]"
         self._done(result.name, f"[green]ok[/green]{extra}")
 
     @hookimpl
@@ -82,6 +85,10 @@ class ConsoleDisplay:
     @hookimpl
     def qpipe_pipeline_failed(self) -> None:
         self.stop()
+
+
+#: shown after a variant's status when sanity checks warned about it (then the count)
+WARNING_MARK = "!"
 
 
 def _force() -> bool:
@@ -100,6 +107,8 @@ def summary_table(results: PipelineResults) -> Table:
     for v in results.variants:
         m = v.metrics
         status = "[green]ok[/green]" if v.status == "ok" else "[red]failed[/red]"
+        if v.warnings:
+            status += f" [yellow]{WARNING_MARK}{len(v.warnings)}[/yellow]"
         delta = m.get("accuracy_delta")
         size = m.get("size_bytes")
         table.add_row(
@@ -123,8 +132,9 @@ def print_summary(results: PipelineResults, output_dir: Path | None = None) -> N
     for v in results.variants:
         if v.status != "ok":
             console.print(f"[red]{v.name} failed:[/red] {v.error}", highlight=False)
-        for warning in v.metadata.get("warnings", []):
-            console.print(f"[yellow]{v.name} warning:[/yellow] {warning}", highlight=False)
+        for warning in v.warnings:
+            console.print(f"[yellow]{escape(v.name)} warning \\[{escape(warning['code'])}]:[/yellow] "
+                          f"{escape(warning['message'])}", highlight=False)
     selected = results.selected
     if selected and selected.get("variant"):
         console.print(f"selected: [bold]{selected['variant']}[/bold] ({selected['reason']})", highlight=False)

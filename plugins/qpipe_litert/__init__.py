@@ -128,3 +128,10 @@ def qpipe_register_evaluators(register: Any) -> None:
     from qpipe_litert.inspect import Storage
 
     register(Storage)
+
+
+@qpipe.hookimpl
+def qpipe_check_artifact(artifact: Artifact, expects: Any) -> Any:
+    from qpipe_litert.checks import check_tflite
+
+    return check_tflite(artifact, expects)

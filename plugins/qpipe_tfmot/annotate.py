@@ -30,7 +30,7 @@ def match_layers(model: Any, patterns: list[str], what: str) -> set[str]:
     return chosen
 
 
-def quantize_model(model: Any, scheme: Any, keep_float: set[str], unsupported: str, warn: Callable[[str], None],
+def quantize_model(model: Any, scheme: Any, keep_float: set[str], unsupported: str, warn: Callable[..., None],
                    what: str, config_for: Callable[[Any], Any] | None = None,
                    annotate_all: bool = True) -> tuple[Any, set[str]]:
     """The QAT model and the names of the layers left in float.
@@ -65,7 +65,7 @@ def quantize_model(model: Any, scheme: Any, keep_float: set[str], unsupported: s
             if unsupported != "float":
                 raise QpipeError(f"{what}: layer '{name}' ({cls}) cannot be quantized by TF-MOT{hint}; set "
                                  f"unsupported: float to keep it in float, or list it in keep_float") from None
-            warn(f"layer '{name}' ({cls}) cannot be quantized by TF-MOT{hint}; kept in float")
+            warn(f"layer '{name}' ({cls}) cannot be quantized by TF-MOT{hint}; kept in float", code="kept-float")
             kept.add(name)
         except ValueError as exc:
             raise QpipeError(f"{what}: TF-MOT cannot quantize the model: {str(exc).splitlines()[0]}") from exc

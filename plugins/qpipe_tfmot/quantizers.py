@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from qpipe import Artifact, QuantizeContext, Quantizer
+from qpipe import Artifact, Expects, QuantizeContext, Quantizer
 from qpipe.tfenv import quiet
 
 from qpipe_tfmot.annotate import match_layers, quantize_model
@@ -94,7 +94,9 @@ class QAT(TrainingQuantizer):
         ctx.report("converting")
         path = ctx.artifact_path(".tflite")
         path.write_bytes(convert_qat(qat, self.options.io))
-        return Artifact(path=path, format="tflite", metadata=self.facts(ctx, choice, history, seconds, kept))
+        return Artifact(path=path, format="tflite", metadata=self.facts(ctx, choice, history, seconds, kept),
+                        expects=Expects(smaller=True, quantized_weights=True, full_integer=True,
+                                        keep_float=tuple(sorted(kept))))
 
 
 class LowBit(TrainingQuantizer):
@@ -127,7 +129,9 @@ class LowBit(TrainingQuantizer):
         path.write_bytes(flatbuffer)
         facts = self.facts(ctx, choice, history, seconds, kept)
         facts.update({"weights": self.mode, "weight_storage_bits": bits_by_op, "low_bit_layers": layers})
-        return Artifact(path=path, format="tflite", metadata=facts)
+        return Artifact(path=path, format="tflite", metadata=facts, expects=Expects(
+            smaller=True, quantized_weights=True, full_integer=opts.activations == "int8",
+            keep_float=tuple(sorted(kept))))
 
 
 class Ternary(LowBit):
