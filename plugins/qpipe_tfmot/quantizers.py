@@ -16,7 +16,8 @@ from qpipe.tfenv import quiet
 
 from qpipe_tfmot.annotate import match_layers, quantize_model
 from qpipe_tfmot.loss import choose_loss
-from qpipe_tfmot.rebuild import tf_keras_model
+from qpipe_tfmot.fold import fold_dense_batchnorm
+from qpipe_tfmot.rebuild import check_same_outputs, tf_keras_model
 from qpipe_tfmot.training import TrainingOptions, final_metrics, fit, labels_of, model_inputs
 
 
@@ -52,10 +53,20 @@ class TrainingQuantizer(Quantizer):
             ctx.report("rebuilding the Keras 3 model in tf_keras")
         with quiet():
             base = tf_keras_model(ctx.model, sample, what)
+            folded, batchnorms = fold_dense_batchnorm(base, what)
+            if batchnorms:
+                check_same_outputs(base, folded, sample, what, label="folding BatchNormalization into Dense")
+        if batchnorms:
+            ctx.report(f"folded {len(batchnorms)} BatchNormalization layer(s) into the Dense before them")
+            ctx.record("folded_batchnorm", batchnorms)
         choice = choose_loss(self.options.loss, ctx.model.model, labels, what)
-        return base, choice
+        return folded, choice
 
     def train(self, qat: Any, choice: Any, ctx: QuantizeContext) -> tuple[dict, float]:
+        from qpipe_tfmot.ranges import calibrate_ranges
+
+        ctx.report("calibrating the fake-quantization ranges on training samples")
+        ctx.record("range_calibration", calibrate_ranges(qat, ctx.training, self.options.batch_size))
         ctx.report(f"training {self.options.epochs} epochs (loss {choice.name}, {choice.source})")
         started = time.perf_counter()
         history = fit(qat, choice, self.options, ctx, self.name)
