@@ -134,7 +134,8 @@ def qpipe_variant_finished(run: PipelineRun, result: VariantResult) -> None:
 def qpipe_variant_failed(run: PipelineRun, result: VariantResult, error: BaseException | None) -> None:
     """Called when a variant failed; ``result.error`` holds the message.
 
-    ``error`` is the exception, or ``None`` when replaying a recorded run (``qpipe log``).
+    ``error`` is the exception, or ``None`` when replaying a recorded run (``qpipe log``) or
+    when ``strict`` failed the variant for its warnings.
     """
 
 
