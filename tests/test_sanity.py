@@ -159,3 +159,23 @@ def test_collapse_threshold_is_relative_to_the_baseline():
     inf = baseline.copy()
     inf[3, 1] = np.inf
     assert "1 Inf" in output_warnings(inf, baseline, False)[0]["message"]
+
+
+@pytest.mark.slow
+def test_qpipe_log_tags_the_mlflow_child_with_its_warnings(checked, tmp_path):
+    from typer.testing import CliRunner
+
+    from qpipe.cli import build_app
+    from qpipe_mlflow.testing import child_runs, parent_runs, sqlite_store
+
+    project, *_ = checked
+    store = sqlite_store(tmp_path / "mlflow.db", tmp_path)
+    pm = plugin_manager(CraftedPlugin(), entry_points=["mlflow"])
+    out = CliRunner().invoke(build_app(pm), ["log", str(project.root / "out"), "--tracking-uri", store])
+    assert out.exit_code == 0, out.output
+    (parent,) = parent_runs(store, "tiny")
+    kids = child_runs(store, parent)
+    tag = kids["float_as_int8"].data.tags["qpipe.warnings"]
+    assert tag.startswith("[not-smaller]") and "[float-weights]" in tag and "[float-ops]" in tag
+    assert "qpipe.warnings" not in kids["int8"].data.tags
+    assert kids["strict_nan"].data.tags["qpipe.status"] == "failed"
