@@ -13,6 +13,9 @@ from rich.table import Table
 from qpipe import hookimpl
 from qpipe.results import PipelineResults
 
+#: shown after a variant's status when sanity checks warned about it (then the count)
+WARNING_MARK = "!"
+
 
 class ConsoleDisplay:
     """Shows one progress line per variant on stderr while a pipeline runs."""
@@ -85,10 +88,6 @@ class ConsoleDisplay:
     @hookimpl
     def qpipe_pipeline_failed(self) -> None:
         self.stop()
-
-
-#: shown after a variant's status when sanity checks warned about it (then the count)
-WARNING_MARK = "!"
 
 
 def _force() -> bool:

@@ -66,7 +66,9 @@ class TrainingQuantizer(Quantizer):
         from qpipe_tfmot.ranges import calibrate_ranges
 
         ctx.report("calibrating the fake-quantization ranges on training samples")
-        ctx.record("range_calibration", calibrate_ranges(qat, ctx.training, self.options.batch_size))
+        calibrated = calibrate_ranges(qat, ctx.training, self.options.batch_size)
+        if calibrated:
+            ctx.record("range_calibration", calibrated)
         ctx.report(f"training {self.options.epochs} epochs (loss {choice.name}, {choice.source})")
         started = time.perf_counter()
         history = fit(qat, choice, self.options, ctx, self.name)
