@@ -53,9 +53,22 @@ def float_weights(model: TFLiteModel, expects: Expects) -> list[dict[str, str]]:
                         f"({total / 1024:.1f} KB): {_listed(named)}"}]
 
 
+def _excused_ops(model: TFLiteModel, keep_float: tuple[str, ...]) -> set[int]:
+    """Ops of the layers kept in float (by output or constant names), and the ops computing on
+    their float outputs before any QUANTIZE (a kept Dense's SOFTMAX)."""
+    excused: set[int] = set()
+    for op in model.ops():  # in execution order: producers come first
+        producers, constants = model.links(op.index)
+        if _excused(keep_float, op.output, *constants) or (
+                op.name != "QUANTIZE" and any(p in excused for p in producers)):
+            excused.add(op.index)
+    return excused
+
+
 def float_ops(model: TFLiteModel, expects: Expects) -> list[dict[str, str]]:
     """The ``float-ops`` warning, or nothing."""
-    left = [op for op in model.float_ops() if not _excused(expects.keep_float, op.output)]
+    excused = _excused_ops(model, expects.keep_float) if expects.keep_float else set()
+    left = [op for op in model.float_ops() if op.index not in excused]
     if not left:
         return []
     named = [f"{op.name} ({_first(op.output)})" for op in left]

@@ -141,6 +141,14 @@ class TFLiteModel:
             out.append(Op(self.op_name(op), i, self.tensor_name(first) if first >= 0 else ""))
         return out
 
+    def links(self, index: int) -> tuple[list[int], list[str]]:
+        """For op ``index``: the ops producing its activation inputs, and its constants' names."""
+        op = self.graph.operators[index]
+        position = {id(o): i for i, o in enumerate(self.graph.operators)}
+        inputs = [int(t) for t in (op.inputs if op.inputs is not None else []) if t >= 0]
+        producers = [position[id(self._producer[t])] for t in inputs if t in self._producer]
+        return producers, [self.tensor_name(t) for t in inputs if self.is_constant(t)]
+
     def _activation_types(self, op: Any) -> set[str]:
         tensors = [int(t) for t in list(op.inputs if op.inputs is not None else []) +
                    list(op.outputs if op.outputs is not None else []) if t >= 0]

@@ -25,9 +25,17 @@ def _single(value: Any) -> Any:
     return value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
 
 
-def _producer(bn: Any) -> Any:
+def _own(model: Any, nodes: list) -> list:
+    """The nodes that belong to ``model`` (a layer reused by a clone has nodes in other graphs)."""
+    keys = getattr(model, "_network_nodes", None)
+    if keys is None:
+        return list(nodes)
+    return [n for n in nodes if f"{n.layer.name}_ib-{n.layer._inbound_nodes.index(n)}" in keys]
+
+
+def _producer(model: Any, bn: Any) -> Any:
     """The one layer feeding ``bn`` (None when it is called several times or on several inputs)."""
-    nodes = getattr(bn, "_inbound_nodes", [])
+    nodes = _own(model, getattr(bn, "_inbound_nodes", []))
     if len(nodes) != 1:
         return None
     inbound = _single(nodes[0].inbound_layers)
@@ -38,9 +46,10 @@ def _linear(layer: Any) -> bool:
     return getattr(getattr(layer, "activation", None), "__name__", "") == "linear"
 
 
-def _last_axis(bn: Any, layer: Any) -> bool:
-    axes = [a % len(layer.output_shape) for a in np.atleast_1d(bn.axis)]
-    return axes == [len(layer.output_shape) - 1]
+def _last_axis(model: Any, bn: Any) -> bool:
+    """Whether ``bn`` normalizes the last axis of its input (the Dense's units)."""
+    rank = len(_own(model, bn._inbound_nodes)[0].outputs.shape)
+    return [a % rank for a in np.atleast_1d(bn.axis)] == [rank - 1]
 
 
 def dense_batchnorm_pairs(model: Any) -> dict[str, str]:
@@ -50,20 +59,22 @@ def dense_batchnorm_pairs(model: Any) -> dict[str, str]:
     for layer in model.layers:
         if type(layer).__name__ != "BatchNormalization":
             continue
-        dense = _producer(layer)
-        if (dense is not None and type(dense).__name__ == "Dense" and _linear(dense) and _last_axis(layer, dense)
-                and len(dense._inbound_nodes) == 1 and len(dense._outbound_nodes) == 1):
+        dense = _producer(model, layer)
+        if (dense is not None and type(dense).__name__ == "Dense" and _linear(dense)
+                and len(_own(model, dense._inbound_nodes)) == 1 and len(_own(model, dense._outbound_nodes)) == 1
+                and _last_axis(model, layer)):
             pairs[layer.name] = dense.name
     return pairs
 
 
 def unfoldable_batchnorms(model: Any) -> list[str]:
-    """BatchNormalization layers neither qpipe nor TF-MOT can fold (they would stay float)."""
+    """BatchNormalization layers TF-MOT cannot fold into a linear Conv2D/DepthwiseConv2D before them
+    (they would stay float); call it once the Dense ones are folded."""
     out = []
     for layer in model.layers:
         if type(layer).__name__ != "BatchNormalization":
             continue
-        producer = _producer(layer)
+        producer = _producer(model, layer)
         if producer is None or type(producer).__name__ not in TFMOT_FOLDS or not _linear(producer):
             out.append(layer.name)
     return out
