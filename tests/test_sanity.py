@@ -141,12 +141,21 @@ def test_int4_names_the_depthwise_weights_it_leaves_in_float(tmp_path):
     path = project.write_pipeline([{"name": "int4", "quantizer": "litert.int4"},
                                    {"name": "int4_strict", "quantizer": "litert.int4", "strict": True}],
                                   evaluators=["size"])
-    results = run_pipeline_file(path, plugin_manager())
+    pm = plugin_manager()
+    results = run_pipeline_file(path, pm)
     int4 = results.variant("int4")
     assert int4.status == "ok" and codes(int4) == ["float-weights"]
     assert "/dw" in int4.warnings[0]["message"] and "DEPTHWISE_CONV_2D" in int4.warnings[0]["message"]
     strict = results.variant("int4_strict")
     assert strict.status == "failed" and "[float-weights]" in strict.error
+    # --jobs workers get the plugins that check artifacts, so they warn like this process
+    from qpipe.config import load_config, resolve
+    from qpipe.executor import worker_spec
+    from qpipe.pipeline import Runner
+    from qpipe.registry import Registry
+
+    runner = Runner(pm, resolve(load_config(path), Registry.from_plugins(pm)), tmp_path / "unused")
+    assert "litert" in {name for name, _, _ in worker_spec(runner).plugins}
 
 
 def test_collapse_threshold_is_relative_to_the_baseline():
