@@ -101,10 +101,13 @@ def folded_weights(dense: Any, bn: Any) -> list[np.ndarray]:
     return [(kernel * scale).astype(kernel.dtype), ((bias - values["moving_mean"]) * scale + beta).astype(bias.dtype)]
 
 
-def fold_dense_batchnorm(model: Any, what: str) -> tuple[Any, list[str]]:
+def fold_dense_batchnorm(model: Any, what: str, keep: Any = ()) -> tuple[Any, list[str]]:
     """A tf_keras copy of ``model`` with every Dense→BatchNormalization pair folded into the
-    Dense; the names of the folded batch norms (``model`` itself when there is none)."""
-    pairs = dense_batchnorm_pairs(model)
+    Dense, except batch norms named in ``keep``; the names of the folded batch norms (``model``
+    itself when there is none)."""
+    keep = set(keep)
+    pairs = {bn: dense for bn, dense in dense_batchnorm_pairs(model).items()
+             if bn not in keep and "BatchNormalization" not in keep}
     if not pairs:
         return model, []
     config = model.get_config()

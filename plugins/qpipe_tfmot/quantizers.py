@@ -53,7 +53,7 @@ class TrainingQuantizer(Quantizer):
             ctx.report("rebuilding the Keras 3 model in tf_keras")
         with quiet():
             base = tf_keras_model(ctx.model, sample, what)
-            folded, batchnorms = fold_dense_batchnorm(base, what)
+            folded, batchnorms = fold_dense_batchnorm(base, what, keep=self.options.keep_float)
             if batchnorms:
                 check_same_outputs(base, folded, sample, what, label="folding BatchNormalization into Dense")
         if batchnorms:
