@@ -99,3 +99,14 @@ def test_dense_batchnorm_is_folded_into_a_full_integer_model(tmp_path):
     assert qat.metrics["accuracy"] >= results.variant("float32").metrics["accuracy"] - 0.05
     ternary = results.variant("ternary")
     assert ternary.metrics["bits_per_weight"] <= 4 and ternary.warnings == []
+
+
+def test_a_regressor_with_integral_targets_trains_with_mse():
+    """scikit-learn's diabetes targets are whole numbers stored as floats: still a regression."""
+    from qpipe.tfenv import tf_keras
+    from qpipe_tfmot.loss import infer_loss
+
+    k2 = tf_keras()
+    regressor = k2.Sequential([k2.layers.Input((10,)), k2.layers.Dense(1)])
+    assert infer_loss(regressor, np.array([25.0, 151.0, 346.0, 75.0])) == "mse"
+    assert infer_loss(regressor, np.array([0.0, 1.0, 1.0, 0.0])) is None  # logits or 0/1 targets: ask
