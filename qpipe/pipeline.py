@@ -35,6 +35,7 @@ from qpipe.outputs import claim_output
 from qpipe.signals import held_signals
 from qpipe.plugins import QpipePluginManager
 from qpipe.results import PipelineResults, PipelineRun, VariantResult
+from qpipe.sanity import apply_strict, check_variant, warning
 from qpipe.selection import select
 
 
@@ -205,6 +206,7 @@ class Runner:
 
         with contextlib.closing(execute(self)) as finished:
             for result in finished:
+                apply_strict(result, self.resolved.strict(result.name))
                 results.variants.append(result)
                 results.write(self.output_dir)
                 hook = "qpipe_variant_finished" if result.status == "ok" else "qpipe_variant_failed"
@@ -259,9 +261,10 @@ class Runner:
     def _run_stages(self, rv: ResolvedVariant, result: VariantResult) -> None:
         v = rv.config
         report = self._progress(v.name)
-        def warn(message: str) -> None:
-            result.metadata.setdefault("warnings", []).append(message)
-            report(f"warning: {message}")
+
+        def warn(message: str, code: str = "plugin") -> None:
+            result.warnings.append(warning(code, message))
+            report(f"warning [{code}]: {message}")
 
         def record(key: str, value: Any) -> None:
             result.metadata[key] = value
@@ -292,9 +295,19 @@ class Runner:
         metrics.update(artifact.metadata.get("metrics", {}))
 
         metrics.update(self._evaluate(rv, artifact, common))
+        self._check(rv, artifact, result, warn)
         result._raw_metrics = dict(metrics)  # type: ignore[attr-defined]  # for the cache
         result._outputs = self._last_outputs  # type: ignore[attr-defined]  # for the cache and workers
         result.metrics = self._with_deltas(v.name, metrics)
+
+    def _check(self, rv: ResolvedVariant, artifact: Artifact, result: VariantResult, warn) -> None:
+        """The sanity checks (``qpipe.sanity``): each problem becomes a named warning."""
+        if any(vars(artifact.expects).values()):
+            result.metadata["expects"] = artifact.expects.to_dict()
+        is_baseline = rv.config.name == self.resolved.baseline
+        for found in check_variant(self.pm, artifact, self._last_outputs, getattr(self, "_baseline_outputs", None),
+                                   getattr(self, "_baseline_artifact", None), is_baseline):
+            warn(found["message"], found["code"])
 
     def _evaluate(self, rv: ResolvedVariant, artifact: Artifact, common: dict,
                   record_baseline: bool = True) -> dict[str, float]:

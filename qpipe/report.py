@@ -89,10 +89,11 @@ def summary_csv(results: PipelineResults) -> str:
     metrics = metric_columns(results)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["variant", "quantizer", "status", "pareto", "selected", *metrics, "error"])
+    writer.writerow(["variant", "quantizer", "status", "pareto", "selected", *metrics, "error", "warnings"])
     for v in results.variants:
         writer.writerow([v.name, v.quantizer, v.status, int(v.name in front), int(v.name == chosen),
-                         *("" if v.metrics.get(k) is None else v.metrics[k] for k in metrics), v.error or ""])
+                         *("" if v.metrics.get(k) is None else v.metrics[k] for k in metrics), v.error or "",
+                         " ".join(w["code"] for w in v.warnings)])
     return buffer.getvalue()
 
 
@@ -106,6 +107,8 @@ def summary_markdown(results: PipelineResults) -> str:
     for v in results.variants:
         m = v.metrics
         notes = [n for n, on in (("selected", v.name == chosen), ("Pareto", v.name in front)) if on]
+        if v.warnings:
+            notes.append(f"{len(v.warnings)} warning(s)")
         if v.status != "ok":
             notes.append(_cell(v.error or "failed"))
         delta = _number(m.get("accuracy_delta"))
@@ -117,6 +120,7 @@ def summary_markdown(results: PipelineResults) -> str:
             _fmt(m.get("size_ratio"), ".2f", "x"), _fmt(m.get("latency_ms_p50"), ".3f"),
             _fmt(m.get("latency_ms_p95"), ".3f"), ", ".join(notes)]) + " |")
     lines.append("")
+    lines += warning_lines(results)
     if chosen:
         lines.append(f"Selected: **{chosen}** ({reason})")
     elif reason:
@@ -124,6 +128,12 @@ def summary_markdown(results: PipelineResults) -> str:
     if front:
         lines.append(f"Pareto front ({quality_metric(results)} against size): {', '.join(front)}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def warning_lines(results: PipelineResults) -> list[str]:
+    """The sanity-check warnings as a Markdown list (nothing when there are none)."""
+    items = [f"- {_cell(v.name)} `{w['code']}`: {_cell(w['message'])}" for v in results.variants for w in v.warnings]
+    return ["Warnings:", "", *items, ""] if items else []
 
 
 # --------------------------------------------------------------------------- charts

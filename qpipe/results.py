@@ -27,6 +27,8 @@ class VariantResult:
     backend: dict[str, Any] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     seconds: float | None = None
+    #: sanity-check and plugin warnings, each ``{"code": ..., "message": ...}`` (``qpipe.sanity``)
+    warnings: list[dict[str, str]] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VariantResult":
