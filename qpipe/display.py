@@ -125,6 +125,11 @@ def print_summary(results: PipelineResults, output_dir: Path | None = None) -> N
             console.print(f"[red]{v.name} failed:[/red] {v.error}", highlight=False)
         for warning in v.metadata.get("warnings", []):
             console.print(f"[yellow]{v.name} warning:[/yellow] {warning}", highlight=False)
+    from qpipe.report import latency_note
+
+    note = latency_note(results)
+    if note:
+        console.print(note, highlight=False)
     selected = results.selected
     if selected and selected.get("variant"):
         console.print(f"selected: [bold]{selected['variant']}[/bold] ({selected['reason']})", highlight=False)

@@ -15,7 +15,7 @@ from pydantic import Field
 
 import qpipe
 from qpipe import Artifact, Backend, LoadedModel, QpipeError, Runner, match_inputs
-from qpipe.conversion import tensors_by_name
+from qpipe.conversion import dequantize_array, quantize_array, tensors_by_name
 from qpipe.tfenv import quiet
 
 
@@ -27,30 +27,6 @@ class LiteRTOptions(qpipe.Options):
     threads: int = Field(default_factory=default_threads, ge=1, description="interpreter threads")
     batch_size: int = Field(256, ge=1, description="samples per invoke during evaluation")
     xnnpack: bool = Field(True, description="use the XNNPACK delegate (else the built-in kernels)")
-
-
-def quantize_array(values: np.ndarray, detail: dict) -> np.ndarray:
-    """Float values -> the tensor's integer type, with its scale and zero point."""
-    dtype = np.dtype(detail["dtype"])
-    if dtype.kind == "f":
-        return values.astype(dtype, copy=False)
-    scale, zero_point = detail["quantization"]
-    if not scale:
-        return values.astype(dtype)
-    info = np.iinfo(dtype)
-    q = np.divide(values, np.float32(scale), dtype=np.float32)  # one new array, then in place
-    q += np.float32(zero_point)
-    np.rint(q, out=q)
-    np.clip(q, info.min, info.max, out=q)
-    return q.astype(dtype)
-
-
-def dequantize_array(values: np.ndarray, detail: dict) -> np.ndarray:
-    """The tensor's integer values -> float32, with its scale and zero point."""
-    scale, zero_point = detail["quantization"]
-    if np.dtype(detail["dtype"]).kind == "f" or not scale:
-        return values.astype(np.float32, copy=False)
-    return ((values.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
 
 class LiteRTRunner(Runner):
