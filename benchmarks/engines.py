@@ -2,11 +2,13 @@
 
     .venv/bin/python benchmarks/engines.py             # about 3-5 minutes on 2 cores
     .venv/bin/python benchmarks/engines.py --work DIR  # keep the models and run folders
+    .venv/bin/python benchmarks/engines.py --mobilenetv2   # also a real MobileNetV2: minutes more
 
 Three models are built and trained here (no downloads): a small CNN on scikit-learn's digits
 (8x8), a depthwise-separable MobileNet-class CNN (inverted residual blocks, BatchNorm, ReLU6)
 on the digits upsampled to 32x32, and a Dense MLP regressing scikit-learn's diabetes target
-(25-346). Each is quantized by qpipe itself (``tflite.dynamic``, ``tflite.int8`` with int8
+(25-346); with ``--mobilenetv2`` also keras.applications' MobileNetV2 (alpha 0.35) on the
+digits at 32x32x3. Each is quantized by qpipe itself (``tflite.dynamic``, ``tflite.int8`` with int8
 I/O, ``tflite.int16x8`` with int16 I/O, so that both engines can give every variant) once with
 ``engine: converter``, once with ``engine: ai-edge-quantizer`` and once with ``engine: auto``,
 on the same 200 calibration samples, and evaluated on held-out samples against the float32
@@ -91,14 +93,19 @@ def mobilenet_like(keras):
     return keras.Model(image, layers.Dense(10, activation="softmax")(x))
 
 
+def mobilenet_v2(keras):
+    """keras.applications' MobileNetV2 (alpha 0.35, 32x32x3, random init), trained here."""
+    return keras.applications.MobileNetV2(alpha=0.35, input_shape=(32, 32, 3), weights=None, classes=10)
+
+
 def mlp(keras):
     layers = keras.layers
     return keras.Sequential([layers.Input((10,), name="features"), layers.Dense(64, activation="relu"),
                              layers.Dense(32, activation="relu"), layers.Dense(1)])
 
 
-def make_models(work: Path) -> dict[str, dict]:
-    """Train the three models; write each as model.keras + data.npz in its own folder."""
+def make_models(work: Path, mobilenetv2: bool = False) -> dict[str, dict]:
+    """Train the models; write each as model.keras + data.npz in its own folder."""
     from sklearn.datasets import load_diabetes
 
     from qpipe.tfenv import tf_keras
@@ -116,6 +123,9 @@ def make_models(work: Path) -> dict[str, dict]:
         "MobileNet-like, depthwise (digits 32x32)": (mobilenet_like, x32, y, split, 1300, "classification", 15),
         "Dense MLP regression (diabetes)": (mlp, xd, yd.astype(np.float32), dsplit, 340, "regression", 300),
     }
+    if mobilenetv2:
+        specs["MobileNetV2 0.35 (digits 32x32x3)"] = (mobilenet_v2, np.repeat(x32, 3, axis=-1), y, split, 1300,
+                                                       "classification", 15)
     for label, (build, x, labels, order, n_train, task, epochs) in specs.items():
         folder = work / label.split(" (")[0].replace(" ", "_").replace(",", "")
         folder.mkdir(parents=True, exist_ok=True)
@@ -183,7 +193,8 @@ def measure(made: dict[str, dict]) -> list[dict]:
             rows.append({"model": label, "kind": kind, "engine": engine, "used": v.metadata.get("engine"),
                          "reason": v.metadata.get("engine_reason", ""), "quality": quality,
                          "float": base, "value": m[quality], "mean_err": m["mean_abs_error"],
-                         "max_err": m["max_abs_error"], "size": m["size_bytes"]})
+                         "max_err": m["max_abs_error"], "size": m["size_bytes"],
+                         "seconds": m["quantize_seconds"]})
     return rows
 
 
@@ -199,18 +210,18 @@ def _quality(row: dict) -> str:
 def table(rows: list[dict]) -> str:
     """Markdown: per model and kind, the converter, ai-edge-quantizer and auto side by side."""
     lines = ["| model | kind | engine | accuracy / MAE (vs float) | mean abs err vs float | "
-             "max abs err vs float | error ratio vs converter | size |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "max abs err vs float | error ratio vs converter | size | quantize s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['model']} | {row['kind']} | {row['engine']} | failed: {row['error']} | | | | |")
+            lines.append(f"| {row['model']} | {row['kind']} | {row['engine']} | failed: {row['error']} | | | | | |")
             continue
         conv = next(r for r in rows if r["model"] == row["model"] and r["kind"] == row["kind"]
                     and r["engine"] == "converter" and "error" not in r)
         ratio = row["mean_err"] / conv["mean_err"] if conv["mean_err"] else float("nan")
         engine = row["engine"] if row["engine"] != "auto" else f"auto → {row['used']}"
         lines.append(f"| {row['model']} | {row['kind']} | {engine} | {_quality(row)} | {row['mean_err']:.3g} | "
-                     f"{row['max_err']:.3g} | {ratio:.3f}× | {row['size'] / 1024:.1f} KB |")
+                     f"{row['max_err']:.3g} | {ratio:.3f}× | {row['size'] / 1024:.1f} KB | {row['seconds']:.1f} |")
     return "\n".join(lines)
 
 
@@ -218,10 +229,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="keep the models and run folders here")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "engines.md")
+    parser.add_argument("--mobilenetv2", action="store_true",
+                        help="also keras.applications' MobileNetV2 (alpha 0.35): a few minutes more")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="qpipe-engines-"))
     started = time.perf_counter()
-    rows = measure(make_models(work))
+    rows = measure(make_models(work, args.mobilenetv2))
     text = table(rows)
     reasons = sorted({f"- {r['model']}, {r['kind']}: {r['reason']}" for r in rows
                       if r.get("engine") == "auto" and r.get("reason")})
