@@ -116,8 +116,9 @@ class LatencyOptions(qpipe.Options):
 
 
 class Latency(Evaluator):
-    """Wall time per invoke after warm-up, in rounds: p50 (median of the rounds' medians), p95,
-    per batch and per sample, in ms, and the relative spread of the timed invokes.
+    """Wall time per invoke in rounds, in ms: p50 (median of the round medians), p95, and the spread.
+
+    Per batch and per sample; ``latency_spread`` is the timed invokes' IQR over their median.
 
     Timing measures the machine as much as the model: it is re-measured when the variant is
     restored from the cache (``remeasure``), and a spread over ``max_spread`` is flagged

@@ -398,6 +398,8 @@ def variant_tags(run: Any, result: VariantResult) -> dict[str, Any]:
         tags["qpipe.error"] = result.error
     if result.metadata.get("cache"):
         tags["qpipe.cache"] = result.metadata["cache"]
+    if result.metadata.get("engine_reason"):  # why engine auto chose as it did
+        tags["qpipe.engine_reason"] = str(result.metadata["engine_reason"])
     if result.metadata.get("warnings"):
         tags["qpipe.warnings"] = " | ".join(map(str, result.metadata["warnings"]))
     path = artifact_path(run, result)

@@ -115,8 +115,8 @@ class Float32(ConverterQuantizer):
 
 Engine = Literal["auto", "converter", "ai-edge-quantizer"]
 ENGINE_HELP = ("ai-edge-quantizer quantizes the run's one float .tflite (no second conversion: much "
-               "faster on real models); auto: the converter for dynamic, the one with the lower output "
-               "error on the calibration samples for int8/int16x8 (see docs/engines.md)")
+               "faster on real models); auto: the converter for dynamic, ai-edge-quantizer for float16, "
+               "for int8/int16x8 both and the one closer to float on the calibration samples (docs/engines.md)")
 
 
 #: relative difference of the engines' output errors that ``auto`` treats as a tie
@@ -321,7 +321,6 @@ class Int8(EngineChoice, FullInteger):
     #: ``qpipe analyze`` and ``fallback: auto`` can rank this quantizer's layers
     supports_sensitivity = True
     aeq_kind = "int8"
-    auto_why = "the engines tied on average in the benchmark but differed per model (docs/engines.md)"
 
     def quantize(self, ctx: QuantizeContext) -> Artifact:
         """Plain int8 (the engine as chosen for any int8 variant); then, when asked, rank its
@@ -354,7 +353,6 @@ class Int16x8(EngineChoice, FullInteger):
     Options = Int16x8Options
     bits = 16
     aeq_kind = "int16x8"
-    auto_why = Int8.auto_why
 
     def requantize(self, calibrated: bytes) -> bytes:
         from qpipe_tflite.ranges import quantize_int16x8
