@@ -1,14 +1,14 @@
 """The TFLite converter vs ai-edge-quantizer, per architecture and variant kind.
 
-    .venv/bin/python benchmarks/engines.py             # about 3-5 minutes on 2 cores
-    .venv/bin/python benchmarks/engines.py --work DIR  # keep the models and run folders
-    .venv/bin/python benchmarks/engines.py --mobilenetv2   # also a real MobileNetV2: minutes more
+    .venv/bin/python benchmarks/engines.py             # about 5 minutes on 2 cores
+    .venv/bin/python benchmarks/engines.py --quick     # without MobileNetV2: about 2-3 minutes
+    .venv/bin/python benchmarks/engines.py --work DIR  # keep the models and run folders (reused)
 
-Three models are built and trained here (no downloads): a small CNN on scikit-learn's digits
+The models are built and trained here (no downloads): a small CNN on scikit-learn's digits
 (8x8), a depthwise-separable MobileNet-class CNN (inverted residual blocks, BatchNorm, ReLU6)
 on the digits upsampled to 32x32, and a Dense MLP regressing scikit-learn's diabetes target
-(25-346); with ``--mobilenetv2`` also keras.applications' MobileNetV2 (alpha 0.35) on the
-digits at 32x32x3. Each is quantized by qpipe itself (``tflite.dynamic``, ``tflite.int8`` with int8
+(25-346); and (unless ``--quick``) keras.applications' MobileNetV2 (alpha 0.35, random
+init) trained on the digits at 32x32x3. Each is quantized by qpipe itself (``tflite.dynamic``, ``tflite.int8`` with int8
 I/O, ``tflite.int16x8`` with int16 I/O, so that both engines can give every variant) once with
 ``engine: converter``, once with ``engine: ai-edge-quantizer`` and once with ``engine: auto``,
 on the same 200 calibration samples, and evaluated on held-out samples against the float32
@@ -237,12 +237,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="keep the models and run folders here")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "engines.md")
-    parser.add_argument("--mobilenetv2", action="store_true",
-                        help="also keras.applications' MobileNetV2 (alpha 0.35): a few minutes more")
+    parser.add_argument("--quick", action="store_true",
+                        help="skip keras.applications' MobileNetV2 (alpha 0.35): about half the time")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="qpipe-engines-"))
     started = time.perf_counter()
-    rows = measure(make_models(work, args.mobilenetv2))
+    rows = measure(make_models(work, mobilenetv2=not args.quick))
     text = table(rows)
     reasons = sorted({f"- {r['model']}, {r['kind']}: {r['reason']}" for r in rows
                       if r.get("engine") == "auto" and r.get("reason")})

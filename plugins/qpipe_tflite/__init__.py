@@ -216,7 +216,7 @@ class Dynamic(EngineChoice, ConverterQuantizer):
     Options = EngineOptions
     aeq_kind = "dynamic"
     auto_engine = "converter"
-    auto_why = ("ai-edge-quantizer's dynamic-range error against float was 1.3-2.1x the converter's "
+    auto_why = ("ai-edge-quantizer's dynamic-range error against float was 1.3-3.2x the converter's "
                 "on every benchmarked model (docs/engines.md)")
 
     def configure(self, converter, ctx) -> None:
