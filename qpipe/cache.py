@@ -44,7 +44,7 @@ LAYOUT = "v1"
 FILES = "files"
 #: distributions whose versions are part of every key
 STACK = ("numpy", "tensorflow", "tf-keras", "keras", "ai-edge-litert", "ai-edge-quantizer",
-         "tensorflow-model-optimization")
+         "tensorflow-model-optimization", "tflite-micro")
 
 
 def cache_dir(config: Any, base_dir: Path, settings: dict[str, Any]) -> Path | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -84,6 +85,10 @@ class ConsoleDisplay:
         self.stop()
 
 
+#: metrics the fixed columns already show
+_SHOWN = {"accuracy", "accuracy_delta", "size_bytes", "size_ratio", "latency_ms_p50", "latency_ms_p95"}
+
+
 def _force() -> bool:
     return False
 
@@ -92,11 +97,21 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
     return "" if value is None else f"{value:{spec}}{suffix}"
 
 
-def summary_table(results: PipelineResults) -> Table:
-    """variant, status, accuracy, Δ, size, ratio, latency: one row per variant."""
+def _headline_cell(name: str, value) -> str:
+    if value is None:
+        return ""
+    return f"{value / 1024:.1f} KB" if name.endswith("_bytes") else f"{value:.4g}"
+
+
+def summary_table(results: PipelineResults, headline: Sequence[str] = ()) -> Table:
+    """variant, status, accuracy, Δ, size, ratio, latency, then each ``headline`` metric
+    (evaluators' ``headline`` declarations): one row per variant."""
     table = Table(title=f"{results.pipeline} (baseline: {results.baseline})")
+    extra = [name for name in dict.fromkeys(headline) if name not in _SHOWN]
     for col in ("variant", "quantizer", "status", "accuracy", "Δ acc", "size", "ratio", "p50 ms", "p95 ms"):
         table.add_column(col, justify="left" if col in ("variant", "quantizer", "status") else "right")
+    for name in extra:
+        table.add_column(name.removesuffix("_bytes"), justify="right")
     for v in results.variants:
         m = v.metrics
         status = "[green]ok[/green]" if v.status == "ok" else "[red]failed[/red]"
@@ -110,16 +125,17 @@ def summary_table(results: PipelineResults) -> Table:
             _fmt(m.get("size_ratio"), ".2f", "x"),
             _fmt(m.get("latency_ms_p50"), ".3f"),
             _fmt(m.get("latency_ms_p95"), ".3f"),
+            *(_headline_cell(name, m.get(name)) for name in extra),
         )
     return table
 
 
-def print_summary(results: PipelineResults, output_dir: Path | None = None) -> None:
-    """Print the summary table and where the results are."""
+def print_summary(results: PipelineResults, output_dir: Path | None = None, headline: Sequence[str] = ()) -> None:
+    """Print the summary table (with the ``headline`` metrics) and where the results are."""
     console = Console(file=sys.stdout)
     if not console.is_terminal:
         console.width = max(console.width, 120)
-    console.print(summary_table(results))
+    console.print(summary_table(results, headline))
     for v in results.variants:
         if v.status != "ok":
             console.print(f"[red]{v.name} failed:[/red] {v.error}", highlight=False)

@@ -36,6 +36,7 @@ import numpy as np
 from qpipe import hookimpl
 from qpipe.components import Artifact
 from qpipe.errors import QpipeError
+from qpipe.limits import clamp_jobs
 from qpipe.results import VariantResult
 
 if TYPE_CHECKING:
@@ -301,8 +302,11 @@ def make_executor(runner: Runner) -> Executor:
             config = config.model_copy(update={"jobs": int(jobs)})
             config.model_fields_set.add("jobs")
         return RayExecutor(runner, config)
-    if int(jobs) > 1:
-        return Processes(runner, int(jobs))
+    jobs, warning = clamp_jobs(int(jobs), len(runner.resolved.variants))
+    if warning:
+        runner.warnings.append(warning)
+    if jobs > 1:
+        return Processes(runner, jobs)
     return InProcess(runner)
 
 

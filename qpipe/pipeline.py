@@ -31,22 +31,11 @@ from qpipe.components import (
 from qpipe.config import Bound, ResolvedPipeline, ResolvedVariant
 from qpipe.data import Dataset, bind_to_model, load_source
 from qpipe.errors import PluginError, QpipeError
+from qpipe.outputs import claim_output
+from qpipe.signals import held_signals
 from qpipe.plugins import QpipePluginManager
 from qpipe.results import PipelineResults, PipelineRun, VariantResult
 from qpipe.selection import select
-
-
-def timestamp() -> str:
-    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def default_output_dir(resolved: ResolvedPipeline) -> Path:
-    """``output.dir`` from the YAML, else ``runs/<name>-<timestamp>`` beside the pipeline."""
-    cfg = resolved.config
-    base = resolved.loaded.base_dir
-    if cfg.output.dir:
-        return base / cfg.output.dir.replace("{name}", cfg.name).replace("{timestamp}", timestamp())
-    return base / "runs" / f"{cfg.name}-{timestamp()}"
 
 
 def call_lifecycle(pm: QpipePluginManager, hook: str, strict: bool = False, **kwargs: Any) -> list[str]:
@@ -54,7 +43,13 @@ def call_lifecycle(pm: QpipePluginManager, hook: str, strict: bool = False, **kw
 
     With ``strict`` the first error is raised as a PluginError (or the plugin's own
     QpipeError); otherwise errors are returned as messages and the others still run.
+    SIGINT/SIGTERM arriving meanwhile are held until the hook returns (``qpipe.signals``).
     """
+    with held_signals():
+        return _call_impls(pm, hook, strict, kwargs)
+
+
+def _call_impls(pm: QpipePluginManager, hook: str, strict: bool, kwargs: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):
         name = pm.get_name(impl.plugin) or repr(impl.plugin)
@@ -107,7 +102,8 @@ def load_inputs(pm: QpipePluginManager, resolved: ResolvedPipeline) -> Inputs:
         source = getattr(data_cfg, section)
         if source is None:
             return None
-        return bind_to_model(load_source(source, base, f"data.{section}"), model.inputs, f"data.{section}")
+        return bind_to_model(load_source(source, base, f"data.{section}"), model.inputs, f"data.{section}",
+                             allow_nonfinite=data_cfg.allow_nonfinite)
 
     needs_calibration = any(rv.calibrator is not None for rv in resolved.variants)
     needs_training = any(type(rv.quantizer.component).needs_training for rv in resolved.variants)
@@ -129,19 +125,18 @@ class Runner:
     """Runs a resolved pipeline once. Use ``run_pipeline`` for the usual path."""
 
     def __init__(self, pm: QpipePluginManager, resolved: ResolvedPipeline, output_dir: Path,
-                 settings: dict[str, Any] | None = None):
+                 settings: dict[str, Any] | None = None, timestamp: str | None = None):
         self.pm = pm
         self.resolved = resolved
         self.output_dir = Path(output_dir)
         self.settings = settings or {}
+        self.timestamp = timestamp
         self._calibrations: dict[str, Calibration] = {}
         self.warnings: list[str] = []
 
     # ------------------------------------------------------------------ run
     def run(self) -> PipelineResults:
         cfg = self.resolved.config
-        if (self.output_dir / "results.json").exists():
-            raise QpipeError(f"output folder {self.output_dir} already holds a run; choose another --output")
         from qpipe.executor import inputs_if_all_cached
 
         # an unchanged re-run loads the model and data only if a plugin touches them
@@ -152,6 +147,7 @@ class Runner:
             pipeline=cfg.name,
             baseline=self.resolved.baseline,
             started=_dt.datetime.now().isoformat(timespec="seconds"),
+            timestamp=self.timestamp,
             qpipe_version=__version__,
             model={"source": inputs.model.source, "flavor": inputs.model.flavor, "sha256": inputs.model.sha256},
             data={k: {"path": str(p), "sha256": file_sha256(p)} for k, p in inputs.data_files.items()},
@@ -167,6 +163,10 @@ class Runner:
         try:
             call_lifecycle(self.pm, "qpipe_pipeline_started", strict=True, run=self.run_info)
             self._run_variants(results)
+            self._select(results)
+            from qpipe.report import try_write_report  # summary table and charts, tracked or not
+
+            self.warnings += try_write_report(results, self.output_dir, (results.extra.get("cache") or {}).get("dir"))
         except BaseException as exc:
             interrupted = isinstance(exc, KeyboardInterrupt)
             results.status = "interrupted" if interrupted else "crashed"
@@ -176,11 +176,7 @@ class Runner:
             raise
         results.status = "finished"
         results.finished = _dt.datetime.now().isoformat(timespec="seconds")
-        self._select(results)
         results.write(self.output_dir)
-        from qpipe.report import try_write_report  # summary table and charts, tracked or not
-
-        self.warnings += try_write_report(results, self.output_dir, (results.extra.get("cache") or {}).get("dir"))
         self.warnings += call_lifecycle(self.pm, "qpipe_pipeline_finished", run=self.run_info, results=results)
         results.write(self.output_dir)  # plugins may add to results.extra
         return results
@@ -396,9 +392,17 @@ class Runner:
 
 def run_pipeline(pm: QpipePluginManager, resolved: ResolvedPipeline, output_dir: Path | None = None,
                  settings: dict[str, Any] | None = None) -> tuple[PipelineResults, list[str]]:
-    """Run ``resolved``; return the results and any warnings raised by lifecycle plugins."""
-    runner = Runner(pm, resolved, output_dir or default_output_dir(resolved), settings)
-    results = runner.run()
+    """Run ``resolved`` into a newly claimed output folder (``qpipe.outputs``); return the
+    results and any warnings raised by lifecycle plugins."""
+    settings = settings or {}
+    folder = claim_output(resolved, output_dir, force=bool(settings.get("force")))
+    runner = Runner(pm, resolved, folder.path, settings, timestamp=folder.timestamp)
+    try:
+        results = runner.run()
+    except BaseException:
+        if getattr(runner, "run_info", None) is None:  # stopped before writing anything
+            folder.release()
+        raise
     return results, runner.warnings
 
 

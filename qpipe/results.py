@@ -42,6 +42,8 @@ class PipelineResults:
     baseline: str
     variants: list[VariantResult] = field(default_factory=list)
     started: str | None = None
+    #: the run's unique timestamp, as in its default folder name and its MLflow parent run's name
+    timestamp: str | None = None
     finished: str | None = None
     status: str = "running"  # running | finished | interrupted | crashed
     qpipe_version: str | None = None
@@ -82,7 +84,15 @@ def read_results(output_dir: Path) -> PipelineResults:
     path = Path(output_dir) / RESULTS_FILE
     if not path.is_file():
         raise QpipeError(f"no {RESULTS_FILE} in {output_dir}: pass the output folder of a 'qpipe run'")
-    return PipelineResults.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON {type(data).__name__}, not an object")
+        return PipelineResults.from_dict(data)
+    except (ValueError, TypeError, AttributeError) as exc:  # JSONDecodeError, UnicodeDecodeError, wrong shapes
+        why = " ".join(str(exc).split())[:200]
+        raise QpipeError(f"{path} is not a complete qpipe {RESULTS_FILE} ({why}); it may be truncated or "
+                         "damaged") from None
 
 
 def _finite(value: Any) -> Any:

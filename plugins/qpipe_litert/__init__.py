@@ -11,11 +11,12 @@ import os
 from typing import Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 import qpipe
 from qpipe import Artifact, Backend, LoadedModel, QpipeError, Runner, match_inputs
 from qpipe.conversion import dequantize_array, quantize_array, tensors_by_name
+from qpipe.limits import clamp_threads
 from qpipe.tfenv import quiet
 
 
@@ -27,6 +28,11 @@ class LiteRTOptions(qpipe.Options):
     threads: int = Field(default_factory=default_threads, ge=1, description="interpreter threads")
     batch_size: int = Field(256, ge=1, description="samples per invoke during evaluation")
     xnnpack: bool = Field(True, description="use the XNNPACK delegate (else the built-in kernels)")
+
+    @field_validator("threads")
+    @classmethod
+    def _at_most_cpus(cls, value: int) -> int:
+        return clamp_threads(value, "backend litert")
 
 
 class LiteRTRunner(Runner):

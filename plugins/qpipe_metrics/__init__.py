@@ -11,6 +11,7 @@ from pydantic import Field, field_validator
 
 import qpipe
 from qpipe import EvalContext, Evaluator, QpipeError
+from qpipe.limits import clamp_threads
 
 
 def _flat(outputs: np.ndarray) -> np.ndarray:
@@ -37,8 +38,8 @@ class Accuracy(Evaluator):
     Options = AccuracyOptions
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
-        labels = ctx.data.class_labels()
         scores = _flat(ctx.outputs)
+        labels = ctx.data.class_labels(classes=scores.shape[1])
         if scores.shape[1] == 1:  # a single sigmoid unit: binary classifier
             predicted = (scores[:, 0] >= 0.5).astype(np.int64)
         else:
@@ -113,6 +114,11 @@ class LatencyOptions(qpipe.Options):
     max_spread: float = Field(0.5, gt=0, description="flag latency_noisy when the spread (IQR / median of "
                                                      "the timed invokes) exceeds this: too noisy to rank by")
     threads: int | None = Field(None, ge=1, description="threads (default: the backend's)")
+
+    @field_validator("threads")
+    @classmethod
+    def _at_most_cpus(cls, value: int | None) -> int | None:
+        return None if value is None else clamp_threads(value, "evaluator latency")
 
 
 class Latency(Evaluator):
