@@ -37,7 +37,7 @@ def depthwise(tmp_path_factory):
 def test_auto_keeps_the_engine_closer_to_float_on_a_depthwise_model(depthwise):
     variants = [{"name": f"{kind}-{engine}", "quantizer": f"tflite.{kind}", "options": {"engine": engine}}
                 for kind in ("int8", "dynamic") for engine in ("auto", "converter", "ai-edge-quantizer")]
-    # judged on the samples auto compared the engines on: the calibration samples themselves
+    # evaluated on the data auto's comparison drew its (calibration) samples from
     data = {"evaluation": {"path": "data.npz", "inputs": "x_train", "labels": "y_train"},
             "calibration": {"path": "data.npz", "inputs": "x_train", "labels": "y_train"}}
     out = depthwise.root / "auto"
@@ -51,7 +51,7 @@ def test_auto_keeps_the_engine_closer_to_float_on_a_depthwise_model(depthwise):
     errors = auto.metadata["engine_errors"]
     chosen = auto.metadata["engine"]
     other = "converter" if chosen == "ai-edge-quantizer" else "ai-edge-quantizer"
-    assert errors[chosen if chosen != "tflite-converter" else "converter"] <= errors[other]
+    assert errors[chosen if chosen != "tflite-converter" else "converter"] <= errors[other] * (1 + 1e-3)  # TIE
     assert "both engines quantized it" in auto.metadata["engine_reason"]
     twin = v["int8-converter"] if chosen == "tflite-converter" else v["int8-ai-edge-quantizer"]
     assert (out / auto.artifact).read_bytes() == (out / twin.artifact).read_bytes()
