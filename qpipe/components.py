@@ -301,6 +301,9 @@ class Evaluator(Component):
     kind: ClassVar[str] = "evaluator"
     #: set when the evaluator cannot run without labels
     needs_labels: ClassVar[bool] = False
+    #: set when its metrics measure the machine, not the artifact (latency): a variant restored
+    #: from the cache runs it again instead of replaying the stored numbers
+    remeasure: ClassVar[bool] = False
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         raise NotImplementedError
