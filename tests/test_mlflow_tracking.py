@@ -86,7 +86,7 @@ def test_each_run_is_a_parent_with_one_child_per_variant(tracked, store, tiny):
     assert len(found) == 2, "two runs, two parent runs"
     for i, (parent, results) in enumerate(zip(found, tracked), start=1):
         assert parent.info.status == "FINISHED"
-        assert parent.info.run_name.startswith("tiny-") and parent.info.run_name[5:].replace("-", "").isdigit()
+        assert parent.info.run_name == f"tiny-{results.timestamp}"  # the run's one timestamp
         assert Path(parent.data.tags["qpipe.output_dir"]) == (tiny.root / f"run-{i}").resolve()
         kids = child_runs(store, parent)
         assert sorted(kids) == sorted(v.name for v in results.variants) == ["broken", "dynamic", "float32", "int8"]
@@ -123,7 +123,9 @@ def test_children_carry_params_metrics_and_tags(tracked, store):
         assert set(v.metrics) == keys, "the same metric keys on every child"
     int8 = kids["int8"].data.params
     assert int8["quantizer.io"] == "int8" and int8["calibrator"] == "sample" and int8["calibrator.count"] == "50"
-    assert int8["engine"] == "tflite-converter" and kids["dynamic"].data.params["engine"] == "ai-edge-quantizer"
+    assert int8["engine"] == results.variant("int8").metadata["engine"]
+    assert kids["dynamic"].data.params["engine"] == "tflite-converter"
+    assert kids["int8"].data.tags["qpipe.engine_reason"] == results.variant("int8").metadata["engine_reason"]
     files = {f.path for f in client(store).list_artifacts(kids["int8"].info.run_id)}
     assert {"int8.sensitivity.csv", "int8.sensitivity.png"} <= files  # reports the quantizer wrote
     assert kids["dynamic"].data.params["calibrator"] == "none"

@@ -3,9 +3,9 @@
 Each data section of results.json (``evaluation``, ``calibration``, ``training``, …) becomes
 one ``Dataset`` named ``<file stem>-<section>`` with the first 12 hex digits of the file's
 sha256 as digest, the file as source and, for ``.npz``/``.npy`` files, the arrays' names,
-dtypes and shapes (read from the headers, nothing loaded) as schema. The parent run lists
-every section; a child run the sections its variant used. Evaluation metrics point at the
-evaluation dataset. No MLflow import at module level.
+dtypes and shapes (read from the headers, nothing loaded; not by ``qpipe log``) as schema.
+The parent run lists every section; a child run the sections its variant used. Evaluation
+metrics point at the evaluation dataset. No MLflow import at module level.
 """
 
 from __future__ import annotations
@@ -54,8 +54,10 @@ def schema(path: Path, section: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"mlflow_colspec": columns}
 
 
-def datasets(results: Any, config: Any) -> dict[str, Any]:
-    """One ``mlflow.entities.Dataset`` per data section recorded in results.json."""
+def datasets(results: Any, config: Any, read: bool = True) -> dict[str, Any]:
+    """One ``mlflow.entities.Dataset`` per data section recorded in results.json; the schema is
+    read from the files only with ``read`` (not for ``qpipe log``: its folder is not trusted to
+    name files to open)."""
     from mlflow.entities import Dataset
 
     out = {}
@@ -65,7 +67,7 @@ def datasets(results: Any, config: Any) -> dict[str, Any]:
         path = Path(info["path"])
         source_cfg = getattr(getattr(config, "data", None), section, None)
         cfg = source_cfg.model_dump() if hasattr(source_cfg, "model_dump") else None
-        found = schema(path, cfg)
+        found = schema(path, cfg) if read else None
         out[section] = Dataset(name=f"{path.stem}-{section}", digest=str(info.get("sha256") or "")[:12] or "unknown",
                                source_type="local", source=json.dumps({"uri": path.resolve().as_uri()}),
                                schema=json.dumps(found) if found else None)

@@ -86,11 +86,12 @@ def tidy(value: float) -> float:
 
 
 def parent_name(run: Any, started: Any) -> str:
-    """``<pipeline>-<timestamp>`` with the run's one timestamp: ``run.timestamp`` when the host
-    sets it, else the output folder's (the default ``runs/<name>-<timestamp>``), else the start."""
+    """``<pipeline>-<timestamp>`` with the run's one timestamp: results.json's ``timestamp`` (the
+    output folder's) when the host records it, else the output folder's name's, else the start."""
     pipeline = run.name
-    if getattr(run, "timestamp", None):
-        return f"{pipeline}-{run.timestamp}"
+    stamp = getattr(run.results, "timestamp", None)
+    if stamp:
+        return f"{pipeline}-{stamp}"
     found = STAMP.search(Path(run.output_dir).name)
     if found:
         return f"{pipeline}-{found.group(1)}"

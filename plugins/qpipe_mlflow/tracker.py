@@ -110,7 +110,7 @@ class Tracker:
         from mlflow import MlflowClient
 
         try:
-            with quiet_logs():
+            with target.store_lock(), quiet_logs():
                 client = MlflowClient(tracking_uri=target.uri)
                 experiment_id = experiment(client, target)
         except QpipeError:
@@ -151,7 +151,7 @@ class Tracker:
                     "pipeline": run.name, "baseline": results.baseline,
                     "evaluators": ",".join(e.name for e in cfg.evaluators),
                     "model": cfg.model.path or cfg.model.function, "calibrator": cfg.calibrator.name})
-                self.datasets = data_inputs.datasets(results, cfg)
+                self.datasets = data_inputs.datasets(results, cfg, read=not run.replay)
                 if self.datasets:
                     self.client.log_inputs(self.parent_id, data_inputs.inputs(self.datasets, list(self.datasets)))
         except Exception as exc:  # noqa: BLE001
@@ -410,8 +410,10 @@ def variant_tags(run: Any, result: VariantResult) -> dict[str, Any]:
         tags["qpipe.error"] = result.error
     if result.metadata.get("cache"):
         tags["qpipe.cache"] = result.metadata["cache"]
-    if result.metadata.get("warnings"):
-        tags["qpipe.warnings"] = " | ".join(map(str, result.metadata["warnings"]))
+    if result.warnings:  # the sanity checks' codes and messages (qpipe.sanity)
+        tags["qpipe.warnings"] = " | ".join(f"[{w['code']}] {w['message']}" for w in result.warnings)[:5000]
+    if result.metadata.get("engine_reason"):  # why engine auto chose as it did
+        tags["qpipe.engine_reason"] = str(result.metadata["engine_reason"])
     path = artifact_path(run, result)
     if path is not None:
         tags["qpipe.artifact_sha256"] = file_sha256(path)
