@@ -121,7 +121,8 @@ def test_final_metrics_at_step_0_and_training_curves_with_their_steps(tracked, s
 
 def test_names_and_params_read_well(tracked, store):
     _, results, parent, kids, output = tracked
-    assert parent.info.run_name == f"tiny-{STAMP}", "the output folder's timestamp, not a second one"
+    assert results.timestamp and parent.info.run_name == f"tiny-{results.timestamp}", \
+        "the run's one timestamp (the one default output folders are named with), not a second one"
     grid = {k.data.tags["qpipe.variant"]: k for k in kids.values() if k.data.tags["qpipe.variant"].startswith("grid-")}
     assert sorted(grid) == ["grid-per_channel-false", "grid-per_channel-true"]
     for name, child in grid.items():
