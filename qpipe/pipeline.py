@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -30,40 +31,46 @@ from qpipe.components import (
 )
 from qpipe.config import Bound, ResolvedPipeline, ResolvedVariant
 from qpipe.data import Dataset, bind_to_model, load_source
-from qpipe.errors import PluginError, QpipeError
+from qpipe.errors import PluginError, QpipeError, short_error
 from qpipe.outputs import claim_output
 from qpipe.signals import held_signals
-from qpipe.plugins import QpipePluginManager
+from qpipe.plugins import HookFailure, QpipePluginManager
 from qpipe.results import PipelineResults, PipelineRun, VariantResult
 from qpipe.selection import select
 
 
 def call_lifecycle(pm: QpipePluginManager, hook: str, strict: bool = False, **kwargs: Any) -> list[str]:
-    """Call a lifecycle hook implementation by implementation, naming a plugin that raises.
+    """Call a lifecycle hook through pluggy; every plugin's implementation runs.
 
-    With ``strict`` the first error is raised as a PluginError (or the plugin's own
-    QpipeError); otherwise errors are returned as messages and the others still run.
-    SIGINT/SIGTERM arriving meanwhile are held until the hook returns (``qpipe.signals``).
+    Implementations are isolated per plugin (``qpipe.plugins``): one that raises is reported
+    naming its plugin and the others still run. Afterwards, with ``strict`` the first error
+    is raised (a plugin's own QpipeError as it is, anything else as a PluginError);
+    otherwise errors are returned as one-line messages. SIGINT/SIGTERM arriving meanwhile
+    are held until the hook returns (``qpipe.signals``).
     """
+    caller = getattr(pm.hook, hook)
     with held_signals():
-        return _call_impls(pm, hook, strict, kwargs)
-
-
-def _call_impls(pm: QpipePluginManager, hook: str, strict: bool, kwargs: dict[str, Any]) -> list[str]:
-    problems: list[str] = []
-    for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):
-        name = pm.get_name(impl.plugin) or repr(impl.plugin)
         try:
-            impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
-        except QpipeError as exc:
-            if strict:
-                raise
-            problems.append(f"plugin '{name}' ({hook}): {exc}")
-        except Exception as exc:
-            if strict:
-                raise PluginError(f"plugin '{name}' failed in {hook}: {type(exc).__name__}: {exc}") from exc
-            problems.append(f"plugin '{name}' failed in {hook}: {type(exc).__name__}: {exc}")
-    return problems
+            outcome = caller(**kwargs)
+        except QpipeError:
+            raise
+        except Exception as exc:  # only a hookwrapper's own error gets here
+            wrappers = [i.plugin_name for i in caller.get_hookimpls() if i.wrapper or i.hookwrapper]
+            raise PluginError(f"a hookwrapper of {hook} (plugin {', '.join(map(repr, wrappers))}) "
+                              f"failed: {short_error(exc)}") from exc
+    failures = [item for item in outcome or [] if isinstance(item, HookFailure)]
+    if strict and failures:
+        first = failures[0]
+        if isinstance(first.error, QpipeError):
+            raise first.error
+        raise PluginError(_failure_message(first)) from first.error
+    return [_failure_message(failure) for failure in failures]
+
+
+def _failure_message(failure: HookFailure) -> str:
+    if isinstance(failure.error, QpipeError):
+        return f"plugin '{failure.plugin}' ({failure.hook}): {short_error(failure.error)}"
+    return f"plugin '{failure.plugin}' failed in {failure.hook}: {short_error(failure.error)}"
 
 
 @dataclass
@@ -205,6 +212,8 @@ class Runner:
 
         with contextlib.closing(execute(self)) as finished:
             for result in finished:
+                if result.status != "ok":
+                    self._log_failure(result)
                 results.variants.append(result)
                 results.write(self.output_dir)
                 hook = "qpipe_variant_finished" if result.status == "ok" else "qpipe_variant_failed"
@@ -212,6 +221,16 @@ class Runner:
                 self.warnings += call_lifecycle(self.pm, hook, run=self.run_info, result=result, **extra)
         order = {rv.config.name: i for i, rv in enumerate(self.resolved.variants)}
         results.variants.sort(key=lambda v: order.get(v.name, len(order)))  # parallel runs end in any order
+
+    def _log_failure(self, result: VariantResult) -> None:
+        """Keep a failed variant's full error in ``<variant>.error.txt`` (named in its one-line
+        error) and, with ``--debug``, print it; the terminal and results.json get one line."""
+        text = result.metadata.get("traceback") or result.error or "failed"
+        log = self.output_dir / f"{result.name}.error.txt"
+        log.write_text(str(text), encoding="utf-8")
+        result.error = f"{result.error or 'failed'} (full error: {log.name})"
+        if self.settings.get("debug"):
+            sys.stderr.write(f"--- {result.name} failed:\n{text}\n")
 
     def adopt_baseline(self, outputs: np.ndarray | None, artifact: Artifact | None,
                        metrics: dict[str, float]) -> None:
@@ -239,7 +258,7 @@ class Runner:
             self._run_stages(rv, result)
         except Exception as exc:  # the variant fails; the others still run
             result.status = "failed"
-            result.error = _one_line(exc)
+            result.error = short_error(exc)
             result.metadata["traceback"] = traceback.format_exc()
             result._exception = exc  # type: ignore[attr-defined]
         result.seconds = round(time.perf_counter() - started, 3)
@@ -304,6 +323,7 @@ class Runner:
         backend = rv.backend.component
         runner = _call(rv.backend, "load", artifact, self.inputs.model)
         metrics: dict[str, float] = {}
+        owners: dict[str, Bound] = {}
         try:
             report(f"predicting {len(self.inputs.evaluation)} samples")
             outputs = np.asarray(runner.predict(self.inputs.evaluation, backend.batch_size))
@@ -320,7 +340,7 @@ class Runner:
                     continue
                 report(f"evaluating: {ev.component.name}")
                 produced = _call(ev, "evaluate", ctx)
-                metrics.update({k: float(val) for k, val in (produced or {}).items()})
+                _merge_metrics(metrics, owners, ev, produced or {})
         finally:
             runner.close()
         return metrics
@@ -385,12 +405,19 @@ def _call(bound: Bound, method: str, *args: Any) -> Any:
     except QpipeError:
         raise
     except Exception as exc:
-        raise PluginError(f"{bound.component.name} (plugin '{bound.plugin}'): {type(exc).__name__}: {exc}") from exc
+        raise PluginError(f"{bound.component.name} (plugin '{bound.plugin}'): {short_error(exc)}") from exc
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return " ".join(text.split())
+def _merge_metrics(metrics: dict[str, float], owners: dict[str, Bound], ev: Bound, produced: dict) -> None:
+    """Add an evaluator's metrics; a key another evaluator already wrote fails the variant."""
+    for key, value in produced.items():
+        if key in owners:
+            first = owners[key]
+            raise PluginError(f"metric '{key}' is written by two evaluators: '{first.component.name}' (plugin "
+                              f"'{first.plugin}') and '{ev.component.name}' (plugin '{ev.plugin}'); remove one "
+                              "of them from the pipeline's evaluators")
+        owners[key] = ev
+        metrics[key] = float(value)
 
 
 def _plain(options: Any) -> dict[str, Any]:

@@ -199,7 +199,10 @@ def test_a_raising_component_fails_its_variant_naming_the_plugin(project, tmp_pa
     assert results.variant("reference").status == "ok"
     failed = results.variant("other")
     assert failed.status == "failed"
-    assert failed.error == "test.explodes (plugin 'exploder'): ZeroDivisionError: no samples"
+    assert failed.error == ("test.explodes (plugin 'exploder'): ZeroDivisionError: no samples "
+                            "(full error: other.error.txt)")
+    log = (tmp_path / "out" / "other.error.txt").read_text()
+    assert "Traceback (most recent call last)" in log and 'raise ZeroDivisionError("no samples")' in log
 
 
 def test_the_test_kit_names_missing_and_broken_entry_points(site):
