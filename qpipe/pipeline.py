@@ -93,7 +93,7 @@ def load_model(pm: QpipePluginManager, resolved: ResolvedPipeline) -> LoadedMode
     except QpipeError:
         raise
     except Exception as exc:
-        raise QpipeError(f"model: cannot load {source.path or source.function}: {type(exc).__name__}: {exc}") from exc
+        raise QpipeError(f"model: cannot load {source.path or source.function}: {short_error(exc)}") from exc
     if model is None:
         raise QpipeError(f"model: no plugin can load {source.path or source.function}")
     return model

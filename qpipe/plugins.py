@@ -26,6 +26,7 @@ from typing import Any, Callable
 import pluggy
 
 from qpipe import hookspecs
+from qpipe.errors import PluginError, short_error
 
 ENTRY_POINT_GROUP = "qpipe"
 #: hooks whose implementations are isolated per plugin (see the module docstring)
@@ -105,8 +106,6 @@ class QpipePluginManager(pluggy.PluginManager):
         except pluggy.PluginValidationError as exc:
             self.unregister(name=name)
             self.infos.pop(name, None)
-            from qpipe.errors import PluginError
-
             raise PluginError(f"plugin '{name}': {exc}") from exc
 
     def load_entry_points(self, disabled: set[str] | None = None) -> None:
@@ -131,7 +130,7 @@ class QpipePluginManager(pluggy.PluginManager):
                 plugin = ep.load()
                 self.register_plugin(plugin, ep.name, info)
             except Exception as exc:  # a broken plugin must not take the others down
-                self.load_failures[ep.name] = f"{type(exc).__name__}: {exc}"
+                self.load_failures[ep.name] = short_error(exc)
 
 
 def disabled_plugins() -> set[str]:
