@@ -21,6 +21,7 @@ from qpipe.components import (  # noqa: E402
     Component,
     EvalContext,
     Evaluator,
+    Expects,
     LoadedModel,
     Options,
     QuantizeContext,
@@ -33,7 +34,7 @@ from qpipe.errors import ConfigError, DataError, PluginError, QpipeError  # noqa
 
 __all__ = [
     "__version__", "hookimpl", "Artifact", "Backend", "Calibration", "CalibrateContext",
-    "Calibrator", "Component", "EvalContext", "Evaluator", "LoadedModel", "Options",
+    "Calibrator", "Component", "EvalContext", "Evaluator", "Expects", "LoadedModel", "Options",
     "QuantizeContext", "Quantizer", "Runner", "TensorInfo", "Dataset", "match_inputs", "ConfigError",
     "DataError", "PluginError", "QpipeError",
 ]

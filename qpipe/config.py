@@ -47,7 +47,7 @@ class ModelSource(Strict):
 
     path: str | None = Field(None, description="a .keras or .h5 file, or a SavedModel folder")
     function: str | None = Field(None, description="'module:function' returning a model")
-    safe_mode: bool = Field(True, description="load Keras files in safe mode (no arbitrary code)")
+    safe_mode: bool = Field(True, description="refuse model files holding code (docs/security.md); false runs it")
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSource":
@@ -95,6 +95,8 @@ class VariantConfig(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     calibrator: ComponentRef | None = None
     backend: ComponentRef | None = None
+    strict: bool | None = Field(None, description="a sanity-check warning fails this variant; "
+                                                   "default: the pipeline's strict")
 
 
 class RegisterConfig(Strict):
@@ -210,6 +212,7 @@ class PipelineConfig(Strict):
     objective: Objective | None = Field(None, description="{maximize: METRIC} or {minimize: METRIC}")
     constraints: list[ConstraintText] = Field(default_factory=list, description="'METRIC OP NUMBER' strings")
     gate: bool = Field(False, description="exit with code 3 when no variant meets the constraints")
+    strict: bool = Field(False, description="a sanity-check warning fails the variant (every variant)")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
@@ -428,6 +431,11 @@ class ResolvedPipeline:
     @property
     def config(self) -> PipelineConfig:
         return self.loaded.config
+
+    def strict(self, variant: str) -> bool:
+        """Whether a warning fails ``variant``: its own ``strict``, else the pipeline's."""
+        own = next((rv.config.strict for rv in self.variants if rv.config.name == variant), None)
+        return self.config.strict if own is None else own
 
 
 def _bind(loaded: LoadedConfig, registry: Registry, kind: str, name: str, options: dict,

@@ -7,11 +7,15 @@ from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from qpipe import hookimpl
 from qpipe.results import PipelineResults
+
+#: shown after a variant's status when sanity checks warned about it (then the count)
+WARNING_MARK = "!"
 
 
 class ConsoleDisplay:
@@ -70,6 +74,8 @@ class ConsoleDisplay:
     def qpipe_variant_finished(self, result) -> None:
         acc = result.metrics.get("accuracy")
         extra = f" accuracy {acc:.4f}" if acc is not None else ""
+        if result.warnings:
+            extra += f" [yellow]({len(result.warnings)} warning(s))[/yellow]"
         self._done(result.name, f"[green]ok[/green]{extra}")
 
     @hookimpl
@@ -115,6 +121,8 @@ def summary_table(results: PipelineResults, headline: Sequence[str] = ()) -> Tab
     for v in results.variants:
         m = v.metrics
         status = "[green]ok[/green]" if v.status == "ok" else "[red]failed[/red]"
+        if v.warnings:
+            status += f" [yellow]{WARNING_MARK}{len(v.warnings)}[/yellow]"
         delta = m.get("accuracy_delta")
         size = m.get("size_bytes")
         table.add_row(
@@ -139,8 +147,14 @@ def print_summary(results: PipelineResults, output_dir: Path | None = None, head
     for v in results.variants:
         if v.status != "ok":
             console.print(f"[red]{v.name} failed:[/red] {v.error}", highlight=False)
-        for warning in v.metadata.get("warnings", []):
-            console.print(f"[yellow]{v.name} warning:[/yellow] {warning}", highlight=False)
+        for warning in v.warnings:
+            console.print(f"[yellow]{escape(v.name)} warning \\[{escape(warning['code'])}]:[/yellow] "
+                          f"{escape(warning['message'])}", highlight=False)
+    from qpipe.report import latency_note
+
+    note = latency_note(results)
+    if note:
+        console.print(note, highlight=False)
     selected = results.selected
     if selected and selected.get("variant"):
         console.print(f"selected: [bold]{selected['variant']}[/bold] ({selected['reason']})", highlight=False)

@@ -36,6 +36,7 @@ from qpipe.outputs import claim_output
 from qpipe.signals import held_signals
 from qpipe.plugins import HookFailure, QpipePluginManager
 from qpipe.results import PipelineResults, PipelineRun, VariantResult
+from qpipe.sanity import apply_strict, check_variant, warning
 from qpipe.selection import select
 
 
@@ -212,6 +213,7 @@ class Runner:
 
         with contextlib.closing(execute(self)) as finished:
             for result in finished:
+                apply_strict(result, self.resolved.strict(result.name))
                 if result.status != "ok":
                     self._log_failure(result)
                 results.variants.append(result)
@@ -275,12 +277,17 @@ class Runner:
                            metrics=metrics, step=step)
         return log
 
+    @staticmethod
+    def _warner(result: VariantResult, report: Any):
+        def warn(message: str, code: str = "plugin") -> None:
+            result.warnings.append(warning(code, message))
+            report(f"warning [{code}]: {message}")
+        return warn
+
     def _run_stages(self, rv: ResolvedVariant, result: VariantResult) -> None:
         v = rv.config
         report = self._progress(v.name)
-        def warn(message: str) -> None:
-            result.metadata.setdefault("warnings", []).append(message)
-            report(f"warning: {message}")
+        warn = self._warner(result, report)
 
         def record(key: str, value: Any) -> None:
             result.metadata[key] = value
@@ -311,9 +318,19 @@ class Runner:
         metrics.update(artifact.metadata.get("metrics", {}))
 
         metrics.update(self._evaluate(rv, artifact, common))
+        self._check(rv, artifact, result, warn)
         result._raw_metrics = dict(metrics)  # type: ignore[attr-defined]  # for the cache
         result._outputs = self._last_outputs  # type: ignore[attr-defined]  # for the cache and workers
         result.metrics = self._with_deltas(v.name, metrics)
+
+    def _check(self, rv: ResolvedVariant, artifact: Artifact, result: VariantResult, warn) -> None:
+        """The sanity checks (``qpipe.sanity``): each problem becomes a named warning."""
+        if any(vars(artifact.expects).values()):
+            result.metadata["expects"] = artifact.expects.to_dict()
+        is_baseline = rv.config.name == self.resolved.baseline
+        for found in check_variant(self.pm, artifact, self._last_outputs, getattr(self, "_baseline_outputs", None),
+                                   getattr(self, "_baseline_artifact", None), is_baseline):
+            warn(found["message"], found["code"])
 
     def _evaluate(self, rv: ResolvedVariant, artifact: Artifact, common: dict,
                   record_baseline: bool = True) -> dict[str, float]:
@@ -323,7 +340,6 @@ class Runner:
         backend = rv.backend.component
         runner = _call(rv.backend, "load", artifact, self.inputs.model)
         metrics: dict[str, float] = {}
-        owners: dict[str, Bound] = {}
         try:
             report(f"predicting {len(self.inputs.evaluation)} samples")
             outputs = np.asarray(runner.predict(self.inputs.evaluation, backend.batch_size))
@@ -335,15 +351,39 @@ class Runner:
             ctx = EvalContext(**common, data=self.inputs.evaluation, outputs=outputs, artifact=artifact,
                               runner=runner, baseline_outputs=baseline[0], baseline_artifact=baseline[1],
                               model=self.inputs.model)
-            for ev in self.resolved.evaluators:
-                if type(ev.component).needs_labels and self.inputs.evaluation.labels is None:
-                    continue
-                report(f"evaluating: {ev.component.name}")
-                produced = _call(ev, "evaluate", ctx)
-                _merge_metrics(metrics, owners, ev, produced or {})
+            metrics = self._run_evaluators(self.resolved.evaluators, ctx)
         finally:
             runner.close()
         return metrics
+
+    def _run_evaluators(self, evaluators: list[Bound], ctx: EvalContext) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        owners: dict[str, Bound] = {}
+        for ev in evaluators:
+            if type(ev.component).needs_labels and ctx.data.labels is None:
+                continue
+            ctx.report(f"evaluating: {ev.component.name}")
+            produced = _call(ev, "evaluate", ctx)
+            _merge_metrics(metrics, owners, ev, produced or {})
+        return metrics
+
+    def remeasure(self, rv: ResolvedVariant, artifact: Artifact, outputs: np.ndarray | None,
+                  result: VariantResult) -> dict[str, float]:
+        """Run the evaluators that measure the machine (``Evaluator.remeasure``, e.g. latency)
+        again on a variant restored from the cache; return their fresh metrics."""
+        evaluators = [ev for ev in self.resolved.evaluators if type(ev.component).remeasure]
+        if not evaluators:
+            return {}
+        report = self._progress(rv.config.name)
+        warn = self._warner(result, report)
+        runner = _call(rv.backend, "load", artifact, self.inputs.model)
+        try:
+            ctx = EvalContext(variant=rv.config.name, work_dir=self.output_dir, report=report, warn=warn,
+                              record=result.metadata.__setitem__, data=self.inputs.evaluation, outputs=outputs,
+                              artifact=artifact, runner=runner, model=self.inputs.model)
+            return self._run_evaluators(evaluators, ctx)
+        finally:
+            runner.close()
 
     def _trial_evaluator(self, rv: ResolvedVariant, common: dict):
         """``ctx.evaluate`` for quantizers that search (e.g. float fallback): metrics with deltas."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qpipe.results import PipelineResults, VariantResult
+from qpipe.results import PipelineResults, VariantResult, contained
 
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
@@ -89,10 +89,11 @@ def summary_csv(results: PipelineResults) -> str:
     metrics = metric_columns(results)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["variant", "quantizer", "status", "pareto", "selected", *metrics, "error"])
+    writer.writerow(["variant", "quantizer", "status", "pareto", "selected", *metrics, "error", "warnings"])
     for v in results.variants:
         writer.writerow([v.name, v.quantizer, v.status, int(v.name in front), int(v.name == chosen),
-                         *("" if v.metrics.get(k) is None else v.metrics[k] for k in metrics), v.error or ""])
+                         *("" if v.metrics.get(k) is None else v.metrics[k] for k in metrics), v.error or "",
+                         " ".join(w["code"] for w in v.warnings)])
     return buffer.getvalue()
 
 
@@ -106,6 +107,8 @@ def summary_markdown(results: PipelineResults) -> str:
     for v in results.variants:
         m = v.metrics
         notes = [n for n, on in (("selected", v.name == chosen), ("Pareto", v.name in front)) if on]
+        if v.warnings:
+            notes.append(f"{len(v.warnings)} warning(s)")
         if v.status != "ok":
             notes.append(_cell(v.error or "failed"))
         delta = _number(m.get("accuracy_delta"))
@@ -117,13 +120,41 @@ def summary_markdown(results: PipelineResults) -> str:
             _fmt(m.get("size_ratio"), ".2f", "x"), _fmt(m.get("latency_ms_p50"), ".3f"),
             _fmt(m.get("latency_ms_p95"), ".3f"), ", ".join(notes)]) + " |")
     lines.append("")
+    lines += warning_lines(results)
     if chosen:
         lines.append(f"Selected: **{chosen}** ({reason})")
     elif reason:
         lines.append(f"No variant selected: {reason}")
     if front:
         lines.append(f"Pareto front ({quality_metric(results)} against size): {', '.join(front)}")
+    note = latency_note(results)
+    if note:
+        lines += ["", note]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def warning_lines(results: PipelineResults) -> list[str]:
+    """The sanity-check warnings as a Markdown list (nothing when there are none)."""
+    items = [f"- {_cell(v.name)} `{w['code']}`: {_cell(w['message'])}" for v in results.variants for w in v.warnings]
+    return ["Warnings:", "", *items, ""] if items else []
+
+
+def latency_note(results: PipelineResults) -> str | None:
+    """Where the latencies come from (this run, re-measured on a cache hit) and which are too
+    noisy to rank by; None when no variant has a latency."""
+    timed = [v for v in results.variants if v.status == "ok" and "latency_ms_p50" in v.metrics]
+    if not timed:
+        return None
+    again = [v.name for v in timed if "latency_ms_p50" in v.metadata.get("remeasured", [])]
+    stale = [v.name for v in timed if v.metadata.get("cache") == "hit" and v.name not in again]
+    parts = [f"Latency: measured in this run for {len(timed) - len(stale)} of {len(timed)} variant(s)"
+             + (f" (re-measured after a cache hit: {', '.join(again)})" if again else "")]
+    if stale:
+        parts.append(f"replayed from the cache, not re-measured: {', '.join(stale)}")
+    noisy = [f"{v.name} ({v.metrics.get('latency_spread', 0):.0%})" for v in timed if v.metrics.get("latency_noisy")]
+    if noisy:
+        parts.append(f"too noisy to rank (spread IQR/median over the limit): {', '.join(noisy)}")
+    return "; ".join(parts) + "."
 
 
 # --------------------------------------------------------------------------- charts
@@ -227,8 +258,9 @@ def try_write_report(results: PipelineResults, output_dir: Path, cache_dir: Path
 
 
 def report_files(output_dir: Path) -> list[Path]:
-    """The report files present in ``output_dir``."""
-    return [Path(output_dir) / name for name in REPORT_FILES if (Path(output_dir) / name).is_file()]
+    """The report files present in ``output_dir`` (not symlinks leading out of it)."""
+    return [Path(output_dir) / name for name in REPORT_FILES
+            if (path := contained(output_dir, name)) is not None and path.is_file()]
 
 
 def _figure(size: tuple[float, float]) -> tuple[Any, Any]:
