@@ -225,12 +225,10 @@ class Runner:
         results.variants.sort(key=lambda v: order.get(v.name, len(order)))  # parallel runs end in any order
 
     def _log_failure(self, result: VariantResult) -> None:
-        """Keep a failed variant's full error in ``<variant>.error.txt`` (named in its one-line
-        error) and, with ``--debug``, print it; the terminal and results.json get one line."""
+        """Keep a failed variant's full error and traceback in ``<variant>.error.txt`` and, with
+        ``--debug``, print them; the terminal and results.json get the one-line error."""
         text = result.metadata.get("traceback") or result.error or "failed"
-        log = self.output_dir / f"{result.name}.error.txt"
-        log.write_text(str(text), encoding="utf-8")
-        result.error = f"{result.error or 'failed'} (full error: {log.name})"
+        (self.output_dir / error_log_name(result.name)).write_text(str(text), encoding="utf-8")
         if self.settings.get("debug"):
             sys.stderr.write(f"--- {result.name} failed:\n{text}\n")
 
@@ -261,6 +259,8 @@ class Runner:
         except Exception as exc:  # the variant fails; the others still run
             result.status = "failed"
             result.error = short_error(exc)
+            if not isinstance(exc, QpipeError) or exc.__cause__ is not None:  # a cut third-party error
+                result.error += f" (full error: {error_log_name(v.name)})"
             result.metadata["traceback"] = traceback.format_exc()
             result._exception = exc  # type: ignore[attr-defined]
         result.seconds = round(time.perf_counter() - started, 3)
@@ -446,6 +446,11 @@ def _call(bound: Bound, method: str, *args: Any) -> Any:
         raise
     except Exception as exc:
         raise PluginError(f"{bound.component.name} (plugin '{bound.plugin}'): {short_error(exc)}") from exc
+
+
+def error_log_name(variant: str) -> str:
+    """The file in the output folder holding a failed variant's full error and traceback."""
+    return f"{variant}.error.txt"
 
 
 def _merge_metrics(metrics: dict[str, float], owners: dict[str, Bound], ev: Bound, produced: dict) -> None:
