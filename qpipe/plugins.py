@@ -19,9 +19,10 @@ import contextvars
 import functools
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 
@@ -55,7 +56,7 @@ def _isolate(function: Callable[..., Any], plugin: str, hook: str) -> Callable[.
         token = _calling.set(plugin)
         try:
             return function(*args, **kwargs)
-        except Exception as exc:  # reported by the caller, naming the plugin
+        except Exception as exc:  # noqa: BLE001  # reported by the caller, naming the plugin
             return HookFailure(plugin, hook, exc)
         finally:
             _calling.reset(token)
@@ -94,7 +95,8 @@ class QpipePluginManager(pluggy.PluginManager):
                 continue
             for impl in caller.get_hookimpls():
                 if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
-                    setattr(impl, "function", _isolate(impl.function, registered, caller.name))
+                    # setattr: HookImpl.function is Final for type checkers; pluggy reads it at call time
+                    setattr(impl, "function", _isolate(impl.function, registered, caller.name))  # noqa: B010
         return registered
 
     def register_plugin(self, plugin: Any, name: str, info: PluginInfo | None = None) -> None:
