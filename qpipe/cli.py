@@ -18,7 +18,7 @@ from typing import Any, Optional
 import typer
 
 from qpipe import __version__
-from qpipe.errors import QpipeError, Terminated
+from qpipe.errors import QpipeError, Terminated, short_error
 
 EXIT_VARIANT_FAILED = 1
 EXIT_USER_ERROR = 2
@@ -64,7 +64,7 @@ class ErrorGuard:
         if isinstance(exc, QpipeError):
             raise fail(str(exc), exc.exit_code)
         hint = "" if self.debug else " (rerun with --debug for the traceback)"
-        raise fail(f"internal error: {type(exc).__name__}: {exc}{hint}", EXIT_INTERNAL)
+        raise fail(f"internal error: {short_error(exc)}{hint}", EXIT_INTERNAL)
 
 
 def interrupt_message(exc: KeyboardInterrupt) -> tuple[str, int]:

@@ -80,7 +80,7 @@ class ConsoleDisplay:
 
     @hookimpl
     def qpipe_variant_failed(self, result) -> None:
-        self._done(result.name, f"[red]failed[/red]: {result.error}")
+        self._done(result.name, "[red]failed[/red]")  # the error is printed once, by print_summary
 
     @hookimpl
     def qpipe_pipeline_finished(self) -> None:

@@ -14,10 +14,17 @@ Component hooks (``qpipe_register_*``) are called once per plugin manager. Each 
     def qpipe_register_quantizers(register):
         register(MyQuantizer)
 
-Lifecycle hooks run in every plugin that implements them, in registration order; the
-tracking plugin (MLflow) is built on them. An exception in a lifecycle hook stops the run
-and is reported with the plugin's name, except in ``qpipe_variant_failed``, whose errors
-are reported and ignored so the remaining variants still run.
+Every hook is called through pluggy (``pm.hook.<name>(...)``): hookwrappers
+(``@qpipe.hookimpl(wrapper=True)``) run around the others, an implementation's argument
+with a default gets the hook's value, ``QPIPE_TRACE=1`` traces every call, and the plugin
+registered last runs first (``tryfirst``/``trylast`` change that).
+
+Lifecycle hooks run in every plugin that implements them; the tracking plugin (MLflow) is
+built on them. Each plugin's implementation of a register or lifecycle hook is isolated:
+an exception is reported naming the plugin and the other plugins' implementations still
+run. Then an error in ``qpipe_pipeline_started`` or ``qpipe_variant_started`` stops the
+run; in the other lifecycle hooks it is a warning and the run goes on. A register hook
+that raises makes its plugin contribute nothing (listed by ``qpipe plugins``).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -30,41 +31,47 @@ from qpipe.components import (
 )
 from qpipe.config import Bound, ResolvedPipeline, ResolvedVariant
 from qpipe.data import Dataset, bind_to_model, load_source
-from qpipe.errors import PluginError, QpipeError
+from qpipe.errors import PluginError, QpipeError, short_error
 from qpipe.outputs import claim_output
 from qpipe.signals import held_signals
-from qpipe.plugins import QpipePluginManager
+from qpipe.plugins import HookFailure, QpipePluginManager
 from qpipe.results import PipelineResults, PipelineRun, VariantResult
 from qpipe.sanity import apply_strict, check_variant, warning
 from qpipe.selection import select
 
 
 def call_lifecycle(pm: QpipePluginManager, hook: str, strict: bool = False, **kwargs: Any) -> list[str]:
-    """Call a lifecycle hook implementation by implementation, naming a plugin that raises.
+    """Call a lifecycle hook through pluggy; every plugin's implementation runs.
 
-    With ``strict`` the first error is raised as a PluginError (or the plugin's own
-    QpipeError); otherwise errors are returned as messages and the others still run.
-    SIGINT/SIGTERM arriving meanwhile are held until the hook returns (``qpipe.signals``).
+    Implementations are isolated per plugin (``qpipe.plugins``): one that raises is reported
+    naming its plugin and the others still run. Afterwards, with ``strict`` the first error
+    is raised (a plugin's own QpipeError as it is, anything else as a PluginError);
+    otherwise errors are returned as one-line messages. SIGINT/SIGTERM arriving meanwhile
+    are held until the hook returns (``qpipe.signals``).
     """
+    caller = getattr(pm.hook, hook)
     with held_signals():
-        return _call_impls(pm, hook, strict, kwargs)
-
-
-def _call_impls(pm: QpipePluginManager, hook: str, strict: bool, kwargs: dict[str, Any]) -> list[str]:
-    problems: list[str] = []
-    for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):
-        name = pm.get_name(impl.plugin) or repr(impl.plugin)
         try:
-            impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
-        except QpipeError as exc:
-            if strict:
-                raise
-            problems.append(f"plugin '{name}' ({hook}): {exc}")
-        except Exception as exc:
-            if strict:
-                raise PluginError(f"plugin '{name}' failed in {hook}: {type(exc).__name__}: {exc}") from exc
-            problems.append(f"plugin '{name}' failed in {hook}: {type(exc).__name__}: {exc}")
-    return problems
+            outcome = caller(**kwargs)
+        except QpipeError:
+            raise
+        except Exception as exc:  # only a hookwrapper's own error gets here
+            wrappers = [i.plugin_name for i in caller.get_hookimpls() if i.wrapper or i.hookwrapper]
+            raise PluginError(f"a hookwrapper of {hook} (plugin {', '.join(map(repr, wrappers))}) "
+                              f"failed: {short_error(exc)}") from exc
+    failures = [item for item in outcome or [] if isinstance(item, HookFailure)]
+    if strict and failures:
+        first = failures[0]
+        if isinstance(first.error, QpipeError):
+            raise first.error
+        raise PluginError(_failure_message(first)) from first.error
+    return [_failure_message(failure) for failure in failures]
+
+
+def _failure_message(failure: HookFailure) -> str:
+    if isinstance(failure.error, QpipeError):
+        return f"plugin '{failure.plugin}' ({failure.hook}): {short_error(failure.error)}"
+    return f"plugin '{failure.plugin}' failed in {failure.hook}: {short_error(failure.error)}"
 
 
 @dataclass
@@ -87,7 +94,7 @@ def load_model(pm: QpipePluginManager, resolved: ResolvedPipeline) -> LoadedMode
     except QpipeError:
         raise
     except Exception as exc:
-        raise QpipeError(f"model: cannot load {source.path or source.function}: {type(exc).__name__}: {exc}") from exc
+        raise QpipeError(f"model: cannot load {source.path or source.function}: {short_error(exc)}") from exc
     if model is None:
         raise QpipeError(f"model: no plugin can load {source.path or source.function}")
     return model
@@ -207,6 +214,8 @@ class Runner:
         with contextlib.closing(execute(self)) as finished:
             for result in finished:
                 apply_strict(result, self.resolved.strict(result.name))
+                if result.status != "ok":
+                    self._log_failure(result)
                 results.variants.append(result)
                 results.write(self.output_dir)
                 hook = "qpipe_variant_finished" if result.status == "ok" else "qpipe_variant_failed"
@@ -214,6 +223,14 @@ class Runner:
                 self.warnings += call_lifecycle(self.pm, hook, run=self.run_info, result=result, **extra)
         order = {rv.config.name: i for i, rv in enumerate(self.resolved.variants)}
         results.variants.sort(key=lambda v: order.get(v.name, len(order)))  # parallel runs end in any order
+
+    def _log_failure(self, result: VariantResult) -> None:
+        """Keep a failed variant's full error and traceback in ``<variant>.error.txt`` and, with
+        ``--debug``, print them; the terminal and results.json get the one-line error."""
+        text = result.metadata.get("traceback") or result.error or "failed"
+        (self.output_dir / error_log_name(result.name)).write_text(str(text), encoding="utf-8")
+        if self.settings.get("debug"):
+            sys.stderr.write(f"--- {result.name} failed:\n{text}\n")
 
     def adopt_baseline(self, outputs: np.ndarray | None, artifact: Artifact | None,
                        metrics: dict[str, float]) -> None:
@@ -241,7 +258,9 @@ class Runner:
             self._run_stages(rv, result)
         except Exception as exc:  # the variant fails; the others still run
             result.status = "failed"
-            result.error = _one_line(exc)
+            result.error = short_error(exc)
+            if not isinstance(exc, QpipeError) or exc.__cause__ is not None:  # a cut third-party error
+                result.error += f" (full error: {error_log_name(v.name)})"
             result.metadata["traceback"] = traceback.format_exc()
             result._exception = exc  # type: ignore[attr-defined]
         result.seconds = round(time.perf_counter() - started, 3)
@@ -339,12 +358,13 @@ class Runner:
 
     def _run_evaluators(self, evaluators: list[Bound], ctx: EvalContext) -> dict[str, float]:
         metrics: dict[str, float] = {}
+        owners: dict[str, Bound] = {}
         for ev in evaluators:
             if type(ev.component).needs_labels and ctx.data.labels is None:
                 continue
             ctx.report(f"evaluating: {ev.component.name}")
             produced = _call(ev, "evaluate", ctx)
-            metrics.update({k: float(val) for k, val in (produced or {}).items()})
+            _merge_metrics(metrics, owners, ev, produced or {})
         return metrics
 
     def remeasure(self, rv: ResolvedVariant, artifact: Artifact, outputs: np.ndarray | None,
@@ -425,12 +445,24 @@ def _call(bound: Bound, method: str, *args: Any) -> Any:
     except QpipeError:
         raise
     except Exception as exc:
-        raise PluginError(f"{bound.component.name} (plugin '{bound.plugin}'): {type(exc).__name__}: {exc}") from exc
+        raise PluginError(f"{bound.component.name} (plugin '{bound.plugin}'): {short_error(exc)}") from exc
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return " ".join(text.split())
+def error_log_name(variant: str) -> str:
+    """The file in the output folder holding a failed variant's full error and traceback."""
+    return f"{variant}.error.txt"
+
+
+def _merge_metrics(metrics: dict[str, float], owners: dict[str, Bound], ev: Bound, produced: dict) -> None:
+    """Add an evaluator's metrics; a key another evaluator already wrote fails the variant."""
+    for key, value in produced.items():
+        if key in owners:
+            first = owners[key]
+            raise PluginError(f"metric '{key}' is written by two evaluators: '{first.component.name}' (plugin "
+                              f"'{first.plugin}') and '{ev.component.name}' (plugin '{ev.plugin}'); remove one "
+                              "of them from the pipeline's evaluators")
+        owners[key] = ev
+        metrics[key] = float(value)
 
 
 def _plain(options: Any) -> dict[str, Any]:

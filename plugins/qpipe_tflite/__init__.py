@@ -19,6 +19,7 @@ from pydantic import Field
 
 import qpipe
 from qpipe import Artifact, Calibration, Expects, QpipeError, QuantizeContext, Quantizer
+from qpipe.errors import short_error
 from qpipe.tfenv import quiet, tensorflow
 
 
@@ -80,7 +81,7 @@ class ConverterQuantizer(Quantizer):
         except QpipeError:
             raise
         except Exception as exc:
-            raise QpipeError(f"TFLite conversion failed: {_short(exc)}") from exc
+            raise QpipeError(f"TFLite conversion failed: {short_error(exc)}") from exc
         del log
         path = ctx.artifact_path(".tflite")
         path.write_bytes(flatbuffer)
@@ -90,12 +91,6 @@ class ConverterQuantizer(Quantizer):
     def convert(self, converter: Any, ctx: QuantizeContext) -> tuple[bytes, dict[str, Any]]:
         """The .tflite flatbuffer and facts to record about it."""
         return converter.convert(), {}
-
-
-def _short(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower()]
-    return (errors or lines or [type(exc).__name__])[0][:400]
 
 
 class Float32(ConverterQuantizer):
