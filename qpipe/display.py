@@ -10,6 +10,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from qpipe import hookimpl
+from qpipe.report import headline_columns
 from qpipe.results import PipelineResults
 
 
@@ -25,6 +26,7 @@ class ConsoleDisplay:
         self.tasks: dict[str, int] = {}
         self.total = total
         self.started = False
+        self.headline: list[str] = []  # quality metrics shown as each variant ends
 
     def _start(self) -> None:
         if not self.started:
@@ -36,11 +38,6 @@ class ConsoleDisplay:
         if self.started:
             self.progress.stop()
             self.started = False
-
-    @hookimpl
-    def qpipe_pipeline_started(self, run) -> None:
-        self._start()
-        self.console.print(f"[bold]{run.name}[/bold]: {self.total} variants -> {run.output_dir}")
 
     @hookimpl
     def qpipe_variant_started(self, variant: str) -> None:
@@ -66,9 +63,15 @@ class ConsoleDisplay:
             self.console.print(f"{variant}: {text}", highlight=False)
 
     @hookimpl
+    def qpipe_pipeline_started(self, run) -> None:
+        self._start()
+        self.headline = [h["metric"] for h in run.results.headline if h["role"] == "quality"]
+        self.console.print(f"[bold]{run.name}[/bold]: {self.total} variants -> {run.output_dir}")
+
+    @hookimpl
     def qpipe_variant_finished(self, result) -> None:
-        acc = result.metrics.get("accuracy")
-        extra = f" accuracy {acc:.4f}" if acc is not None else ""
+        shown = [(k, result.metrics[k]) for k in self.headline if result.metrics.get(k) is not None]
+        extra = "".join(f" {k} {value:.4f}" for k, value in shown)
         self._done(result.name, f"[green]ok[/green]{extra}")
 
     @hookimpl
@@ -88,29 +91,17 @@ def _force() -> bool:
     return False
 
 
-def _fmt(value, spec: str, suffix: str = "") -> str:
-    return "" if value is None else f"{value:{spec}}{suffix}"
-
-
 def summary_table(results: PipelineResults) -> Table:
-    """variant, status, accuracy, Δ, size, ratio, latency: one row per variant."""
+    """variant, quantizer, status and the headline columns (``qpipe.report.headline_columns``)."""
+    columns = headline_columns(results)
     table = Table(title=f"{results.pipeline} (baseline: {results.baseline})")
-    for col in ("variant", "quantizer", "status", "accuracy", "Δ acc", "size", "ratio", "p50 ms", "p95 ms"):
-        table.add_column(col, justify="left" if col in ("variant", "quantizer", "status") else "right")
+    for col in ("variant", "quantizer", "status"):
+        table.add_column(col, justify="left")
+    for column in columns:
+        table.add_column(column.title, justify="right")
     for v in results.variants:
-        m = v.metrics
         status = "[green]ok[/green]" if v.status == "ok" else "[red]failed[/red]"
-        delta = m.get("accuracy_delta")
-        size = m.get("size_bytes")
-        table.add_row(
-            v.name, v.quantizer, status,
-            _fmt(m.get("accuracy"), ".4f"),
-            "" if delta is None else f"{delta * 100:+.2f} pt",
-            "" if size is None else f"{size / 1024:.1f} KB",
-            _fmt(m.get("size_ratio"), ".2f", "x"),
-            _fmt(m.get("latency_ms_p50"), ".3f"),
-            _fmt(m.get("latency_ms_p95"), ".3f"),
-        )
+        table.add_row(v.name, v.quantizer, status, *(c.cell(v.metrics) for c in columns))
     return table
 
 
@@ -120,6 +111,9 @@ def print_summary(results: PipelineResults, output_dir: Path | None = None) -> N
     if not console.is_terminal:
         console.width = max(console.width, 120)
     console.print(summary_table(results))
+    task = results.task or {}
+    if task.get("name"):
+        console.print(f"task: {task['name']} ({task.get('source')}: {task.get('reason')})", highlight=False)
     for v in results.variants:
         if v.status != "ok":
             console.print(f"[red]{v.name} failed:[/red] {v.error}", highlight=False)

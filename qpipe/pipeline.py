@@ -31,9 +31,11 @@ from qpipe.components import (
 from qpipe.config import Bound, ResolvedPipeline, ResolvedVariant
 from qpipe.data import Dataset, bind_to_model, load_source
 from qpipe.errors import PluginError, QpipeError
+from qpipe.metrics import applicable, check_for_task, headline
 from qpipe.plugins import QpipePluginManager
 from qpipe.results import PipelineResults, PipelineRun, VariantResult
 from qpipe.selection import select
+from qpipe.task import Task, decide_task, output_width
 
 
 def timestamp() -> str:
@@ -81,6 +83,7 @@ class Inputs:
     training: Dataset | None = None
     validation: Dataset | None = None
     data_files: dict[str, Path] = field(default_factory=dict)
+    task: Task = field(default_factory=lambda: Task(None, "inferred", "not judged"))
 
 
 def load_model(pm: QpipePluginManager, resolved: ResolvedPipeline) -> LoadedModel:
@@ -118,6 +121,8 @@ def load_inputs(pm: QpipePluginManager, resolved: ResolvedPipeline) -> Inputs:
         training=load("training") if needs_training else None,
         validation=load("validation") if needs_training else None,
     )
+    width = output_width(model.outputs[0].shape) if model.outputs else None
+    inputs.task = decide_task(resolved.config.task, width, inputs.evaluation.labels)
     for section in ("evaluation", "calibration", "training", "validation"):
         source = getattr(data_cfg, section)
         if source is not None and source.path:
@@ -147,6 +152,7 @@ class Runner:
         # an unchanged re-run loads the model and data only if a plugin touches them
         inputs = inputs_if_all_cached(self.pm, self.resolved, self.settings) or load_inputs(self.pm, self.resolved)
         self.inputs = inputs
+        evaluators = check_for_task(self.resolved, inputs.task)  # before any variant runs
         self.output_dir.mkdir(parents=True, exist_ok=True)
         results = PipelineResults(
             pipeline=cfg.name,
@@ -155,6 +161,7 @@ class Runner:
             qpipe_version=__version__,
             model={"source": inputs.model.source, "flavor": inputs.model.flavor, "sha256": inputs.model.sha256},
             data={k: {"path": str(p), "sha256": file_sha256(p)} for k, p in inputs.data_files.items()},
+            task=inputs.task.to_dict(), headline=headline(evaluators),
         )
         self.run_info = PipelineRun(
             name=cfg.name, config=cfg, config_path=self.resolved.loaded.path,
@@ -190,7 +197,8 @@ class Runner:
         cfg = self.resolved.config
         constraints = self.resolved.constraints
         if constraints or cfg.objective is not None:
-            results.selected = select(results.variants, constraints, cfg.objective_pair())
+            reference = None if cfg.select.allow_baseline else self.resolved.baseline
+            results.selected = select(results.variants, constraints, cfg.objective_pair(), reference)
         if cfg.gate or self.settings.get("gate"):
             chosen = (results.selected or {}).get("variant")
             if not constraints:
@@ -198,7 +206,7 @@ class Runner:
             elif chosen:
                 results.gate = {"passed": True, "reason": f"{chosen} meets {', '.join(map(str, constraints))}"}
             else:
-                results.gate = {"passed": False, "reason": "no variant meets the constraints",
+                results.gate = {"passed": False, "reason": (results.selected or {}).get("reason", "no variant selected"),
                                 "constraints": [str(c) for c in constraints],
                                 "failures": (results.selected or {}).get("rejected", {})}
 
@@ -319,7 +327,7 @@ class Runner:
             ctx = EvalContext(**common, data=self.inputs.evaluation, outputs=outputs, artifact=artifact,
                               runner=runner, baseline_outputs=baseline[0], baseline_artifact=baseline[1],
                               model=self.inputs.model)
-            for ev in self.resolved.evaluators:
+            for ev in applicable(self.resolved, self.inputs.task):
                 if type(ev.component).needs_labels and self.inputs.evaluation.labels is None:
                     continue
                 report(f"evaluating: {ev.component.name}")

@@ -92,7 +92,7 @@ def test_grid_selection_and_gate_exit_codes(project):
     assert proc.returncode == 0, proc.stderr  # without --gate a miss is reported, not fatal
     proc = qpipe_run(failing, "--output", project.root / "fail-gated", "--gate")
     assert proc.returncode == 3, proc.stderr
-    assert "error: gate: no variant meets the constraints (accuracy_delta >= 0.5)" in proc.stderr
+    assert "error: gate: no quantized variant meets the constraints (accuracy_delta >= 0.5)" in proc.stderr
     gate = json.loads((project.root / "fail-gated" / "results.json").read_text())["gate"]
     assert gate["passed"] is False and set(gate["failures"]) == {"float32", "int8-per_channel-true",
                                                                  "int8-per_channel-false", "dynamic"}

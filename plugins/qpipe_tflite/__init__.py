@@ -262,6 +262,9 @@ class Int8(EngineChoice, FullInteger):
     supports_sensitivity = True
     aeq_kind = "int8"
 
+    def needs_constraints(self) -> bool:
+        return self.options.fallback == "auto"
+
     def aeq_supported(self, ctx: QuantizeContext) -> str | None:
         if self.options.fallback != "off" or self.options.analyze:
             return "keep layers in float or rank them (QuantizationDebugger needs the converter)"
