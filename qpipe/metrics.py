@@ -49,12 +49,19 @@ def check_metric_names(resolved: Any, evaluators: list[Any], why: str = "") -> N
     for loc, metric in wanted:
         if metric in known:
             continue
-        close = difflib.get_close_matches(metric, sorted(known), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = suggestion(metric, known)
         evaluators_named = ", ".join(b.component.name for b in evaluators)
         raise loaded.error(loc, f"no evaluator measures '{metric}'{hint}{why}; the evaluators "
                                 f"({evaluators_named}) measure: {', '.join(sorted(n for n in known if not n.endswith(DELTA)))}"
                                 f" (each also as <metric>{DELTA})")
+
+
+def suggestion(metric: str, known: set[str]) -> str:
+    """" (did you mean 'mae_delta'?)" for 'mea_delta': names compared without the ``_delta``."""
+    suffix = DELTA if metric.endswith(DELTA) else ""
+    bases = sorted({name.removesuffix(DELTA) for name in known})
+    close = difflib.get_close_matches(metric.removesuffix(DELTA), bases, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}{suffix}'?)" if close else ""
 
 
 def check_variants(resolved: Any) -> None:
@@ -86,7 +93,7 @@ def applicable(resolved: Any, task: Task) -> list[Any]:
         elif explicit_evaluators(resolved):
             raise resolved.loaded.error(("evaluators", i), (
                 f"evaluator '{bound.component.name}' measures {' or '.join(_evaluator(bound).tasks)} models, "
-                f"but this is a {task.name} model ({task.source}: {task.reason}); remove it"
+                f"but this model's task is {task.describe()}; remove it"
                 + (" or set 'task:' in the pipeline" if task.source == "inferred" else "")))
     return out
 
@@ -94,7 +101,7 @@ def applicable(resolved: Any, task: Task) -> list[Any]:
 def check_for_task(resolved: Any, task: Task) -> list[Any]:
     """The evaluators for ``task``, after checking the metric names against them."""
     evaluators = applicable(resolved, task)
-    why = f" for a {task.name} model ({task.source}: {task.reason})" if task.name else ""
+    why = f" for the task {task.describe()}" if task.name else ""
     check_metric_names(resolved, evaluators, why)
     return evaluators
 

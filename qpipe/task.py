@@ -26,6 +26,11 @@ class Task:
     source: str  # "pipeline" | "inferred"
     reason: str
 
+    def describe(self) -> str:
+        """"regression (inferred: non-integer labels)"."""
+        how = self.reason if self.source == "pipeline" else f"inferred: {self.reason}"
+        return f"{self.name} ({how})"
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "reason": self.reason}
 
