@@ -29,7 +29,10 @@ class AccuracyOptions(qpipe.Options):
 
 
 class Accuracy(Evaluator):
-    """Top-1 (and optional top-k) classification accuracy against the labels."""
+    """Top-1 (and optional top-k) classification accuracy against the labels.
+
+    Also ``top<k>_accuracy`` for each k in ``top_k``. Refuses labels that are not class ids.
+    """
 
     name = "accuracy"
     needs_labels = True
@@ -82,8 +85,13 @@ class Regression(Evaluator):
 
 
 class Fidelity(Evaluator):
-    """Agreement with the baseline's outputs: abs. and relative error, R²; for vector outputs
-    also cosine similarity and top-1 agreement."""
+    """Agreement with the baseline's outputs: abs. and relative error, R²; cosine and top-1 for vectors.
+
+    ``relative_error`` is the mean absolute difference over the baseline outputs' mean
+    absolute deviation and ``r2`` is 1 - SS(difference) / SS(baseline about its mean): both
+    0 / 1 for a perfect copy, about 1 / 0 for an output stuck at the baseline's mean.
+    ``cosine_similarity`` and ``top1_agreement`` only for outputs of more than one value.
+    """
 
     name = "fidelity"
     metrics = ("max_abs_error", "mean_abs_error", "relative_error", "r2", "cosine_similarity", "top1_agreement")

@@ -454,8 +454,9 @@ def flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
 
 
 def headline_tags(results: PipelineResults) -> dict[str, str]:
-    """The task and the headline metrics, as parent tags."""
-    tags = {"qpipe.headline": ", ".join(h["metric"] for h in results.headline or [])}
+    """The task and the headline metrics, as parent tags (``qpipe.headline_spec``: for ``qpipe compare``)."""
+    tags = {"qpipe.headline": ", ".join(h["metric"] for h in results.headline or []),
+            "qpipe.headline_spec": json.dumps(results.headline or [])}
     if results.task and results.task.get("name"):
         tags["qpipe.task"] = results.task["name"]
     return tags
