@@ -50,10 +50,10 @@ def check_metric_names(resolved: Any, evaluators: list[Any], why: str = "") -> N
         if metric in known:
             continue
         hint = suggestion(metric, known)
-        evaluators_named = ", ".join(b.component.name for b in evaluators)
-        raise loaded.error(loc, f"no evaluator measures '{metric}'{hint}{why}; the evaluators "
-                                f"({evaluators_named}) measure: {', '.join(sorted(n for n in known if not n.endswith(DELTA)))}"
-                                f" (each also as <metric>{DELTA})")
+        named = ", ".join(b.component.name for b in evaluators)
+        measured = ", ".join(sorted(n for n in known if not n.endswith(DELTA)))
+        raise loaded.error(loc, f"no evaluator measures '{metric}'{hint}{why}; the evaluators ({named}) "
+                                f"measure: {measured} (each also as <metric>{DELTA})")
 
 
 def suggestion(metric: str, known: set[str]) -> str:

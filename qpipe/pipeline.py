@@ -206,9 +206,9 @@ class Runner:
             elif chosen:
                 results.gate = {"passed": True, "reason": f"{chosen} meets {', '.join(map(str, constraints))}"}
             else:
-                results.gate = {"passed": False, "reason": (results.selected or {}).get("reason", "no variant selected"),
-                                "constraints": [str(c) for c in constraints],
-                                "failures": (results.selected or {}).get("rejected", {})}
+                selected = results.selected or {}
+                results.gate = {"passed": False, "reason": selected.get("reason", "no variant selected"),
+                                "constraints": [str(c) for c in constraints], "failures": selected.get("rejected", {})}
 
     def _run_variants(self, results: PipelineResults) -> None:
         """Run every variant through the cache and the executor (``qpipe.executor``), baseline

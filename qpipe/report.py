@@ -4,8 +4,9 @@ Written at the end of every run, tracked or not (trackers log these files): ``su
 (every metric of every variant), ``summary.md`` (the headline columns), ``quality_vs_size.png``
 (the first headline quality metric, e.g. accuracy or MAE, against file size, the Pareto front
 marked) and ``latency.png`` (median and p95 latency per variant). The headline metrics and
-which way each is better come from the evaluators' declarations (``results.headline``). matplotlib is imported only when the charts are drawn, without pyplot,
-so no global backend is touched (Agg canvas).
+which way each is better come from the evaluators' declarations (``results.headline``).
+matplotlib is imported only when the charts are drawn, without pyplot, so no global backend
+is touched (Agg canvas).
 """
 
 from __future__ import annotations
