@@ -214,6 +214,8 @@ class Quantizer(Component):
     default_backend: ClassVar[str] = "litert"
     #: the ``Artifact.format`` this quantizer produces
     output_format: ClassVar[str] = "tflite"
+    #: metric names it may add through ``Artifact.metadata["metrics"]`` (constraints may name them)
+    metrics: ClassVar[tuple[str, ...]] = ()
 
     def needs_constraints(self) -> bool:
         """Whether these options make the quantizer search against the pipeline's constraints

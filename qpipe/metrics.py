@@ -32,7 +32,7 @@ def declared(evaluators: list[Any], variants: list[Any]) -> set[str] | None:
             return None
         names.update(produced)
     for rv in variants:
-        names.update(getattr(type(rv.quantizer.component), "metrics", ()))
+        names.update(type(rv.quantizer.component).metrics)
     return names | {name + DELTA for name in names}
 
 

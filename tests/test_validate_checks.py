@@ -69,3 +69,10 @@ def test_run_refuses_before_writing_anything(project):
     result = CliRunner().invoke(build_app(plugin_manager()), ["run", str(path), "--output", str(project.root / "out")])
     assert result.exit_code == 2 and "add data.training" in result.output
     assert not (project.root / "out").exists()
+
+
+def test_metrics_a_quantizer_declares_may_be_constrained(project):
+    path = project.write_pipeline([{"name": "int8", "quantizer": "tflite.int8", "options": {"fallback": "auto"}}],
+                                  constraints=["accuracy_delta >= -0.01", "fallback_float_layers <= 2"])
+    code, errors, output = validate(path)
+    assert code == 0, output
