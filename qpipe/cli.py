@@ -59,14 +59,19 @@ class ErrorGuard:
             import traceback
 
             traceback.print_exception(kind, exc, tb)
-        if isinstance(exc, Terminated):
-            raise fail("terminated (SIGTERM); results so far are in the output folder", EXIT_TERMINATED)
         if isinstance(exc, KeyboardInterrupt):
-            raise fail("interrupted; results so far are in the output folder", EXIT_INTERRUPTED)
+            raise fail(*interrupt_message(exc))
         if isinstance(exc, QpipeError):
             raise fail(str(exc), exc.exit_code)
         hint = "" if self.debug else " (rerun with --debug for the traceback)"
         raise fail(f"internal error: {type(exc).__name__}: {exc}{hint}", EXIT_INTERNAL)
+
+
+def interrupt_message(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """The one line and the exit code for Ctrl-C (130) or SIGTERM (143)."""
+    if isinstance(exc, Terminated):
+        return "terminated (SIGTERM); results so far are in the output folder", EXIT_TERMINATED
+    return "interrupted; results so far are in the output folder", EXIT_INTERRUPTED
 
 
 @contextlib.contextmanager
@@ -115,6 +120,7 @@ def build_app(pm: Any = None) -> typer.Typer:
         gate: bool = typer.Option(False, "--gate", help=f"Exit with code {EXIT_GATE_FAILED} when no variant meets the constraints."),
         jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Run N variants at once in worker processes (overrides executor.jobs)."),
         no_cache: bool = typer.Option(False, "--no-cache", help="Neither reuse nor store cached variants."),
+        force: bool = typer.Option(False, "--force", help="Write into an output folder that is not empty."),
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks and TensorFlow logs."),
     ) -> None:
         """Run every variant of PIPELINE and write results.json to the output folder."""
@@ -123,7 +129,7 @@ def build_app(pm: Any = None) -> typer.Typer:
         if debug:
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
         prepare_environment()
-        with ErrorGuard(debug):
+        with ErrorGuard(debug), sigterm_stops_like_ctrl_c():
             from qpipe.config import load_config, resolve
             from qpipe.display import ConsoleDisplay, print_summary
             from qpipe.pipeline import run_pipeline
@@ -135,9 +141,8 @@ def build_app(pm: Any = None) -> typer.Typer:
             pm.register(display, name="qpipe-console")
             try:
                 settings = {"tracking_uri": tracking_uri, "no_tracking": no_tracking, "debug": debug,
-                            "gate": gate, "jobs": jobs, "no_cache": no_cache}
-                with sigterm_stops_like_ctrl_c():
-                    results, warnings = run_pipeline(pm, resolved, output, settings)
+                            "gate": gate, "jobs": jobs, "no_cache": no_cache, "force": force}
+                results, warnings = run_pipeline(pm, resolved, output, settings)
             finally:
                 display.stop()
                 pm.unregister(name="qpipe-console")
@@ -186,7 +191,7 @@ def build_app(pm: Any = None) -> typer.Typer:
                 plugin_obj = pm.get_plugin(name)
                 if plugin_obj is not None:
                     listing[name]["hooks"] = sorted(h.name for h in pm.get_hookcallers(plugin_obj) or [])
-            failures = dict(pm.load_failures)
+            failures = {**pm.load_failures, **registry.problems()}
             if as_json:
                 typer.echo(json.dumps({"plugins": listing, "load_failures": failures}, indent=2))
                 return
@@ -201,8 +206,10 @@ def build_app(pm: Any = None) -> typer.Typer:
                 table.add_row(name, item.get("version") or "", comps or "(hooks: " + ", ".join(item["hooks"]) + ")")
             console = Console()
             console.print(table)
-            for name, error in failures.items():
+            for name, error in pm.load_failures.items():
                 console.print(f"[red]failed to load plugin '{name}':[/red] {error}")
+            for name, error in registry.problems().items():
+                console.print(f"[red]not usable: {name}:[/red] {error}")
 
     @app.command(name="cache")
     def cache_cmd(
@@ -232,14 +239,32 @@ def build_app(pm: Any = None) -> typer.Typer:
     @app.command(name="new-plugin")
     def new_plugin_cmd(
         name: str = typer.Argument(..., help="Plugin name: lower-case letters, digits, '_' (e.g. my_metrics)."),
+        kind: str = typer.Option("evaluator", "--kind", help="What the plugin adds: evaluator, quantizer, calibrator or backend."),
         directory: Path = typer.Option(Path("."), "--dir", help="Where to create the qpipe-NAME folder."),
     ) -> None:
-        """Create a plugin package (pyproject entry point, an evaluator, a passing test)."""
+        """Create a plugin package (pyproject entry point, one component of KIND, passing tests)."""
         with ErrorGuard(False):
             from qpipe.scaffold import new_plugin
 
-            root = new_plugin(name, directory)
-            typer.echo(f"created {root}\nnext: cd {root} && pip install -e . && pytest")
+            root = new_plugin(name, directory, kind)
+            typer.echo(f"created {root}\nnext: cd {root}\n"
+                       "      python -m qpipe plugin-venv .venv   # reuses this qpipe; nothing downloaded\n"
+                       "      .venv/bin/python -m pip install --no-deps -e .\n"
+                       "      .venv/bin/python -m pytest")
+
+    @app.command(name="plugin-venv")
+    def plugin_venv_cmd(
+        folder: Path = typer.Argument(Path(".venv"), help="The virtual environment to create."),
+    ) -> None:
+        """Create a venv that reuses this qpipe and its packages (for developing a plugin)."""
+        with ErrorGuard(False):
+            from qpipe.testing import overlay_venv
+
+            if folder.exists() and any(folder.iterdir()):
+                raise fail(f"{folder} already exists and is not empty; choose another folder")
+            python = overlay_venv(folder)
+            typer.echo(f"created {folder}: {python} sees qpipe {__version__}; "
+                       f"{python.parent / 'qpipe'} runs the CLI")
 
     @app.command(name="log")
     def log_cmd(
@@ -265,9 +290,21 @@ def build_app(pm: Any = None) -> typer.Typer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
-    app = build_app()
-    app(args=argv if argv is not None else sys.argv[1:], prog_name="qpipe")
+    """Console-script entry point. A signal that lands outside a command's ErrorGuard (while
+    plugins load, or while click parses or aborts) still exits 130/143, not 1 or a traceback."""
+    try:
+        with sigterm_stops_like_ctrl_c():
+            app = build_app()
+            app(args=argv if argv is not None else sys.argv[1:], prog_name="qpipe")
+    except SystemExit as exc:  # click turns KeyboardInterrupt into "Aborted!" and exit 1
+        interrupt = getattr(exc.__context__, "__cause__", None)
+        if not isinstance(interrupt, KeyboardInterrupt):
+            raise
+        raise SystemExit(interrupt_message(interrupt)[1]) from None
+    except KeyboardInterrupt as exc:
+        message, code = interrupt_message(exc)
+        typer.echo(f"error: {message}", err=True)
+        raise SystemExit(code) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

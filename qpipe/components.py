@@ -97,13 +97,43 @@ class LoadedModel:
         return self.memo("saved_model_dir", export)
 
 
+@dataclass(frozen=True)
+class Expects:
+    """What a quantizer meant its artifact to be; checked after every variant (``qpipe.sanity``).
+
+    ``smaller``: the file is smaller than the baseline's. ``quantized_weights``: no conv /
+    dense / embedding weight stays in float. ``full_integer``: no op computes in float.
+    ``keep_float`` names the layers (or tensors) kept in float on purpose; weight tensors with
+    fewer than ``min_weight_elements`` elements may stay float (the converter's dynamic-range
+    rule). A claim that does not hold is a named warning on the variant.
+    """
+
+    smaller: bool = False
+    quantized_weights: bool = False
+    full_integer: bool = False
+    keep_float: tuple[str, ...] = ()
+    min_weight_elements: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The claims made, JSON-friendly (kept in the variant's ``metadata.expects``)."""
+        claims = [name for name in ("smaller", "quantized_weights", "full_integer") if getattr(self, name)]
+        out: dict[str, Any] = {"claims": claims}
+        if self.keep_float:
+            out["keep_float"] = list(self.keep_float)
+        if self.min_weight_elements:
+            out["min_weight_elements"] = self.min_weight_elements
+        return out
+
+
 @dataclass
 class Artifact:
-    """What a quantizer produced: a file (``format`` says which kind) and facts about it."""
+    """What a quantizer produced: a file (``format`` says which kind), facts about it, and what
+    the quantizer meant it to be (``expects``)."""
 
     path: Path
     format: str = "tflite"
     metadata: dict[str, Any] = field(default_factory=dict)
+    expects: Expects = field(default_factory=Expects)
 
     def size_bytes(self) -> int:
         """Bytes on disk (summed over a folder's files)."""
@@ -148,8 +178,9 @@ class Context:
     work_dir: Path
     report: Callable[[str], None] = lambda message: None
     log_metrics: Callable[[dict[str, float], int | None], None] = lambda m, step=None: None
-    #: record a warning for this variant (kept in results.json, shown after the run)
-    warn: Callable[[str], None] = lambda message: None
+    #: record a warning for this variant: ``warn(message, code="...")`` (kept in the variant's
+    #: ``warnings`` in results.json, shown after the run; fails the variant under ``strict``)
+    warn: Callable[..., None] = lambda message, code="plugin": None
     #: record a non-numeric fact about this variant in its results (``metadata[key]``)
     record: Callable[[str, Any], None] = lambda key, value: None
 

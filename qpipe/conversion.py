@@ -1,5 +1,6 @@
-"""The model's float32 .tflite, converted once per run and shared by every plugin, and the
-calibration of ai-edge-quantizer recipes applied to such a flatbuffer.
+"""The model's float32 .tflite, converted once per run and shared by every plugin, the
+calibration of ai-edge-quantizer recipes applied to such a flatbuffer, and reading a .tflite's
+inputs and outputs (names, quantized values) the same way in every interpreter-based backend.
 
 The TFLite converter is the slow step (tens of seconds on real architectures); quantizers
 that start from a float flatbuffer (``ai-edge-quantizer`` recipes, the float32 baseline)
@@ -10,6 +11,8 @@ ai-edge-quantizer are imported inside the functions only.
 from __future__ import annotations
 
 from typing import Any, Callable
+
+import numpy as np
 
 from qpipe.components import LoadedModel
 from qpipe.data import Dataset, match_inputs
@@ -59,6 +62,30 @@ def tensors_by_name(interpreter: Any, kind: str = "inputs") -> dict[str, dict]:
     return {name: by_index[d["index"]] for name, d in named.items()}
 
 
+def quantize_array(values: np.ndarray, detail: dict) -> np.ndarray:
+    """Float values -> the tensor's integer type, with its scale and zero point."""
+    dtype = np.dtype(detail["dtype"])
+    if dtype.kind == "f":
+        return values.astype(dtype, copy=False)
+    scale, zero_point = detail["quantization"]
+    if not scale:
+        return values.astype(dtype)
+    info = np.iinfo(dtype)
+    q = np.divide(values, np.float32(scale), dtype=np.float32)  # one new array, then in place
+    q += np.float32(zero_point)
+    np.rint(q, out=q)
+    np.clip(q, info.min, info.max, out=q)
+    return q.astype(dtype)
+
+
+def dequantize_array(values: np.ndarray, detail: dict) -> np.ndarray:
+    """The tensor's integer values -> float32, with its scale and zero point."""
+    scale, zero_point = detail["quantization"]
+    if np.dtype(detail["dtype"]).kind == "f" or not scale:
+        return values.astype(np.float32, copy=False)
+    return ((values.astype(np.float32) - zero_point) * scale).astype(np.float32)
+
+
 def _signature_inputs(interpreter: Any) -> tuple[str, list[str]]:
     key = signature_key(interpreter)
     if key is None:
@@ -73,8 +100,6 @@ STEP_BYTES = 256 << 20
 def _samples_per_step(interpreter: Any, key: str, count: int) -> int:
     """Samples per calibration step: as many as fit in ``STEP_BYTES`` of tensors, or one when
     the model's batch dimension is fixed."""
-    import numpy as np
-
     inputs = interpreter.get_signature_runner(key).get_input_details().values()
     if any(len(d["shape_signature"]) == 0 or d["shape_signature"][0] != -1 for d in inputs):
         return 1
@@ -103,8 +128,6 @@ def calibration_data(flatbuffer: bytes, data: Dataset) -> list[dict[str, list[di
 
 def merge_ranges(total: dict[str, Any], step: dict[str, Any]) -> dict[str, Any]:
     """Tensor statistics of two calibration steps: the smallest min and the largest max."""
-    import numpy as np
-
     merged = dict(total)
     for name, qsv in step.items():
         seen = merged.get(name)

@@ -6,12 +6,16 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from qpipe import hookimpl
 from qpipe.report import headline_columns
 from qpipe.results import PipelineResults
+
+#: shown after a variant's status when sanity checks warned about it (then the count)
+WARNING_MARK = "!"
 
 
 class ConsoleDisplay:
@@ -72,6 +76,8 @@ class ConsoleDisplay:
     def qpipe_variant_finished(self, result) -> None:
         shown = [(k, result.metrics[k]) for k in self.headline if result.metrics.get(k) is not None]
         extra = "".join(f" {k} {value:.4f}" for k, value in shown)
+        if result.warnings:
+            extra += f" [yellow]({len(result.warnings)} warning(s))[/yellow]"
         self._done(result.name, f"[green]ok[/green]{extra}")
 
     @hookimpl
@@ -101,12 +107,14 @@ def summary_table(results: PipelineResults) -> Table:
         table.add_column(column.title, justify="right")
     for v in results.variants:
         status = "[green]ok[/green]" if v.status == "ok" else "[red]failed[/red]"
+        if v.warnings:
+            status += f" [yellow]{WARNING_MARK}{len(v.warnings)}[/yellow]"
         table.add_row(v.name, v.quantizer, status, *(c.cell(v.metrics) for c in columns))
     return table
 
 
 def print_summary(results: PipelineResults, output_dir: Path | None = None) -> None:
-    """Print the summary table and where the results are."""
+    """Print the summary table (the headline metrics the evaluators declared) and where the results are."""
     console = Console(file=sys.stdout)
     if not console.is_terminal:
         console.width = max(console.width, 120)
@@ -117,8 +125,9 @@ def print_summary(results: PipelineResults, output_dir: Path | None = None) -> N
     for v in results.variants:
         if v.status != "ok":
             console.print(f"[red]{v.name} failed:[/red] {v.error}", highlight=False)
-        for warning in v.metadata.get("warnings", []):
-            console.print(f"[yellow]{v.name} warning:[/yellow] {warning}", highlight=False)
+        for warning in v.warnings:
+            console.print(f"[yellow]{escape(v.name)} warning \\[{escape(warning['code'])}]:[/yellow] "
+                          f"{escape(warning['message'])}", highlight=False)
     selected = results.selected
     if selected and selected.get("variant"):
         console.print(f"selected: [bold]{selected['variant']}[/bold] ({selected['reason']})", highlight=False)

@@ -36,6 +36,7 @@ import numpy as np
 from qpipe import hookimpl
 from qpipe.components import Artifact
 from qpipe.errors import QpipeError
+from qpipe.limits import clamp_jobs
 from qpipe.results import VariantResult
 
 if TYPE_CHECKING:
@@ -301,8 +302,11 @@ def make_executor(runner: Runner) -> Executor:
             config = config.model_copy(update={"jobs": int(jobs)})
             config.model_fields_set.add("jobs")
         return RayExecutor(runner, config)
-    if int(jobs) > 1:
-        return Processes(runner, int(jobs))
+    jobs, warning = clamp_jobs(int(jobs), len(runner.resolved.variants))
+    if warning:
+        runner.warnings.append(warning)
+    if jobs > 1:
+        return Processes(runner, jobs)
     return InProcess(runner)
 
 
@@ -320,7 +324,7 @@ def execute(runner: Runner) -> Iterator[VariantResult]:
     resolved = runner.resolved
     results = runner.run_info.results
     root = cache_dir(resolved.config, resolved.loaded.base_dir, runner.settings)
-    cache = VariantCache(root) if root is not None else None
+    cache = VariantCache(root, warn=runner.warnings.append) if root is not None else None
     data_hashes = {k: v.get("sha256") for k, v in results.data.items()}
     keys = KeyMaker(resolved, runner.inputs, data_hashes) if cache is not None else None
     stats = {"dir": str(root) if root else None, "hits": 0, "misses": 0, "stored": 0}
@@ -464,6 +468,7 @@ def _from_cache(runner: Runner, rv: ResolvedVariant, entry: Any) -> VariantResul
     entry.restore_artifact(runner.output_dir)
     result.artifact = entry.artifact
     result.metadata = {k: v for k, v in entry.result.get("metadata", {}).items() if k != "traceback"}
+    result.warnings = [dict(w) for w in entry.result.get("warnings", [])]
     result.metadata.update({"cache": "hit", "cache_key": entry.key, "cache_origin": entry.origin,
                             "cached_seconds": entry.result.get("seconds")})
     if name == runner.resolved.baseline:
@@ -561,12 +566,14 @@ def _collect(path: Path, base: Path) -> dict[str, bytes]:
 
 
 def worker_spec(runner: Runner) -> WorkerSpec:
-    """Describe the run for workers: the resolved pipeline and the model-loading plugins."""
+    """Describe the run for workers: the resolved pipeline and the plugins that load the model
+    or check artifacts."""
     import pickle
 
     plugins: list[tuple[str, str, Any]] = []
     for name, plugin in runner.pm.list_name_plugin():
-        if plugin is None or not any(h.name == "qpipe_load_model" for h in runner.pm.get_hookcallers(plugin) or []):
+        hooks = {h.name for h in runner.pm.get_hookcallers(plugin) or []} if plugin is not None else set()
+        if not hooks & {"qpipe_load_model", "qpipe_check_artifact"}:
             continue
         if isinstance(plugin, type(os)):
             plugins.append((name, "module", plugin.__name__))
@@ -574,8 +581,9 @@ def worker_spec(runner: Runner) -> WorkerSpec:
             try:
                 pickle.dumps(plugin)
             except Exception as exc:  # noqa: BLE001
-                raise QpipeError(f"plugin '{name}' loads the model but cannot be sent to worker processes "
-                                 f"({type(exc).__name__}); install it as an entry point or run without --jobs") from None
+                raise QpipeError(f"plugin '{name}' loads the model or checks artifacts but cannot be sent to worker "
+                                 f"processes ({type(exc).__name__}); install it as an entry point or run without "
+                                 "--jobs") from None
             plugins.append((name, "object", plugin))
     spec = WorkerSpec(run_id=uuid.uuid4().hex, resolved=runner.resolved, plugins=plugins,
                       settings={k: v for k, v in runner.settings.items() if isinstance(v, (str, int, float, bool))})

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     import typer
 
-    from qpipe.components import Backend, Calibrator, Evaluator, LoadedModel, Quantizer
+    from qpipe.components import Artifact, Backend, Calibrator, Evaluator, Expects, LoadedModel, Quantizer
     from qpipe.config import ModelSource
     from qpipe.results import PipelineResults, PipelineRun, VariantResult
 
@@ -84,6 +84,18 @@ def qpipe_load_model(source: ModelSource, base_dir: Path) -> LoadedModel | None:
     """
 
 
+@hookspec
+def qpipe_check_artifact(artifact: Artifact, expects: Expects) -> list[dict[str, str]] | None:
+    """Check an artifact against what its quantizer meant it to be; return warnings.
+
+    Called for every variant after evaluation, in every plugin that implements it. Return a
+    list of ``{"code": ..., "message": ...}`` for each claim of ``expects`` the file breaks
+    (weights left in float, float ops in a full-integer model), ``[]`` when it keeps them, or
+    ``None`` when this plugin does not read ``artifact.format``. The host adds the warnings
+    to the variant (``VariantResult.warnings``); ``strict`` turns them into a failure.
+    """
+
+
 # --------------------------------------------------------------------------- lifecycle
 
 
@@ -122,7 +134,8 @@ def qpipe_variant_finished(run: PipelineRun, result: VariantResult) -> None:
 def qpipe_variant_failed(run: PipelineRun, result: VariantResult, error: BaseException | None) -> None:
     """Called when a variant failed; ``result.error`` holds the message.
 
-    ``error`` is the exception, or ``None`` when replaying a recorded run (``qpipe log``).
+    ``error`` is the exception, or ``None`` when replaying a recorded run (``qpipe log``) or
+    when ``strict`` failed the variant for its warnings.
     """
 
 

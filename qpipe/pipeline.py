@@ -32,23 +32,13 @@ from qpipe.config import Bound, ResolvedPipeline, ResolvedVariant
 from qpipe.data import Dataset, bind_to_model, load_source
 from qpipe.errors import PluginError, QpipeError
 from qpipe.metrics import applicable, check_for_task, headline
+from qpipe.outputs import claim_output
+from qpipe.signals import held_signals
 from qpipe.plugins import QpipePluginManager
 from qpipe.results import PipelineResults, PipelineRun, VariantResult
+from qpipe.sanity import apply_strict, check_variant, warning
 from qpipe.selection import select
 from qpipe.task import Task, decide_task, output_width
-
-
-def timestamp() -> str:
-    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def default_output_dir(resolved: ResolvedPipeline) -> Path:
-    """``output.dir`` from the YAML, else ``runs/<name>-<timestamp>`` beside the pipeline."""
-    cfg = resolved.config
-    base = resolved.loaded.base_dir
-    if cfg.output.dir:
-        return base / cfg.output.dir.replace("{name}", cfg.name).replace("{timestamp}", timestamp())
-    return base / "runs" / f"{cfg.name}-{timestamp()}"
 
 
 def call_lifecycle(pm: QpipePluginManager, hook: str, strict: bool = False, **kwargs: Any) -> list[str]:
@@ -56,7 +46,13 @@ def call_lifecycle(pm: QpipePluginManager, hook: str, strict: bool = False, **kw
 
     With ``strict`` the first error is raised as a PluginError (or the plugin's own
     QpipeError); otherwise errors are returned as messages and the others still run.
+    SIGINT/SIGTERM arriving meanwhile are held until the hook returns (``qpipe.signals``).
     """
+    with held_signals():
+        return _call_impls(pm, hook, strict, kwargs)
+
+
+def _call_impls(pm: QpipePluginManager, hook: str, strict: bool, kwargs: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):
         name = pm.get_name(impl.plugin) or repr(impl.plugin)
@@ -110,7 +106,8 @@ def load_inputs(pm: QpipePluginManager, resolved: ResolvedPipeline) -> Inputs:
         source = getattr(data_cfg, section)
         if source is None:
             return None
-        return bind_to_model(load_source(source, base, f"data.{section}"), model.inputs, f"data.{section}")
+        return bind_to_model(load_source(source, base, f"data.{section}"), model.inputs, f"data.{section}",
+                             allow_nonfinite=data_cfg.allow_nonfinite)
 
     needs_calibration = any(rv.calibrator is not None for rv in resolved.variants)
     needs_training = any(type(rv.quantizer.component).needs_training for rv in resolved.variants)
@@ -134,19 +131,18 @@ class Runner:
     """Runs a resolved pipeline once. Use ``run_pipeline`` for the usual path."""
 
     def __init__(self, pm: QpipePluginManager, resolved: ResolvedPipeline, output_dir: Path,
-                 settings: dict[str, Any] | None = None):
+                 settings: dict[str, Any] | None = None, timestamp: str | None = None):
         self.pm = pm
         self.resolved = resolved
         self.output_dir = Path(output_dir)
         self.settings = settings or {}
+        self.timestamp = timestamp
         self._calibrations: dict[str, Calibration] = {}
         self.warnings: list[str] = []
 
     # ------------------------------------------------------------------ run
     def run(self) -> PipelineResults:
         cfg = self.resolved.config
-        if (self.output_dir / "results.json").exists():
-            raise QpipeError(f"output folder {self.output_dir} already holds a run; choose another --output")
         from qpipe.executor import inputs_if_all_cached
 
         # an unchanged re-run loads the model and data only if a plugin touches them
@@ -158,6 +154,7 @@ class Runner:
             pipeline=cfg.name,
             baseline=self.resolved.baseline,
             started=_dt.datetime.now().isoformat(timespec="seconds"),
+            timestamp=self.timestamp,
             qpipe_version=__version__,
             model={"source": inputs.model.source, "flavor": inputs.model.flavor, "sha256": inputs.model.sha256},
             data={k: {"path": str(p), "sha256": file_sha256(p)} for k, p in inputs.data_files.items()},
@@ -174,6 +171,10 @@ class Runner:
         try:
             call_lifecycle(self.pm, "qpipe_pipeline_started", strict=True, run=self.run_info)
             self._run_variants(results)
+            self._select(results)
+            from qpipe.report import try_write_report  # summary table and charts, tracked or not
+
+            self.warnings += try_write_report(results, self.output_dir, (results.extra.get("cache") or {}).get("dir"))
         except BaseException as exc:
             interrupted = isinstance(exc, KeyboardInterrupt)
             results.status = "interrupted" if interrupted else "crashed"
@@ -183,11 +184,7 @@ class Runner:
             raise
         results.status = "finished"
         results.finished = _dt.datetime.now().isoformat(timespec="seconds")
-        self._select(results)
         results.write(self.output_dir)
-        from qpipe.report import try_write_report  # summary table and charts, tracked or not
-
-        self.warnings += try_write_report(results, self.output_dir, (results.extra.get("cache") or {}).get("dir"))
         self.warnings += call_lifecycle(self.pm, "qpipe_pipeline_finished", run=self.run_info, results=results)
         results.write(self.output_dir)  # plugins may add to results.extra
         return results
@@ -217,6 +214,7 @@ class Runner:
 
         with contextlib.closing(execute(self)) as finished:
             for result in finished:
+                apply_strict(result, self.resolved.strict(result.name))
                 results.variants.append(result)
                 results.write(self.output_dir)
                 hook = "qpipe_variant_finished" if result.status == "ok" else "qpipe_variant_failed"
@@ -271,9 +269,10 @@ class Runner:
     def _run_stages(self, rv: ResolvedVariant, result: VariantResult) -> None:
         v = rv.config
         report = self._progress(v.name)
-        def warn(message: str) -> None:
-            result.metadata.setdefault("warnings", []).append(message)
-            report(f"warning: {message}")
+
+        def warn(message: str, code: str = "plugin") -> None:
+            result.warnings.append(warning(code, message))
+            report(f"warning [{code}]: {message}")
 
         def record(key: str, value: Any) -> None:
             result.metadata[key] = value
@@ -304,9 +303,19 @@ class Runner:
         metrics.update(artifact.metadata.get("metrics", {}))
 
         metrics.update(self._evaluate(rv, artifact, common))
+        self._check(rv, artifact, result, warn)
         result._raw_metrics = dict(metrics)  # type: ignore[attr-defined]  # for the cache
         result._outputs = self._last_outputs  # type: ignore[attr-defined]  # for the cache and workers
         result.metrics = self._with_deltas(v.name, metrics)
+
+    def _check(self, rv: ResolvedVariant, artifact: Artifact, result: VariantResult, warn) -> None:
+        """The sanity checks (``qpipe.sanity``): each problem becomes a named warning."""
+        if any(vars(artifact.expects).values()):
+            result.metadata["expects"] = artifact.expects.to_dict()
+        is_baseline = rv.config.name == self.resolved.baseline
+        for found in check_variant(self.pm, artifact, self._last_outputs, getattr(self, "_baseline_outputs", None),
+                                   getattr(self, "_baseline_artifact", None), is_baseline):
+            warn(found["message"], found["code"])
 
     def _evaluate(self, rv: ResolvedVariant, artifact: Artifact, common: dict,
                   record_baseline: bool = True) -> dict[str, float]:
@@ -376,9 +385,17 @@ class Runner:
 
 def run_pipeline(pm: QpipePluginManager, resolved: ResolvedPipeline, output_dir: Path | None = None,
                  settings: dict[str, Any] | None = None) -> tuple[PipelineResults, list[str]]:
-    """Run ``resolved``; return the results and any warnings raised by lifecycle plugins."""
-    runner = Runner(pm, resolved, output_dir or default_output_dir(resolved), settings)
-    results = runner.run()
+    """Run ``resolved`` into a newly claimed output folder (``qpipe.outputs``); return the
+    results and any warnings raised by lifecycle plugins."""
+    settings = settings or {}
+    folder = claim_output(resolved, output_dir, force=bool(settings.get("force")))
+    runner = Runner(pm, resolved, folder.path, settings, timestamp=folder.timestamp)
+    try:
+        results = runner.run()
+    except BaseException:
+        if getattr(runner, "run_info", None) is None:  # stopped before writing anything
+            folder.release()
+        raise
     return results, runner.warnings
 
 

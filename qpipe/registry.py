@@ -10,6 +10,10 @@ from qpipe.errors import PluginError, QpipeError
 from qpipe.plugins import QpipePluginManager
 
 
+#: the method each kind of component must implement (checked when it is registered)
+REQUIRED_METHOD = {"quantizer": "quantize", "calibrator": "calibrate", "backend": "load", "evaluator": "evaluate"}
+
+
 @dataclass(frozen=True)
 class Entry:
     """A registered component class and the plugin that registered it."""
@@ -25,10 +29,19 @@ class Registry:
         self.entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
         #: plugins that could have provided a name but did not load: name -> why
         self.unavailable: dict[str, str] = {}
+        #: plugins whose registration failed (raised, or registered a non-component): name -> why
+        self.failures: dict[str, str] = {}
+        #: (kind, name) registered by more than one plugin -> those plugins
+        self.contested: dict[tuple[str, str], list[str]] = {}
 
     @classmethod
     def from_plugins(cls, pm: QpipePluginManager) -> "Registry":
-        """Call every plugin's register hooks, attributing each component to its plugin."""
+        """Call every plugin's register hooks, attributing each component to its plugin.
+
+        A plugin whose register hook raises, or that registers something that is not a
+        component, is recorded in ``failures`` and contributes nothing; a name two plugins
+        register is ``contested``: using it is an error naming both, everything else works.
+        """
         registry = cls()
         registry.unavailable = {name: f"failed to load: {why}" for name, why in pm.load_failures.items()}
         registry.unavailable.update({name: "is disabled by QPIPE_DISABLE_PLUGINS"
@@ -37,16 +50,24 @@ class Registry:
             caller = getattr(pm.hook, f"qpipe_register_{kind}s")
             for impl in caller.get_hookimpls():
                 plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
+                if plugin_name in registry.failures:
+                    continue
                 try:
                     impl.function(register=registry._registrar(kind, plugin_name))
-                except QpipeError:
-                    raise
+                except PluginError as exc:
+                    registry._fail(plugin_name, str(exc))
                 except Exception as exc:
-                    raise PluginError(
-                        f"plugin '{plugin_name}' raised in qpipe_register_{kind}s: "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from exc
+                    registry._fail(plugin_name, f"plugin '{plugin_name}' raised in qpipe_register_{kind}s: "
+                                                f"{type(exc).__name__}: {exc}")
         return registry
+
+    def _fail(self, plugin: str, why: str) -> None:
+        """Drop everything ``plugin`` registered and remember why."""
+        self.failures[plugin] = why
+        self.unavailable[plugin] = f"failed to register: {why}"
+        for entries in self.entries.values():
+            for name in [n for n, e in entries.items() if e.plugin == plugin]:
+                del entries[name]
 
     def _registrar(self, kind: str, plugin: str):
         base = KINDS[kind]
@@ -59,13 +80,18 @@ class Registry:
                 )
             if not component.name:
                 raise PluginError(f"plugin '{plugin}': {component.__name__} has no 'name'")
+            method = REQUIRED_METHOD[kind]
+            if getattr(component, method) is getattr(base, method):
+                raise PluginError(f"plugin '{plugin}': {kind} '{component.name}' ({component.__name__}) does not "
+                                  f"implement {method}(); every {kind} must")
+            if (kind, component.name) in self.contested:
+                self.contested[(kind, component.name)].append(plugin)
+                return
             existing = self.entries[kind].get(component.name)
             if existing is not None and existing.cls is not component:
-                raise PluginError(
-                    f"{kind} '{component.name}' is registered twice: by plugin "
-                    f"'{existing.plugin}' and by plugin '{plugin}'; disable one with "
-                    f"QPIPE_DISABLE_PLUGINS"
-                )
+                self.contested[(kind, component.name)] = [existing.plugin, plugin]
+                del self.entries[kind][component.name]
+                return
             self.entries[kind][component.name] = Entry(component, plugin)
 
         return register
@@ -79,8 +105,23 @@ class Registry:
         try:
             return self.entries[kind][name]
         except KeyError:
-            notes = "".join(f"; note: plugin '{plugin}' {why}" for plugin, why in self.unavailable.items())
-            raise QpipeError(unknown_name_message(kind, name, self.names(kind)) + notes) from None
+            pass
+        if (kind, name) in self.contested:
+            plugins = self.contested[(kind, name)]
+            raise PluginError(
+                f"{kind} '{name}' is registered twice: by plugin '{plugins[0]}' and by plugin "
+                f"'{plugins[1]}'; disable one with QPIPE_DISABLE_PLUGINS={plugins[1]}"
+            )
+        notes = "".join(f"; note: plugin '{plugin}' {why}" for plugin, why in self.unavailable.items())
+        raise QpipeError(unknown_name_message(kind, name, self.names(kind)) + notes) from None
+
+    def problems(self) -> dict[str, str]:
+        """Registration failures and contested names, for ``qpipe plugins``: label -> why."""
+        found = dict(self.failures)
+        for (kind, name), plugins in self.contested.items():
+            found[f"{kind} '{name}'"] = (f"registered by plugins {', '.join(repr(p) for p in plugins)}; "
+                                         f"pipelines using it fail until one is disabled")
+        return found
 
 
 def unknown_name_message(what: str, name: str, valid: list[str]) -> str:

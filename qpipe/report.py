@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qpipe.metrics import headline_of
-from qpipe.results import PipelineResults, VariantResult
+from qpipe.results import PipelineResults, VariantResult, contained
 
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
@@ -99,10 +99,11 @@ def summary_csv(results: PipelineResults) -> str:
     metrics = metric_columns(results)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["variant", "quantizer", "status", "pareto", "selected", *metrics, "error"])
+    writer.writerow(["variant", "quantizer", "status", "pareto", "selected", *metrics, "error", "warnings"])
     for v in results.variants:
         writer.writerow([v.name, v.quantizer, v.status, int(v.name in front), int(v.name == chosen),
-                         *("" if v.metrics.get(k) is None else v.metrics[k] for k in metrics), v.error or ""])
+                         *("" if v.metrics.get(k) is None else v.metrics[k] for k in metrics), v.error or "",
+                         " ".join(w["code"] for w in v.warnings)])
     return buffer.getvalue()
 
 
@@ -153,11 +154,14 @@ def summary_markdown(results: PipelineResults) -> str:
              "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * len(columns) + ["---"]) + "|"]
     for v in results.variants:
         notes = [n for n, on in (("selected", v.name == chosen), ("Pareto", v.name in front)) if on]
+        if v.warnings:
+            notes.append(f"{len(v.warnings)} warning(s)")
         if v.status != "ok":
             notes.append(_cell(v.error or "failed"))
         lines.append("| " + " | ".join([_cell(v.name), _cell(v.quantizer), v.status,
                                         *(c.cell(v.metrics) for c in columns), ", ".join(notes)]) + " |")
     lines.append("")
+    lines += warning_lines(results)
     if results.task and results.task.get("name"):
         lines.append(f"Task: {results.task['name']} ({results.task.get('source')}: {results.task.get('reason')})")
     if chosen:
@@ -169,6 +173,12 @@ def summary_markdown(results: PipelineResults) -> str:
         better = "lower" if lower_is_better(results, metric) else "higher"
         lines.append(f"Pareto front ({metric} against size, {better} is better): {', '.join(front)}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def warning_lines(results: PipelineResults) -> list[str]:
+    """The sanity-check warnings as a Markdown list (nothing when there are none)."""
+    items = [f"- {_cell(v.name)} `{w['code']}`: {_cell(w['message'])}" for v in results.variants for w in v.warnings]
+    return ["Warnings:", "", *items, ""] if items else []
 
 
 # --------------------------------------------------------------------------- charts
@@ -275,8 +285,9 @@ def try_write_report(results: PipelineResults, output_dir: Path, cache_dir: Path
 
 
 def report_files(output_dir: Path) -> list[Path]:
-    """The report files present in ``output_dir``."""
-    return [Path(output_dir) / name for name in REPORT_FILES if (Path(output_dir) / name).is_file()]
+    """The report files present in ``output_dir`` (not symlinks leading out of it)."""
+    return [Path(output_dir) / name for name in REPORT_FILES
+            if (path := contained(output_dir, name)) is not None and path.is_file()]
 
 
 def _figure(size: tuple[float, float]) -> tuple[Any, Any]:

@@ -67,15 +67,11 @@ def select(variants: list[Any], constraints: list[Constraint], objective: tuple[
     rejected: dict[str, str] = {}
     eligible = []
     for v in variants:
-        if v.name == baseline:
-            rejected[v.name] = "the baseline is the reference (select.allow_baseline: true lets it ship)"
-            continue
-        if v.status != "ok":
-            rejected[v.name] = f"failed: {v.error}"
-            continue
-        reasons = unmet(constraints, v.metrics)
-        if metric not in v.metrics:
+        reasons = [f"failed: {v.error}"] if v.status != "ok" else unmet(constraints, v.metrics)
+        if v.status == "ok" and metric not in v.metrics:
             reasons.append(f"objective metric {metric} was not measured")
+        if v.name == baseline:  # its own misses are still worth knowing
+            reasons.insert(0, "the baseline is the reference (select.allow_baseline: true lets it ship)")
         if reasons:
             rejected[v.name] = "; ".join(reasons)
         else:

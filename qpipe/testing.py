@@ -233,12 +233,14 @@ def tiny_project(root: Path, flavor: str = "tf_keras") -> TinyProject:
 def run_variant(project: TinyProject, quantizer: str, options: dict | None = None, *,
                 pm: QpipePluginManager | None = None, backend: str | dict | None = None,
                 calibrator: str | dict | None = None, evaluators: list | None = None,
-                name: str = "variant", baseline: bool = False) -> Any:
+                name: str = "variant", baseline: bool = False, training: bool = False) -> Any:
     """Run a pipeline holding just this variant (plus ``tflite.float32`` if ``baseline``).
 
     Returns the variant's ``VariantResult``: check ``.status`` (``ok`` / ``failed``),
     ``.error``, ``.metrics`` and ``.metadata``. The whole ``PipelineResults`` is on
     ``result.pipeline_results``. ``evaluators`` defaults to the tiny project's list.
+    ``training=True`` adds ``data.training`` (the project's training rows) for quantizers
+    that train (``needs_training``).
     """
     variant: dict[str, Any] = {"name": name, "quantizer": quantizer}
     if options:
@@ -248,6 +250,10 @@ def run_variant(project: TinyProject, quantizer: str, options: dict | None = Non
     if calibrator is not None:
         variant["calibrator"] = calibrator
     sections: dict[str, Any] = {"cache": False}
+    if training:
+        data = project.pipeline_dict([])["data"]
+        sections["data"] = {**data, "training": {"path": project.data_path.name, "inputs": "x_train",
+                                                 "labels": "y_train"}}
     if evaluators is not None:
         sections["evaluators"] = evaluators
     if baseline:
@@ -283,6 +289,7 @@ def fake_distribution(folder: Path, name: str, entry_points: dict[str, str], ver
 def overlay_venv(folder: Path) -> Path:
     """A new virtual environment that also sees this environment's packages; its python.
 
+    It has a ``qpipe`` command (``bin/qpipe``) and ``python -m qpipe`` works in it.
     Install a plugin package into it (``python -m pip install --no-deps -e PKG``) to test
     the package as users get it (entry point, imports, CLI) without touching the current
     environment, where its components would leak into every other plugin manager.
@@ -300,4 +307,8 @@ def overlay_venv(folder: Path) -> Path:
     parents = [p for p in [*site.getsitepackages(), sysconfig.get_paths()["purelib"]] if Path(p).is_dir()]
     lines = [f"import site; site.addsitedir({p!r})" for p in dict.fromkeys(parents)]
     (Path(purelib) / "_qpipe_overlay.pth").write_text("\n".join(lines) + "\n")
+    if sys.platform != "win32":  # the qpipe command, as a console script would be
+        script = folder / "bin" / "qpipe"
+        script.write_text(f"#!{python.absolute()}\nimport sys\nfrom qpipe.cli import main\nsys.exit(main())\n")
+        script.chmod(0o755)
     return python

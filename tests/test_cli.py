@@ -16,7 +16,7 @@ from qpipe import Quantizer
 from qpipe.cli import build_app
 from qpipe.testing import plugin_manager
 
-QPIPE = [sys.executable, "-m", "qpipe.cli"]
+QPIPE = [sys.executable, "-m", "qpipe"]  # python -m qpipe is the documented fallback for the script
 
 
 def qpipe_cli(*args, cwd=None, env=None):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import qpipe
@@ -16,6 +18,9 @@ class Copy(Quantizer):
     """Copies the float32 artifact of another conversion (test plugin)."""
 
     name = "test.copy"
+
+    def quantize(self, ctx):
+        raise NotImplementedError("only registered, never run")
 
 
 class CopyPlugin:
@@ -66,14 +71,19 @@ def test_duplicate_component_names_name_both_plugins(pm):
     class Other:
         @qpipe.hookimpl
         def qpipe_register_quantizers(self, register):
-            class Int8Again(Quantizer):
+            class Int8Again(Copy):
                 name = "tflite.int8"
 
             register(Int8Again)
 
     pm.register_plugin(Other(), "other")
-    with pytest.raises(PluginError, match="'tflite.int8' is registered twice: by plugin '(tflite|other)' and by plugin '(tflite|other)'"):
-        Registry.from_plugins(pm)
+    registry = Registry.from_plugins(pm)  # a collision does not stop the rest
+    assert "tflite.dynamic" in registry.names("quantizer")
+    assert "tflite.int8" not in registry.names("quantizer")
+    assert "quantizer 'tflite.int8'" in registry.problems()
+    with pytest.raises(PluginError, match="'tflite.int8' is registered twice: by plugin 'tflite' and by plugin "
+                                          "'other'; disable one with QPIPE_DISABLE_PLUGINS=other"):
+        registry.get("quantizer", "tflite.int8")
 
 
 def test_register_hook_that_raises_names_the_plugin(pm):
@@ -83,8 +93,28 @@ def test_register_hook_that_raises_names_the_plugin(pm):
             raise RuntimeError("boom")
 
     pm.register_plugin(Broken(), "broken")
-    with pytest.raises(PluginError, match="plugin 'broken' raised in qpipe_register_evaluators: RuntimeError: boom"):
-        Registry.from_plugins(pm)
+    registry = Registry.from_plugins(pm)  # listed like a failed import; the others still work
+    assert registry.failures == {"broken": "plugin 'broken' raised in qpipe_register_evaluators: RuntimeError: boom"}
+    assert "accuracy" in registry.names("evaluator")
+    with pytest.raises(QpipeError, match="unknown evaluator 'broken.x'.*note: plugin 'broken' failed to register: "
+                                         "plugin 'broken' raised in qpipe_register_evaluators: RuntimeError: boom"):
+        registry.get("evaluator", "broken.x")
+
+
+def test_a_component_without_its_method_is_refused_at_registration(pm):
+    class Lazy:
+        @qpipe.hookimpl
+        def qpipe_register_quantizers(self, register):
+            class NoQuantize(Quantizer):
+                name = "lazy.q"
+
+            register(NoQuantize)
+
+    pm.register_plugin(Lazy(), "lazy")
+    registry = Registry.from_plugins(pm)
+    assert registry.failures["lazy"] == ("plugin 'lazy': quantizer 'lazy.q' (NoQuantize) does not implement "
+                                         "quantize(); every quantizer must")
+    assert "lazy.q" not in registry.names("quantizer")
 
 
 def test_registering_a_non_component_is_an_error(pm):
@@ -94,8 +124,7 @@ def test_registering_a_non_component_is_an_error(pm):
             register(Copy)  # a quantizer is not a backend
 
     pm.register_plugin(Wrong(), "wrong")
-    with pytest.raises(PluginError, match="plugin 'wrong' registered .* as a backend"):
-        Registry.from_plugins(pm)
+    assert re.match("plugin 'wrong' registered .* as a backend", Registry.from_plugins(pm).failures["wrong"])
 
 
 def test_unknown_name_suggests_the_closest(pm):

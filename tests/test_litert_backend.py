@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import yaml
 
+from qpipe.conversion import dequantize_array, quantize_array
 from qpipe.data import Dataset
 from qpipe.testing import run_pipeline_file, synthetic_digits
-from qpipe_litert import LiteRTBackend, dequantize_array, quantize_array
+from qpipe_litert import LiteRTBackend
 
 
 def test_quantize_dequantize_round_trip():

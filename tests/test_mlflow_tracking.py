@@ -86,7 +86,7 @@ def test_each_run_is_a_parent_with_one_child_per_variant(tracked, store, tiny):
     assert len(found) == 2, "two runs, two parent runs"
     for i, (parent, results) in enumerate(zip(found, tracked), start=1):
         assert parent.info.status == "FINISHED"
-        assert parent.info.run_name.startswith("tiny-") and parent.info.run_name[5:].replace("-", "").isdigit()
+        assert parent.info.run_name == f"tiny-{results.timestamp}"  # the run's one timestamp
         assert Path(parent.data.tags["qpipe.output_dir"]) == (tiny.root / f"run-{i}").resolve()
         kids = child_runs(store, parent)
         assert sorted(kids) == sorted(v.name for v in results.variants) == ["broken", "dynamic", "float32", "int8"]

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BUILTINS = {"keras": "qpipe_keras", "tflite": "qpipe_tflite", "litert": "qpipe_litert",
             "calibration": "qpipe_calibration", "metrics": "qpipe_metrics", "mlflow": "qpipe_mlflow",
-            "tfmot": "qpipe_tfmot"}
+            "tfmot": "qpipe_tfmot", "tflm": "qpipe_tflm"}
 
 
 @pytest.mark.slow
@@ -29,6 +29,7 @@ def test_wheel_contains_plugins_and_entry_points(tmp_path):
     assert "qpipe/hookspecs.py" in names and "qpipe/cli.py" in names
     for module in BUILTINS.values():
         assert f"{module}/__init__.py" in names, module
+    assert "qpipe_tflm/probe.py" in names  # the TFLM worker is started from its file
     assert dict(parser["qpipe"]) == BUILTINS
     assert parser["console_scripts"]["qpipe"] == "qpipe.cli:main"
     assert not any(n.startswith(("tests/", "examples/")) for n in names)

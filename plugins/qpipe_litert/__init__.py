@@ -2,7 +2,8 @@
 
 Batched (the batch dimension is resized to fit), multi-threaded, and transparent about
 quantized inputs and outputs: float data is quantized with each input tensor's scale and
-zero point, integer outputs are dequantized with the output tensor's.
+zero point, integer outputs are dequantized with the output tensor's. It also checks every
+.tflite against what its quantizer claimed (``qpipe_check_artifact``, ``qpipe_litert.checks``).
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import os
 from typing import Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 import qpipe
 from qpipe import Artifact, Backend, LoadedModel, QpipeError, Runner, match_inputs
-from qpipe.conversion import tensors_by_name
+from qpipe.conversion import dequantize_array, quantize_array, tensors_by_name
+from qpipe.limits import clamp_threads
 from qpipe.tfenv import quiet
 
 
@@ -28,29 +30,10 @@ class LiteRTOptions(qpipe.Options):
     batch_size: int = Field(256, ge=1, description="samples per invoke during evaluation")
     xnnpack: bool = Field(True, description="use the XNNPACK delegate (else the built-in kernels)")
 
-
-def quantize_array(values: np.ndarray, detail: dict) -> np.ndarray:
-    """Float values -> the tensor's integer type, with its scale and zero point."""
-    dtype = np.dtype(detail["dtype"])
-    if dtype.kind == "f":
-        return values.astype(dtype, copy=False)
-    scale, zero_point = detail["quantization"]
-    if not scale:
-        return values.astype(dtype)
-    info = np.iinfo(dtype)
-    q = np.divide(values, np.float32(scale), dtype=np.float32)  # one new array, then in place
-    q += np.float32(zero_point)
-    np.rint(q, out=q)
-    np.clip(q, info.min, info.max, out=q)
-    return q.astype(dtype)
-
-
-def dequantize_array(values: np.ndarray, detail: dict) -> np.ndarray:
-    """The tensor's integer values -> float32, with its scale and zero point."""
-    scale, zero_point = detail["quantization"]
-    if np.dtype(detail["dtype"]).kind == "f" or not scale:
-        return values.astype(np.float32, copy=False)
-    return ((values.astype(np.float32) - zero_point) * scale).astype(np.float32)
+    @field_validator("threads")
+    @classmethod
+    def _at_most_cpus(cls, value: int) -> int:
+        return clamp_threads(value, "backend litert")
 
 
 class LiteRTRunner(Runner):
@@ -128,3 +111,10 @@ def qpipe_register_evaluators(register: Any) -> None:
     from qpipe_litert.inspect import Storage
 
     register(Storage)
+
+
+@qpipe.hookimpl
+def qpipe_check_artifact(artifact: Artifact, expects: Any) -> Any:
+    from qpipe_litert.checks import check_tflite
+
+    return check_tflite(artifact, expects)

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 
 import qpipe
 from qpipe import EvalContext, Evaluator, QpipeError
+from qpipe.limits import clamp_threads
 
 
 def _flat(outputs: np.ndarray) -> np.ndarray:
@@ -46,12 +47,8 @@ class Accuracy(Evaluator):
         return cls.metrics + tuple(f"top{k}_accuracy" for k in (options.top_k if options else []))
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
-        raw = np.asarray(ctx.data.labels, dtype=np.float64)
-        if not np.all(raw == np.round(raw)):
-            raise QpipeError("accuracy: the labels are not class ids (non-integer values); "
-                             "for a regression model use the 'regression' evaluator or 'task: regression'")
-        labels = ctx.data.class_labels()
         scores = _flat(ctx.outputs)
+        labels = ctx.data.class_labels(classes=scores.shape[1])
         if scores.shape[1] == 1:  # a single sigmoid unit: binary classifier
             predicted = (scores[:, 0] >= 0.5).astype(np.int64)
         else:
@@ -146,6 +143,11 @@ class LatencyOptions(qpipe.Options):
     warmup: int = Field(5, ge=0, description="untimed invokes first")
     runs: int = Field(50, ge=1, description="timed invokes")
     threads: int | None = Field(None, ge=1, description="threads (default: the backend's)")
+
+    @field_validator("threads")
+    @classmethod
+    def _at_most_cpus(cls, value: int | None) -> int | None:
+        return None if value is None else clamp_threads(value, "evaluator latency")
 
 
 class Latency(Evaluator):

@@ -10,10 +10,11 @@ MLflow's deprecated file store (a folder path or ``file:`` URI) is refused unles
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from qpipe import QpipeError
 
@@ -47,6 +48,26 @@ class Target:
         database (so nothing lands in the working directory); the server decides otherwise."""
         db = self.sqlite_path
         return (db.parent / ARTIFACTS_DIR).as_uri() if db is not None else None
+
+    @contextlib.contextmanager
+    def store_lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on ``<db>.lock`` beside a local sqlite store while the store is
+        opened: MLflow creates and migrates the schema on first use, and two processes doing
+        that at once fail ("duplicate column name", "table already exists")."""
+        db = self.sqlite_path
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; concurrent first use stays unprotected
+            fcntl = None  # type: ignore[assignment]
+        if db is None or fcntl is None:
+            yield
+            return
+        with open(db.with_name(db.name + ".lock"), "a", encoding="utf-8") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def ui_hint(self) -> str:
         """How to look at this store in the MLflow UI."""

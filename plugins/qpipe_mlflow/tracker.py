@@ -103,7 +103,7 @@ class Tracker:
         from mlflow import MlflowClient
 
         try:
-            with quiet_logs():
+            with target.store_lock(), quiet_logs():
                 client = MlflowClient(tracking_uri=target.uri)
                 experiment_id = experiment(client, target)
         except QpipeError:
@@ -124,7 +124,8 @@ class Tracker:
         results: PipelineResults = run.results
         self.output_dir = Path(run.output_dir)
         started = parse_time(results.started)
-        self.run_name = f"{run.name}-{(started or _dt.datetime.now()).strftime('%Y%m%d-%H%M%S')}"
+        stamp = results.timestamp or (started or _dt.datetime.now()).strftime('%Y%m%d-%H%M%S')
+        self.run_name = f"{run.name}-{stamp}"
         tags = {KIND: "pipeline", "qpipe.pipeline": run.name, "qpipe.status": "running",
                 "qpipe.output_dir": str(Path(run.output_dir).resolve()), "qpipe.pipeline_file": str(run.config_path),
                 "qpipe.baseline": results.baseline, **version_tags(results), **input_tags(results)}
@@ -399,8 +400,8 @@ def variant_tags(run: Any, result: VariantResult) -> dict[str, Any]:
         tags["qpipe.error"] = result.error
     if result.metadata.get("cache"):
         tags["qpipe.cache"] = result.metadata["cache"]
-    if result.metadata.get("warnings"):
-        tags["qpipe.warnings"] = " | ".join(map(str, result.metadata["warnings"]))
+    if result.warnings:  # the sanity checks' codes and messages (qpipe.sanity)
+        tags["qpipe.warnings"] = " | ".join(f"[{w['code']}] {w['message']}" for w in result.warnings)[:5000]
     path = artifact_path(run, result)
     if path is not None:
         tags["qpipe.artifact_sha256"] = file_sha256(path)

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import Field
 
 import qpipe
-from qpipe import Artifact, Calibration, QpipeError, QuantizeContext, Quantizer
+from qpipe import Artifact, Calibration, Expects, QpipeError, QuantizeContext, Quantizer
 from qpipe.tfenv import quiet, tensorflow
 
 
@@ -49,6 +49,8 @@ class ConverterQuantizer(Quantizer):
     """Base of the converter quantizers: subclasses set up the converter in ``configure``."""
 
     engine = "tflite-converter"
+    #: what the artifact should be (checked after evaluation); subclasses claim what they quantize
+    expects: ClassVar[Expects] = Expects()
 
     def configure(self, converter: Any, ctx: QuantizeContext) -> None:
         """Set the converter's optimization flags for this variant."""
@@ -82,7 +84,7 @@ class ConverterQuantizer(Quantizer):
         del log
         path = ctx.artifact_path(".tflite")
         path.write_bytes(flatbuffer)
-        return Artifact(path=path, format="tflite", metadata={
+        return Artifact(path=path, format="tflite", expects=self.expects, metadata={
             "engine": self.engine, "convert_seconds": round(time.perf_counter() - started, 3), **facts})
 
     def convert(self, converter: Any, ctx: QuantizeContext) -> tuple[bytes, dict[str, Any]]:
@@ -147,7 +149,7 @@ class EngineChoice:
         flatbuffer = aeq.quantize(ctx, aeq.recipe(self.aeq_kind, per_channel), calibrate=self.needs_calibration)
         path = ctx.artifact_path(".tflite")
         path.write_bytes(flatbuffer)
-        return Artifact(path=path, format="tflite", metadata={
+        return Artifact(path=path, format="tflite", expects=self.expects, metadata={
             "engine": aeq.ENGINE, "convert_seconds": round(time.perf_counter() - started, 3)})
 
 
@@ -161,6 +163,8 @@ class Dynamic(EngineChoice, ConverterQuantizer):
     name = "tflite.dynamic"
     Options = EngineOptions
     aeq_kind = "dynamic"
+    #: the converter leaves weight tensors under 1024 elements in float, by design
+    expects = Expects(smaller=True, quantized_weights=True, min_weight_elements=1024)
 
     def configure(self, converter, ctx) -> None:
         converter.optimizations = [tensorflow().lite.Optimize.DEFAULT]
@@ -172,6 +176,7 @@ class Float16(EngineChoice, ConverterQuantizer):
     name = "tflite.float16"
     Options = EngineOptions
     aeq_kind = "float16"
+    expects = Expects(smaller=True)
 
     def configure(self, converter, ctx) -> None:
         tf = tensorflow()
@@ -185,6 +190,7 @@ class FullInteger(ConverterQuantizer):
     needs_calibration = True
     #: activation bits, for the calibrator's estimator
     bits: ClassVar[int] = 8
+    expects = Expects(smaller=True, quantized_weights=True, full_integer=True)
 
     def requantize(self, calibrated: bytes) -> bytes:
         """Quantize a calibrated float model whose ranges were replaced."""

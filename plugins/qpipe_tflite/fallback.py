@@ -8,6 +8,7 @@ against the baseline — so the search judges exactly what the final results wil
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from qpipe import Artifact, QpipeError, QuantizeContext
@@ -67,7 +68,7 @@ def fall_back(quantizer: Any, ctx: QuantizeContext, artifact: Artifact, layers: 
     ctx.record("fallback", record)
     if misses:
         ctx.warn(f"fallback kept {len(kept)} layer(s) in float (budget {budget}) and the constraints "
-                 f"still fail: {'; '.join(misses)}")
+                 f"still fail: {'; '.join(misses)}", code="fallback-unmet")
     artifact.metadata["metrics"] = {
         **artifact.metadata.get("metrics", {}),
         "fallback_float_layers": float(len(kept)),
@@ -77,4 +78,5 @@ def fall_back(quantizer: Any, ctx: QuantizeContext, artifact: Artifact, layers: 
     }
     if kept:
         artifact.metadata["io_note"] = "float fallback models keep float32 input/output"
+        artifact.expects = dataclasses.replace(artifact.expects, keep_float=tuple(k.tensor for k in kept))
     return artifact
