@@ -336,6 +336,9 @@ class Evaluator(Component):
     def applies_to(cls, task: str | None) -> bool:
         """Whether it means something for ``task`` (an unknown task: assume it does)."""
         return not cls.tasks or task is None or task in cls.tasks
+    #: set when its metrics measure the machine, not the artifact (latency): a variant restored
+    #: from the cache runs it again instead of replaying the stored numbers
+    remeasure: ClassVar[bool] = False
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         raise NotImplementedError

@@ -128,6 +128,11 @@ def print_summary(results: PipelineResults, output_dir: Path | None = None) -> N
         for warning in v.warnings:
             console.print(f"[yellow]{escape(v.name)} warning \\[{escape(warning['code'])}]:[/yellow] "
                           f"{escape(warning['message'])}", highlight=False)
+    from qpipe.report import latency_note
+
+    note = latency_note(results)
+    if note:
+        console.print(note, highlight=False)
     selected = results.selected
     if selected and selected.get("variant"):
         console.print(f"selected: [bold]{selected['variant']}[/bold] ({selected['reason']})", highlight=False)

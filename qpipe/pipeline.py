@@ -266,13 +266,17 @@ class Runner:
                            metrics=metrics, step=step)
         return log
 
-    def _run_stages(self, rv: ResolvedVariant, result: VariantResult) -> None:
-        v = rv.config
-        report = self._progress(v.name)
-
+    @staticmethod
+    def _warner(result: VariantResult, report: Any):
         def warn(message: str, code: str = "plugin") -> None:
             result.warnings.append(warning(code, message))
             report(f"warning [{code}]: {message}")
+        return warn
+
+    def _run_stages(self, rv: ResolvedVariant, result: VariantResult) -> None:
+        v = rv.config
+        report = self._progress(v.name)
+        warn = self._warner(result, report)
 
         def record(key: str, value: Any) -> None:
             result.metadata[key] = value
@@ -336,15 +340,38 @@ class Runner:
             ctx = EvalContext(**common, data=self.inputs.evaluation, outputs=outputs, artifact=artifact,
                               runner=runner, baseline_outputs=baseline[0], baseline_artifact=baseline[1],
                               model=self.inputs.model)
-            for ev in applicable(self.resolved, self.inputs.task):
-                if type(ev.component).needs_labels and self.inputs.evaluation.labels is None:
-                    continue
-                report(f"evaluating: {ev.component.name}")
-                produced = _call(ev, "evaluate", ctx)
-                metrics.update({k: float(val) for k, val in (produced or {}).items()})
+            metrics = self._run_evaluators(applicable(self.resolved, self.inputs.task), ctx)
         finally:
             runner.close()
         return metrics
+
+    def _run_evaluators(self, evaluators: list[Bound], ctx: EvalContext) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for ev in evaluators:
+            if type(ev.component).needs_labels and ctx.data.labels is None:
+                continue
+            ctx.report(f"evaluating: {ev.component.name}")
+            produced = _call(ev, "evaluate", ctx)
+            metrics.update({k: float(val) for k, val in (produced or {}).items()})
+        return metrics
+
+    def remeasure(self, rv: ResolvedVariant, artifact: Artifact, outputs: np.ndarray | None,
+                  result: VariantResult) -> dict[str, float]:
+        """Run the evaluators that measure the machine (``Evaluator.remeasure``, e.g. latency)
+        again on a variant restored from the cache; return their fresh metrics."""
+        evaluators = [ev for ev in applicable(self.resolved, self.inputs.task) if type(ev.component).remeasure]
+        if not evaluators:
+            return {}
+        report = self._progress(rv.config.name)
+        warn = self._warner(result, report)
+        runner = _call(rv.backend, "load", artifact, self.inputs.model)
+        try:
+            ctx = EvalContext(variant=rv.config.name, work_dir=self.output_dir, report=report, warn=warn,
+                              record=result.metadata.__setitem__, data=self.inputs.evaluation, outputs=outputs,
+                              artifact=artifact, runner=runner, model=self.inputs.model)
+            return self._run_evaluators(evaluators, ctx)
+        finally:
+            runner.close()
 
     def _trial_evaluator(self, rv: ResolvedVariant, common: dict):
         """``ctx.evaluate`` for quantizers that search (e.g. float fallback): metrics with deltas."""

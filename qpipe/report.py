@@ -172,6 +172,9 @@ def summary_markdown(results: PipelineResults) -> str:
         metric = quality_metric(results)
         better = "lower" if lower_is_better(results, metric) else "higher"
         lines.append(f"Pareto front ({metric} against size, {better} is better): {', '.join(front)}")
+    note = latency_note(results)
+    if note:
+        lines += ["", note]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -179,6 +182,24 @@ def warning_lines(results: PipelineResults) -> list[str]:
     """The sanity-check warnings as a Markdown list (nothing when there are none)."""
     items = [f"- {_cell(v.name)} `{w['code']}`: {_cell(w['message'])}" for v in results.variants for w in v.warnings]
     return ["Warnings:", "", *items, ""] if items else []
+
+
+def latency_note(results: PipelineResults) -> str | None:
+    """Where the latencies come from (this run, re-measured on a cache hit) and which are too
+    noisy to rank by; None when no variant has a latency."""
+    timed = [v for v in results.variants if v.status == "ok" and "latency_ms_p50" in v.metrics]
+    if not timed:
+        return None
+    again = [v.name for v in timed if "latency_ms_p50" in v.metadata.get("remeasured", [])]
+    stale = [v.name for v in timed if v.metadata.get("cache") == "hit" and v.name not in again]
+    parts = [f"Latency: measured in this run for {len(timed) - len(stale)} of {len(timed)} variant(s)"
+             + (f" (re-measured after a cache hit: {', '.join(again)})" if again else "")]
+    if stale:
+        parts.append(f"replayed from the cache, not re-measured: {', '.join(stale)}")
+    noisy = [f"{v.name} ({v.metrics.get('latency_spread', 0):.0%})" for v in timed if v.metrics.get("latency_noisy")]
+    if noisy:
+        parts.append(f"too noisy to rank (spread IQR/median over the limit): {', '.join(noisy)}")
+    return "; ".join(parts) + "."
 
 
 # --------------------------------------------------------------------------- charts

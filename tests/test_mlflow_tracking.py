@@ -120,7 +120,9 @@ def test_children_carry_params_metrics_and_tags(tracked, store):
         assert set(v.metrics) == keys, "the same metric keys on every child"
     int8 = kids["int8"].data.params
     assert int8["quantizer.io"] == "int8" and int8["calibrator"] == "sample" and int8["calibrator.count"] == "50"
-    assert int8["engine"] == "tflite-converter" and kids["dynamic"].data.params["engine"] == "ai-edge-quantizer"
+    assert int8["engine"] == results.variant("int8").metadata["engine"]
+    assert kids["dynamic"].data.params["engine"] == "tflite-converter"
+    assert kids["int8"].data.tags["qpipe.engine_reason"] == results.variant("int8").metadata["engine_reason"]
     files = {f.path for f in client(store).list_artifacts(kids["int8"].info.run_id)}
     assert {"int8.sensitivity.csv", "int8.sensitivity.png"} <= files  # reports the quantizer wrote
     assert kids["dynamic"].data.params["calibrator"] == "none"

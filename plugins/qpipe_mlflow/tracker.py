@@ -402,6 +402,8 @@ def variant_tags(run: Any, result: VariantResult) -> dict[str, Any]:
         tags["qpipe.cache"] = result.metadata["cache"]
     if result.warnings:  # the sanity checks' codes and messages (qpipe.sanity)
         tags["qpipe.warnings"] = " | ".join(f"[{w['code']}] {w['message']}" for w in result.warnings)[:5000]
+    if result.metadata.get("engine_reason"):  # why engine auto chose as it did
+        tags["qpipe.engine_reason"] = str(result.metadata["engine_reason"])
     path = artifact_path(run, result)
     if path is not None:
         tags["qpipe.artifact_sha256"] = file_sha256(path)

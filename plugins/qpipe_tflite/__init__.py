@@ -117,31 +117,56 @@ class Float32(ConverterQuantizer):
 
 Engine = Literal["auto", "converter", "ai-edge-quantizer"]
 ENGINE_HELP = ("ai-edge-quantizer quantizes the run's one float .tflite (no second conversion: much "
-               "faster on real models); auto uses it where it matches the converter's accuracy")
+               "faster on real models); auto: the converter for dynamic, ai-edge-quantizer for float16, "
+               "for int8/int16x8 both and the one closer to float on the calibration samples (docs/engines.md)")
+
+
+#: relative difference of the engines' output errors that ``auto`` treats as a tie
+TIE = 1e-3
 
 
 class EngineChoice:
-    """Mixin: pick the converter or ai-edge-quantizer per the ``engine`` option."""
+    """Mixin: pick the converter or ai-edge-quantizer per the ``engine`` option.
+
+    ``auto`` follows benchmarks/engines.py (docs/engines.md): where one engine was never less
+    accurate on any architecture, that one (``auto_engine``); where neither was (``"measure"``),
+    both quantize and the one whose outputs are closer to the float model's on the calibration
+    samples is kept. ``metadata.engine_reason`` says which and why.
+    """
 
     aeq_kind: ClassVar[str] = ""
+    #: what ``auto`` does: "converter", "ai-edge-quantizer" or "measure" (both, keep the closer)
+    auto_engine: ClassVar[str] = "measure"
+    #: why, from the benchmark (docs/engines.md)
+    auto_why: ClassVar[str] = ""
 
-    def use_aeq(self, ctx: QuantizeContext) -> bool:
-        """ai-edge-quantizer when asked for, or for ``auto`` wherever it can give this variant.
-
-        ``auto`` is safe because its output matches the converter's: on the digits and tiny
-        test models the int8/int16x8 outputs' mean and max error against float are the
-        converter's to 1e-7 (calibrated with global min/max, see ``qpipe.conversion.calibration_data``).
-        """
+    def choose_engine(self, ctx: QuantizeContext) -> tuple[str, str]:
+        """("converter" | "ai-edge-quantizer" | "measure", the reason) for this variant."""
         why_not = self.aeq_supported(ctx)
-        if self.options.engine == "ai-edge-quantizer" and why_not:
+        asked = self.options.engine
+        if asked == "ai-edge-quantizer" and why_not:
             raise QpipeError(f"engine ai-edge-quantizer cannot {why_not}; use engine: converter or auto")
-        if self.options.engine == "auto":
-            return not why_not
-        return self.options.engine == "ai-edge-quantizer"
+        if asked != "auto":
+            return asked, f"engine: {asked} in the pipeline"
+        if why_not:
+            return "converter", f"auto: ai-edge-quantizer cannot {why_not}"
+        if self.auto_engine == "measure" and ctx.calibration is None:
+            return "converter", "auto: no calibration samples to compare the engines on"
+        return self.auto_engine, f"auto: {self.auto_why}"
 
     def quantize(self, ctx: QuantizeContext) -> Artifact:
-        if not self.use_aeq(ctx):
-            return super().quantize(ctx)
+        engine, reason = self.choose_engine(ctx)
+        if engine == "converter":
+            artifact = super().quantize(ctx)
+        elif engine == "ai-edge-quantizer":
+            artifact = self.aeq_artifact(ctx)
+        else:
+            artifact, reason = self.closer_to_float(ctx)
+        artifact.metadata["engine_reason"] = reason
+        return artifact
+
+    def aeq_artifact(self, ctx: QuantizeContext) -> Artifact:
+        """This variant quantized by ai-edge-quantizer from the run's float .tflite."""
         from qpipe_tflite import aeq
 
         started = time.perf_counter()
@@ -151,6 +176,35 @@ class EngineChoice:
         path.write_bytes(flatbuffer)
         return Artifact(path=path, format="tflite", expects=self.expects, metadata={
             "engine": aeq.ENGINE, "convert_seconds": round(time.perf_counter() - started, 3)})
+
+    def closer_to_float(self, ctx: QuantizeContext) -> tuple[Artifact, str]:
+        """Quantize with both engines; keep the one whose outputs on the calibration samples are
+        closer to the float .tflite's (ai-edge-quantizer on a tie: its files are smaller)."""
+        from qpipe.conversion import float_tflite, output_error
+
+        converted = super().quantize(ctx)
+        converter_bytes = converted.path.read_bytes()
+        quantized = self.aeq_artifact(ctx)
+        ctx.report("auto: comparing the engines' outputs with the float model's")
+        samples = ctx.calibration.samples
+        errors = output_error(float_tflite(ctx.model, ctx.report),
+                              {"converter": converter_bytes, "ai-edge-quantizer": quantized.path.read_bytes()},
+                              samples)
+        # a tie (within TIE) goes to ai-edge-quantizer: its files were smaller in the benchmark
+        keep = "ai-edge-quantizer" if errors["ai-edge-quantizer"] <= errors["converter"] * (1 + TIE) else "converter"
+        if keep == "converter":
+            quantized.path.write_bytes(converter_bytes)
+            converted.metadata["convert_seconds"] += quantized.metadata["convert_seconds"]
+        else:
+            quantized.metadata["convert_seconds"] += converted.metadata["convert_seconds"]
+        artifact = quantized if keep == "ai-edge-quantizer" else converted
+        artifact.metadata["engine_errors"] = {k: float(f"{v:.6g}") for k, v in errors.items()}
+        n = min(256, len(samples))
+        other = "converter" if keep != "converter" else "ai-edge-quantizer"
+        how = "as close to" if errors[keep] >= errors[other] else "closer to"
+        return artifact, (f"auto: both engines quantized it; {keep}'s outputs are {how} the float model's "
+                          f"on {n} calibration samples (mean abs error {errors[keep]:.4g} vs {other}'s "
+                          f"{errors[other]:.4g})")
 
 
 class EngineOptions(qpipe.Options):
@@ -165,6 +219,9 @@ class Dynamic(EngineChoice, ConverterQuantizer):
     aeq_kind = "dynamic"
     #: the converter leaves weight tensors under 1024 elements in float, by design
     expects = Expects(smaller=True, quantized_weights=True, min_weight_elements=1024)
+    auto_engine = "converter"
+    auto_why = ("ai-edge-quantizer's dynamic-range error against float was 1.3-3.2x the converter's "
+                "on every benchmarked model (docs/engines.md)")
 
     def configure(self, converter, ctx) -> None:
         converter.optimizations = [tensorflow().lite.Optimize.DEFAULT]
@@ -177,6 +234,9 @@ class Float16(EngineChoice, ConverterQuantizer):
     Options = EngineOptions
     aeq_kind = "float16"
     expects = Expects(smaller=True)
+    auto_engine = "ai-edge-quantizer"
+    auto_why = ("ai-edge-quantizer's float16 error against float was 0.90-0.98x the converter's on every "
+                "benchmarked model (docs/engines.md)")
 
     def configure(self, converter, ctx) -> None:
         tf = tensorflow()
@@ -272,12 +332,9 @@ class Int8(EngineChoice, FullInteger):
     def needs_constraints(self) -> bool:
         return self.options.fallback == "auto"
 
-    def aeq_supported(self, ctx: QuantizeContext) -> str | None:
-        if self.options.fallback != "off" or self.options.analyze:
-            return "keep layers in float or rank them (QuantizationDebugger needs the converter)"
-        return super().aeq_supported(ctx)
-
     def quantize(self, ctx: QuantizeContext) -> Artifact:
+        """Plain int8 (the engine as chosen for any int8 variant); then, when asked, rank its
+        layers and keep some in float (the converter's QuantizationDebugger)."""
         artifact = super().quantize(ctx)
         if self.options.analyze or self.options.fallback == "auto":
             from qpipe_tflite.fallback import analyze, fall_back
