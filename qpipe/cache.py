@@ -145,6 +145,7 @@ class KeyMaker:
             "host": code_fingerprint("qpipe"),
             "evaluators": [_component(ev) for ev in resolved.evaluators],
             "constraints": list(resolved.config.constraints),
+            "task": resolved.config.task,
         }
 
     def key(self, rv: Any, baseline_key: str | None) -> str | None:

@@ -148,8 +148,7 @@ def build_app(pm: Any = None) -> typer.Typer:
                 pm.unregister(name="qpipe-console")
             for warning in warnings:
                 typer.echo(f"warning: {warning}", err=True)
-            headline = [name for ev in resolved.evaluators for name in getattr(ev.component, "headline", ())]
-            print_summary(results, Path(output) if output else None, headline)
+            print_summary(results, Path(output) if output else None)
             if results.gate is not None and not results.gate["passed"]:
                 raise fail(f"gate: {results.gate['reason']} ({', '.join(results.gate['constraints'])}); "
                            "see 'gate' in results.json", EXIT_GATE_FAILED)

@@ -192,7 +192,22 @@ class Objective(Strict):
         return self
 
 
-DEFAULT_EVALUATORS = ["accuracy", "fidelity", "size", "storage", "latency"]
+DEFAULT_EVALUATORS = ["accuracy", "regression", "fidelity", "size", "storage", "latency"]
+
+
+class SelectConfig(Strict):
+    """How ``selected`` and the gate choose among the variants."""
+
+    allow_baseline: bool = Field(False, description="let the baseline be selected (by default it is "
+                                                    "the reference, and only quantized variants can ship)")
+
+
+def _check_task(value: str | None) -> str | None:
+    from qpipe.task import TASKS
+
+    if value is not None and value not in TASKS:
+        raise ValueError(unknown_name_message("task", value, list(TASKS)))
+    return value
 
 
 class PipelineConfig(Strict):
@@ -209,9 +224,12 @@ class PipelineConfig(Strict):
         default_factory=lambda: [ComponentRef(name=n) for n in DEFAULT_EVALUATORS]
     )
     baseline: str | None = None
+    task: Annotated[str | None, AfterValidator(_check_task)] = Field(
+        None, description="classification, binary or regression; default: inferred from the model and labels")
     objective: Objective | None = Field(None, description="{maximize: METRIC} or {minimize: METRIC}")
     constraints: list[ConstraintText] = Field(default_factory=list, description="'METRIC OP NUMBER' strings")
     gate: bool = Field(False, description="exit with code 3 when no variant meets the constraints")
+    select: SelectConfig = Field(default_factory=SelectConfig)
     strict: bool = Field(False, description="a sanity-check warning fails the variant (every variant)")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -505,7 +523,11 @@ def resolve(loaded: LoadedConfig, registry: Registry, only: list[str] | None = N
     ]
     # the baseline runs first: deltas of every other variant are computed against it
     variants.sort(key=lambda rv: rv.config.name != baseline)
-    return ResolvedPipeline(loaded, registry, variants, evaluators, baseline)
+    resolved = ResolvedPipeline(loaded, registry, variants, evaluators, baseline)
+    from qpipe.metrics import check_pipeline
+
+    check_pipeline(resolved)  # metric names, and what quantizers need from the pipeline
+    return resolved
 
 
 def _check_grid_size(loaded: LoadedConfig, registry: Registry) -> None:

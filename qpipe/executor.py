@@ -388,6 +388,7 @@ def inputs_if_all_cached(pm: Any, resolved: ResolvedPipeline, settings: dict[str
     from qpipe.cache import KeyMaker, VariantCache, cache_dir
     from qpipe.components import file_sha256
     from qpipe.pipeline import Inputs, load_inputs
+    from qpipe.task import Task
 
     cfg, base = resolved.config, resolved.loaded.base_dir
     root = cache_dir(cfg, base, settings)
@@ -412,7 +413,8 @@ def inputs_if_all_cached(pm: Any, resolved: ResolvedPipeline, settings: dict[str
     base_key = keys.key(resolved.variants[0], None)
     entries = [cache.get(base_key)] if base_key else [None]
     entries += [cache.get(k) if (k := keys.key(rv, base_key)) else None for rv in resolved.variants[1:]]
-    if any(e is None for e in entries) or not entries[0].result.get("model_flavor"):
+    if any(e is None for e in entries) or not entries[0].result.get("model_flavor") \
+            or not entries[0].result.get("task"):
         return None
     load = functools.cache(lambda: load_inputs(pm, resolved))
     model = _Deferred(lambda: load().model, sha256=sha, source=str(model_path), path=model_path,
@@ -421,7 +423,7 @@ def inputs_if_all_cached(pm: Any, resolved: ResolvedPipeline, settings: dict[str
     if entries[0].result.get("model_inputs") and data["evaluation"] is not None:
         data["evaluation"] = _Deferred(functools.cache(
             lambda: _evaluation_only(cfg.data.evaluation, base, entries[0].result["model_inputs"])))
-    inputs = Inputs(model=model, **data)
+    inputs = Inputs(model=model, **data, task=Task(**entries[0].result["task"]))
     for section in ("evaluation", "calibration", "training", "validation"):
         source = getattr(cfg.data, section)
         if source is not None and source.path:
@@ -528,6 +530,7 @@ def _finish(runner: Runner, rv: ResolvedVariant, outcome: Outcome, cache: Any, k
         record = {k: v for k, v in _result_dict(result).items() if k not in ("metrics",)}
         record["metadata"] = {k: v for k, v in result.metadata.items() if k not in ("cache", "cache_key", "worker")}
         record["model_flavor"] = runner.inputs.model.flavor
+        record["task"] = runner.inputs.task.to_dict()
         # lets a fully cached re-run load the evaluation data alone (latency is re-measured)
         record["model_inputs"] = [[t.name, list(t.shape), t.dtype] for t in runner.inputs.model.inputs]
         stored = cache.put(key, record, outcome.raw_metrics, outcome.outputs, runner.output_dir / result.artifact,

@@ -199,6 +199,7 @@ def test_compare_prints_the_latest_or_the_given_run(tracked, store):
     for name in ("float32", "dynamic", "int8", "broken"):
         assert name in out.output
     assert "converter exploded" in out.output
+    assert "Δ accuracy" in out.output and "ratio" in out.output  # the headline columns, as in qpipe run
     out = CliRunner().invoke(app, ["compare", "--run", first.info.run_id, "--tracking-uri", store, "--json"])
     assert out.exit_code == 0, out.output
     import json

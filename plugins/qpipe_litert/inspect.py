@@ -213,6 +213,9 @@ class Storage(qpipe.Evaluator):
     """Stored weight width (bits_per_weight) and, for integer models, ops left in float (float_ops)."""
 
     name = "storage"
+    metrics = ("bits_per_weight", "float_ops")
+    lower_is_better = metrics
+    role = "cost"
 
     def evaluate(self, ctx: qpipe.EvalContext) -> dict[str, float]:
         artifact = ctx.artifact
