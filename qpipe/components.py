@@ -97,13 +97,43 @@ class LoadedModel:
         return self.memo("saved_model_dir", export)
 
 
+@dataclass(frozen=True)
+class Expects:
+    """What a quantizer meant its artifact to be; checked after every variant (``qpipe.sanity``).
+
+    ``smaller``: the file is smaller than the baseline's. ``quantized_weights``: no conv /
+    dense / embedding weight stays in float. ``full_integer``: no op computes in float.
+    ``keep_float`` names the layers (or tensors) kept in float on purpose; weight tensors with
+    fewer than ``min_weight_elements`` elements may stay float (the converter's dynamic-range
+    rule). A claim that does not hold is a named warning on the variant.
+    """
+
+    smaller: bool = False
+    quantized_weights: bool = False
+    full_integer: bool = False
+    keep_float: tuple[str, ...] = ()
+    min_weight_elements: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The claims made, JSON-friendly (kept in the variant's ``metadata.expects``)."""
+        claims = [name for name in ("smaller", "quantized_weights", "full_integer") if getattr(self, name)]
+        out: dict[str, Any] = {"claims": claims}
+        if self.keep_float:
+            out["keep_float"] = list(self.keep_float)
+        if self.min_weight_elements:
+            out["min_weight_elements"] = self.min_weight_elements
+        return out
+
+
 @dataclass
 class Artifact:
-    """What a quantizer produced: a file (``format`` says which kind) and facts about it."""
+    """What a quantizer produced: a file (``format`` says which kind), facts about it, and what
+    the quantizer meant it to be (``expects``)."""
 
     path: Path
     format: str = "tflite"
     metadata: dict[str, Any] = field(default_factory=dict)
+    expects: Expects = field(default_factory=Expects)
 
     def size_bytes(self) -> int:
         """Bytes on disk (summed over a folder's files)."""
@@ -148,8 +178,9 @@ class Context:
     work_dir: Path
     report: Callable[[str], None] = lambda message: None
     log_metrics: Callable[[dict[str, float], int | None], None] = lambda m, step=None: None
-    #: record a warning for this variant (kept in results.json, shown after the run)
-    warn: Callable[[str], None] = lambda message: None
+    #: record a warning for this variant: ``warn(message, code="...")`` (kept in the variant's
+    #: ``warnings`` in results.json, shown after the run; fails the variant under ``strict``)
+    warn: Callable[..., None] = lambda message, code="plugin": None
     #: record a non-numeric fact about this variant in its results (``metadata[key]``)
     record: Callable[[str, Any], None] = lambda key, value: None
 
@@ -214,6 +245,13 @@ class Quantizer(Component):
     default_backend: ClassVar[str] = "litert"
     #: the ``Artifact.format`` this quantizer produces
     output_format: ClassVar[str] = "tflite"
+    #: metric names it may add through ``Artifact.metadata["metrics"]`` (constraints may name them)
+    metrics: ClassVar[tuple[str, ...]] = ()
+
+    def needs_constraints(self) -> bool:
+        """Whether these options make the quantizer search against the pipeline's constraints
+        (validation then refuses a pipeline that declares none)."""
+        return False
 
     def quantize(self, ctx: QuantizeContext) -> Artifact:
         raise NotImplementedError
@@ -265,11 +303,42 @@ class Backend(Component):
 
 
 class Evaluator(Component):
-    """Computes named metrics for one variant."""
+    """Computes named metrics for one variant.
+
+    An evaluator declares what it measures so the host can check a pipeline before running
+    it (constraint and objective names) and show the right columns: ``metrics`` (every name it
+    can produce), ``headline`` (the ones the summary table, summary.md, charts and the MLflow
+    parent show), ``tasks`` (``qpipe.task.TASKS`` it applies to; empty: any),
+    ``lower_is_better`` (headline metrics where smaller wins: errors, sizes, times) and
+    ``role`` (``quality``: how good the variant is; ``cost``: what it takes, e.g. bytes, ms).
+    """
 
     kind: ClassVar[str] = "evaluator"
     #: set when the evaluator cannot run without labels
     needs_labels: ClassVar[bool] = False
+    #: metric names it can produce (``declared_metrics`` may add option-dependent ones)
+    metrics: ClassVar[tuple[str, ...]] = ()
+    #: the metrics to show in the summary table, summary.md, charts and the MLflow parent
+    headline: ClassVar[tuple[str, ...]] = ()
+    #: tasks it applies to ("classification", "binary", "regression"); () = any
+    tasks: ClassVar[tuple[str, ...]] = ()
+    #: metrics where lower is better; every other one: higher is better
+    lower_is_better: ClassVar[tuple[str, ...]] = ()
+    #: "quality" (how good: charted against size, with deltas in the table) or "cost"
+    role: ClassVar[str] = "quality"
+
+    @classmethod
+    def declared_metrics(cls, options: Options | None = None) -> tuple[str, ...]:
+        """The metric names this evaluator produces with ``options`` (default: ``metrics``)."""
+        return cls.metrics
+
+    @classmethod
+    def applies_to(cls, task: str | None) -> bool:
+        """Whether it means something for ``task`` (an unknown task: assume it does)."""
+        return not cls.tasks or task is None or task in cls.tasks
+    #: set when its metrics measure the machine, not the artifact (latency): a variant restored
+    #: from the cache runs it again instead of replaying the stored numbers
+    remeasure: ClassVar[bool] = False
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         raise NotImplementedError

@@ -8,6 +8,7 @@ component name against the registry and every ``options`` block against the comp
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass
@@ -19,8 +20,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from qpipe.components import Component
 from qpipe.errors import ConfigError, QpipeError
+from qpipe.limits import human_bytes, limit
 from qpipe.registry import Registry, unknown_name_message
 from qpipe.selection import Constraint
+from qpipe.yamlload import compose_and_load
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
@@ -44,7 +47,7 @@ class ModelSource(Strict):
 
     path: str | None = Field(None, description="a .keras or .h5 file, or a SavedModel folder")
     function: str | None = Field(None, description="'module:function' returning a model")
-    safe_mode: bool = Field(True, description="load Keras files in safe mode (no arbitrary code)")
+    safe_mode: bool = Field(True, description="refuse model files holding code (docs/security.md); false runs it")
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSource":
@@ -71,6 +74,7 @@ class DataConfig(Strict):
     calibration: DataSource | None = None
     training: DataSource | None = None
     validation: DataSource | None = None
+    allow_nonfinite: bool = Field(False, description="NaN/Inf in the data: a warning instead of an error")
 
 
 class ComponentRef(Strict):
@@ -91,6 +95,8 @@ class VariantConfig(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     calibrator: ComponentRef | None = None
     backend: ComponentRef | None = None
+    strict: bool | None = Field(None, description="a sanity-check warning fails this variant; "
+                                                   "default: the pipeline's strict")
 
 
 class RegisterConfig(Strict):
@@ -114,8 +120,21 @@ class TrackingConfig(Strict):
         return {"enabled": value} if isinstance(value, bool) else value
 
 
+#: the placeholders ``output.dir`` may use
+OUTPUT_PLACEHOLDERS = ("name", "timestamp")
+
+
 class OutputConfig(Strict):
     dir: str | None = Field(None, description="output folder; default runs/<name>-<timestamp>")
+
+    @field_validator("dir")
+    @classmethod
+    def _known_placeholders(cls, value: str | None) -> str | None:
+        for found in re.findall(r"\{([^{}]*)\}", value or ""):
+            if found not in OUTPUT_PLACEHOLDERS:
+                valid = ", ".join("{" + p + "}" for p in OUTPUT_PLACEHOLDERS)
+                raise ValueError(f"unknown placeholder '{{{found}}}'; valid: {valid}")
+        return value
 
 
 class ExecutorConfig(Strict):
@@ -173,7 +192,22 @@ class Objective(Strict):
         return self
 
 
-DEFAULT_EVALUATORS = ["accuracy", "fidelity", "size", "storage", "latency"]
+DEFAULT_EVALUATORS = ["accuracy", "regression", "fidelity", "size", "storage", "latency"]
+
+
+class SelectConfig(Strict):
+    """How ``selected`` and the gate choose among the variants."""
+
+    allow_baseline: bool = Field(False, description="let the baseline be selected (by default it is "
+                                                    "the reference, and only quantized variants can ship)")
+
+
+def _check_task(value: str | None) -> str | None:
+    from qpipe.task import TASKS
+
+    if value is not None and value not in TASKS:
+        raise ValueError(unknown_name_message("task", value, list(TASKS)))
+    return value
 
 
 class PipelineConfig(Strict):
@@ -190,9 +224,13 @@ class PipelineConfig(Strict):
         default_factory=lambda: [ComponentRef(name=n) for n in DEFAULT_EVALUATORS]
     )
     baseline: str | None = None
+    task: Annotated[str | None, AfterValidator(_check_task)] = Field(
+        None, description="classification, binary or regression; default: inferred from the model and labels")
     objective: Objective | None = Field(None, description="{maximize: METRIC} or {minimize: METRIC}")
     constraints: list[ConstraintText] = Field(default_factory=list, description="'METRIC OP NUMBER' strings")
     gate: bool = Field(False, description="exit with code 3 when no variant meets the constraints")
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    strict: bool = Field(False, description="a sanity-check warning fails the variant (every variant)")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
@@ -244,10 +282,13 @@ def load_config(path: str | Path) -> LoadedConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"pipeline file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    size, most = path.stat().st_size, limit("QPIPE_MAX_YAML_BYTES")
+    if size > most:
+        raise ConfigError(f"{path.name}: the file is {human_bytes(size)}; pipeline files are limited to "
+                          f"{human_bytes(most)} (set QPIPE_MAX_YAML_BYTES to raise the limit)")
+    text = _read_text(path)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
+        root, raw = compose_and_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -264,6 +305,20 @@ def load_config(path: str | Path) -> LoadedConfig:
     if config.baseline is not None and config.baseline not in names:
         raise loaded.error(("baseline",), unknown_name_message("baseline variant", config.baseline, names))
     return loaded
+
+
+def _read_text(path: Path) -> str:
+    """The pipeline file's text; a file that is not UTF-8 or cannot be read is a ConfigError."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the pipeline file {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: the pipeline file is not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+                          "save it as UTF-8") from None
 
 
 def _config_error(path: Path, root: yaml.Node | None, exc: ValidationError, model: type[BaseModel],
@@ -395,6 +450,11 @@ class ResolvedPipeline:
     def config(self) -> PipelineConfig:
         return self.loaded.config
 
+    def strict(self, variant: str) -> bool:
+        """Whether a warning fails ``variant``: its own ``strict``, else the pipeline's."""
+        own = next((rv.config.strict for rv in self.variants if rv.config.name == variant), None)
+        return self.config.strict if own is None else own
+
 
 def _bind(loaded: LoadedConfig, registry: Registry, kind: str, name: str, options: dict,
           name_loc: tuple, options_loc: tuple) -> Bound:
@@ -413,6 +473,9 @@ def _bind(loaded: LoadedConfig, registry: Registry, kind: str, name: str, option
 def resolve(loaded: LoadedConfig, registry: Registry, only: list[str] | None = None) -> ResolvedPipeline:
     """Bind every component of ``loaded`` from ``registry``; ``only`` limits the variants."""
     cfg = loaded.config
+    _check_grid_size(loaded, registry)
+    for bname, bopts in cfg.backends.items():  # each backends entry names a backend and valid options
+        _bind(loaded, registry, "backend", bname, bopts, ("backends", bname), ("backends", bname))
     expanded = [(i, ev) for i, v in enumerate(cfg.variants) for ev in expand_grid(v, registry)]
     names = [v.name for v in cfg.variants] + [ev.name for _, ev in expanded]
     for wanted in only or []:
@@ -460,22 +523,44 @@ def resolve(loaded: LoadedConfig, registry: Registry, only: list[str] | None = N
     ]
     # the baseline runs first: deltas of every other variant are computed against it
     variants.sort(key=lambda rv: rv.config.name != baseline)
-    return ResolvedPipeline(loaded, registry, variants, evaluators, baseline)
+    resolved = ResolvedPipeline(loaded, registry, variants, evaluators, baseline)
+    from qpipe.metrics import check_pipeline
+
+    check_pipeline(resolved)  # metric names, and what quantizers need from the pipeline
+    return resolved
+
+
+def _check_grid_size(loaded: LoadedConfig, registry: Registry) -> None:
+    """Refuse option lists that expand to more than QPIPE_MAX_VARIANTS variants, before
+    expanding them (four lists of 300 values would be 8.1e9 variants)."""
+    sizes = [math.prod(len(values) for _, values in _grid_axes(v, registry)) for v in loaded.config.variants]
+    most = limit("QPIPE_MAX_VARIANTS")
+    if sum(sizes) > most:
+        i = max(range(len(sizes)), key=sizes.__getitem__)
+        lists = " x ".join(str(len(values)) for _, values in _grid_axes(loaded.config.variants[i], registry))
+        raise loaded.error(("variants", i, "options"),
+                           f"the option lists expand to {sum(sizes):,} variants ({lists} here); the limit is "
+                           f"{most}: shorten the lists or set QPIPE_MAX_VARIANTS to raise it")
+
+
+def _grid_axes(variant: VariantConfig, registry: Registry) -> list[tuple[str, list]]:
+    """(option, values) of each option given as a list where the option takes one value;
+    [] when there is no grid (or an empty list, which fails option validation by itself)."""
+    entry = registry.entries["quantizer"].get(variant.quantizer)
+    if entry is None:
+        return []
+    fields = entry.cls.Options.model_fields
+    axes = [(key, value) for key, value in variant.options.items()
+            if isinstance(value, list) and key in fields and not _accepts_list(fields[key].annotation)]
+    return [] if any(len(values) == 0 for _, values in axes) else axes
 
 
 def expand_grid(variant: VariantConfig, registry: Registry) -> list[VariantConfig]:
     """A variant whose options give a list where the option takes one value becomes one
     variant per combination, named ``<name>-<option>-<value>...`` (a small grid search)."""
-    entry = registry.entries["quantizer"].get(variant.quantizer)
-    if entry is None:
-        return [variant]
-    fields = entry.cls.Options.model_fields
-    axes = [(key, value) for key, value in variant.options.items()
-            if isinstance(value, list) and key in fields and not _accepts_list(fields[key].annotation)]
+    axes = _grid_axes(variant, registry)
     if not axes:
         return [variant]
-    if any(len(values) == 0 for _, values in axes):
-        return [variant]  # an empty list fails option validation with its own message
     combos: list[dict[str, Any]] = [{}]
     for key, values in axes:
         combos = [{**combo, key: value} for combo in combos for value in values]

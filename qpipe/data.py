@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from qpipe.components import TensorInfo
+from qpipe.datacheck import BlockCheck, check_class_labels, check_npy_file, check_npz_file, check_values, npy_header
 from qpipe.errors import DataError, QpipeError
 
 
@@ -42,6 +43,7 @@ class LazyArray:
         self.stored = np.dtype(dtype)
         self.dtype = np.dtype(cast) if cast is not None else self.stored
         self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.stored.itemsize
+        self.check: Any = None  # called with (block, first row) on every block read, before the cast
 
     ndim = property(lambda self: len(self.shape))
     size = property(lambda self: int(np.prod(self.shape, dtype=np.int64)))
@@ -54,8 +56,11 @@ class LazyArray:
         return f"LazyArray({self.path.name}, shape={self.shape}, dtype={self.dtype})"
 
     def astype(self, dtype: Any, copy: bool = True) -> "LazyArray":
-        return self if np.dtype(dtype) == self.dtype else LazyArray(self.path, self.offset, self.shape,
-                                                                      self.stored, cast=dtype)
+        if np.dtype(dtype) == self.dtype:
+            return self
+        cast = LazyArray(self.path, self.offset, self.shape, self.stored, cast=dtype)
+        cast.check = self.check
+        return cast
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = self._read(0, len(self))
@@ -98,6 +103,8 @@ class LazyArray:
                 got = fh.readinto(memoryview(out).cast("B"))
             if got != rows * self._row_bytes:
                 raise DataError(f"{self.path.name}: the file is truncated (rows {start}-{stop} missing)")
+        if self.check is not None:
+            self.check(out, start)
         return out.astype(self.dtype, copy=False)
 
     def _gather(self, idx: np.ndarray) -> np.ndarray:
@@ -141,14 +148,16 @@ class Dataset:
             raise DataError(f"expected one input, got {sorted(self.inputs)}")
         return next(iter(self.inputs.values()))
 
-    def class_labels(self) -> np.ndarray | None:
-        """Labels as integer class ids (one-hot labels are arg-maxed)."""
+    def class_labels(self, classes: int | None = None) -> np.ndarray | None:
+        """Labels as integer class ids (one-hot labels are arg-maxed).
+
+        A DataError names the first label that is not a class id: a fraction, NaN, negative,
+        or (given the model's number of outputs ``classes``) out of range or one-hot of
+        another width.
+        """
         if self.labels is None:
             return None
-        labels = np.asarray(self.labels)
-        if labels.ndim == 2 and labels.shape[1] > 1:
-            return labels.argmax(axis=1)
-        return labels.reshape(len(labels)).astype(np.int64)
+        return check_class_labels(self.labels, classes)
 
 
 def load_source(source: Any, base_dir: Path, what: str) -> tuple[dict[str, np.ndarray] | np.ndarray, np.ndarray | None]:
@@ -174,25 +183,20 @@ def _load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
         raise DataError(f"{what}: expected an .npz file with named arrays (or .npy files), got {path.name}")
     try:
         if path.suffix == ".npy":
+            check_npy_file(path, what)
             lazy = _lazy_npy(path)
             return {"x": lazy if lazy is not None else np.load(path, allow_pickle=False)}
+        check_npz_file(path, what)
         lazy_members = _lazy_npz_members(path)
         with np.load(path, allow_pickle=False) as npz:
             return {key: lazy_members.get(key) if key in lazy_members else npz[key] for key in npz.files}
+    except DataError:
+        raise
     except ValueError as exc:
         raise DataError(f"{what}: cannot read {path.name} without unpickling ({exc}); "
                         "save plain numeric arrays with numpy.savez") from None
     except Exception as exc:
         raise DataError(f"{what}: cannot read {path.name}: {exc}") from None
-
-
-def _npy_header(fh: Any) -> tuple[tuple[int, ...], bool, np.dtype] | None:
-    version = np.lib.format.read_magic(fh)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(fh)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(fh)
-    return None
 
 
 def _lazy_if_large(path: Path, header: Any, offset: int) -> LazyArray | None:
@@ -209,7 +213,7 @@ def _lazy_if_large(path: Path, header: Any, offset: int) -> LazyArray | None:
 def _lazy_npy(path: Path) -> LazyArray | None:
     """A large C-ordered numeric .npy file as a LazyArray (None: load it normally)."""
     with open(path, "rb") as fh:
-        header = _npy_header(fh)
+        header = npy_header(fh)
         return _lazy_if_large(path, header, fh.tell())
 
 
@@ -221,7 +225,7 @@ def _lazy_npz_members(path: Path) -> dict[str, LazyArray]:
             if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
                 continue
             with zf.open(info) as member:
-                header = _npy_header(member)
+                header = npy_header(member)
                 header_len = member.tell()
             raw.seek(info.header_offset)
             local = raw.read(30)
@@ -255,6 +259,9 @@ def call_function(ref: str, base_dir: Path, what: str) -> Any:
         return func()
     except QpipeError:
         raise
+    except SystemExit as exc:
+        raise QpipeError(f"{what}: '{ref}' called sys.exit({exc.code!r}) instead of returning a value; "
+                         "point 'function:' at a function that returns one") from None
     except Exception as exc:
         raise QpipeError(f"{what}: '{ref}' raised {type(exc).__name__}: {exc}") from exc
 
@@ -349,8 +356,9 @@ def match_inputs(wanted: Iterable[str], given: Iterable[str], what: str) -> dict
     return {name: name for name in wanted}
 
 
-def bind_to_model(raw: tuple, model_inputs: list[TensorInfo], what: str) -> Dataset:
-    """Match loaded arrays to the model's inputs, checking count, names, shapes and dtypes."""
+def bind_to_model(raw: tuple, model_inputs: list[TensorInfo], what: str, allow_nonfinite: bool = False) -> Dataset:
+    """Match loaded arrays to the model's inputs, checking count, names, shapes, dtypes and
+    values (NaN/Inf, overflow on the cast to the model's dtype; streamed arrays as they are read)."""
     x, y = raw
     if isinstance(x, dict):
         expected = [t.name for t in model_inputs]
@@ -373,6 +381,10 @@ def bind_to_model(raw: tuple, model_inputs: list[TensorInfo], what: str) -> Data
             raise DataError(f"{what}: input '{info.name}' has dtype {arr.dtype}; the model expects "
                             f"numeric {info.dtype}")
         _check_shape(arr, info, what)
+        if isinstance(arr, LazyArray):
+            arr.check = BlockCheck(f"input '{info.name}'", what, info.dtype or None, allow_nonfinite)
+        else:
+            check_values(arr, f"input '{info.name}'", what, info.dtype or None, allow_nonfinite=allow_nonfinite)
         out[info.name] = arr.astype(info.dtype, copy=False) if info.dtype else arr
     n = {len(a) for a in out.values()}
     if len(n) != 1:
@@ -386,6 +398,7 @@ def bind_to_model(raw: tuple, model_inputs: list[TensorInfo], what: str) -> Data
             raise DataError(f"{what}: {count} input rows but {len(y)} labels")
         if y.dtype.kind not in "biuf":
             raise DataError(f"{what}: labels have dtype {y.dtype}; expected numbers")
+        check_values(y, "the label array", what, allow_nonfinite=allow_nonfinite)
     return Dataset(inputs=out, labels=y)
 
 

@@ -87,7 +87,7 @@ def test_unreachable_budget_is_a_warning_not_a_silent_pass(mixed_run):
     _, results = mixed_run
     variant = results.variant("impossible")
     assert not variant.metadata["search"]["meets"]
-    assert any("not reachable" in w for w in variant.metadata["warnings"])
+    assert any(w["code"] == "mixed_unmet" and "not reachable" in w["message"] for w in variant.warnings)
 
 
 def test_sensitivity_csv_and_a_chart_per_width(mixed_run):
@@ -109,16 +109,16 @@ def test_mixed_without_budget_or_constraints_fails_clearly(tmp_path, project):
 
 
 def test_accuracy_chart_draws_the_budget_sweep_against_the_uniform_variants(mixed_run):
-    from qpipe.report import ACCURACY_CHART, accuracy_chart_data
+    from qpipe.report import QUALITY_CHART, quality_chart_data
 
     out, results = mixed_run
-    data = accuracy_chart_data(results)
+    data = quality_chart_data(results)
     sweep = data["sweeps"]["litert.mixed"]
     assert sorted(sweep) == ["budget", "constrained", "impossible"]
     sizes = [results.variant(name).metrics["size_bytes"] for name in sweep]
     assert sizes == sorted(sizes)
     assert set(data["sweeps"]) == {"litert.mixed"}  # one variant per uniform quantizer: no line
-    assert (out / ACCURACY_CHART).read_bytes().startswith(b"\x89PNG")
+    assert (out / QUALITY_CHART).read_bytes().startswith(b"\x89PNG")
 
 
 def test_analyze_reports_every_width_for_a_mixed_variant(mixed_run, tmp_path):

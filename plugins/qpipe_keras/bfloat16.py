@@ -61,7 +61,6 @@ class KerasBfloat16(Quantizer):
         path = ctx.artifact_path(".bf16")
         path.write_bytes(b"".join(to_bfloat16(w).tobytes() for w in weights))
         count = sum(w.size for w in weights)
-        ctx.warn(NOTE)
         return Artifact(path=path, format=FORMAT, metadata={
             "engine": f"{model.flavor} (simulated)", "simulated": True, "note": NOTE,
             "recipe": "bfloat16 weights" + (" and activations (mixed_bfloat16)" if self.options.activations else ""),

@@ -2,7 +2,8 @@
 
 Batched (the batch dimension is resized to fit), multi-threaded, and transparent about
 quantized inputs and outputs: float data is quantized with each input tensor's scale and
-zero point, integer outputs are dequantized with the output tensor's.
+zero point, integer outputs are dequantized with the output tensor's. It also checks every
+.tflite against what its quantizer claimed (``qpipe_check_artifact``, ``qpipe_litert.checks``).
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import os
 from typing import Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 import qpipe
 from qpipe import Artifact, Backend, LoadedModel, QpipeError, Runner, match_inputs
 from qpipe.conversion import dequantize_array, quantize_array, tensors_by_name
+from qpipe.limits import clamp_threads
 from qpipe.tfenv import quiet
 
 
@@ -27,6 +29,11 @@ class LiteRTOptions(qpipe.Options):
     threads: int = Field(default_factory=default_threads, ge=1, description="interpreter threads")
     batch_size: int = Field(256, ge=1, description="samples per invoke during evaluation")
     xnnpack: bool = Field(True, description="use the XNNPACK delegate (else the built-in kernels)")
+
+    @field_validator("threads")
+    @classmethod
+    def _at_most_cpus(cls, value: int) -> int:
+        return clamp_threads(value, "backend litert")
 
 
 class LiteRTRunner(Runner):
@@ -106,3 +113,10 @@ def qpipe_register_evaluators(register: Any) -> None:
     from qpipe_litert.inspect import Storage
 
     register(Storage)
+
+
+@qpipe.hookimpl
+def qpipe_check_artifact(artifact: Artifact, expects: Any) -> Any:
+    from qpipe_litert.checks import check_tflite
+
+    return check_tflite(artifact, expects)

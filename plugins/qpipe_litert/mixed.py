@@ -132,7 +132,7 @@ class Search:
                   "measured": {"size_bytes": len(content), "accuracy_delta":
                                None if measured_delta is None else round(measured_delta, 6)}}
         if misses:
-            self.ctx.warn("litert.mixed: " + "; ".join(misses))
+            self.ctx.warn("litert.mixed: " + "; ".join(misses), code="mixed_unmet")
         return content, assignment, record
 
     def by_size(self, target: float) -> tuple[int, bytes, dict[int, str], list[str]]:

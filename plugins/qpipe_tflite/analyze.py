@@ -19,7 +19,8 @@ def analyze_variant(pm: Any, pipeline: Path, variant: str, output: Path | None) 
     """Rank the layers of ``variant`` by int8 error; returns (layers, written files)."""
     from qpipe.components import CalibrateContext, QuantizeContext
     from qpipe.config import load_config, resolve
-    from qpipe.pipeline import load_inputs, timestamp
+    from qpipe.outputs import new_timestamp as timestamp
+    from qpipe.pipeline import load_inputs
     from qpipe.registry import Registry
 
     from qpipe_tflite import representative_dataset

@@ -167,7 +167,8 @@ def _map_tensors(structure: Any, produce: Any) -> Any:
     return structure
 
 
-def check_same_outputs(original: Any, rebuilt: Any, sample: Any, what: str, tolerance: float = 1e-4) -> float:
+def check_same_outputs(original: Any, rebuilt: Any, sample: Any, what: str, tolerance: float = 1e-4,
+                       label: str = "the tf_keras rebuild of the Keras 3 model") -> float:
     """Raise unless the rebuild gives the original's outputs on ``sample``; return the max difference."""
     args = sample if not isinstance(sample, dict) or len(sample) > 1 else next(iter(sample.values()))
     want = original(args, training=False)
@@ -177,6 +178,6 @@ def check_same_outputs(original: Any, rebuilt: Any, sample: Any, what: str, tole
     diff = max(float(np.max(np.abs(w - g))) for w, g in zip(want, got))
     scale = max(1.0, max(float(np.max(np.abs(w))) for w in want))
     if not np.isfinite(diff) or diff > tolerance * scale:
-        raise QpipeError(f"{what}: the tf_keras rebuild of the Keras 3 model does not reproduce its outputs "
+        raise QpipeError(f"{what}: {label} does not reproduce the model's outputs "
                          f"(max difference {diff:.3g}); a layer behaves differently in tf_keras")
     return diff
