@@ -91,7 +91,7 @@ def code_fingerprint(module_name: str) -> str:
     if paths:
         for folder in paths:
             files += sorted(Path(folder).rglob("*.py"))
-    elif getattr(module, "__file__", None):
+    elif module is not None and module.__file__:
         files = [Path(module.__file__)]
     for f in files:
         try:

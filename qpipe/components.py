@@ -25,6 +25,11 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)  # built on first use: faster start-up
 
 
+#: the base Options class, named so annotations inside components (whose ``Options`` is a
+#: class attribute) can refer to it
+OptionsBase = Options
+
+
 class Component:
     """Base of the four component kinds. Subclasses set ``name`` and may set ``Options``."""
 
@@ -32,7 +37,7 @@ class Component:
     name: ClassVar[str] = ""
     Options: ClassVar[type[Options]] = Options
 
-    def __init__(self, options: Options | None = None):
+    def __init__(self, options: OptionsBase | None = None):
         self.options = options if options is not None else self.Options()
 
     @classmethod
@@ -91,6 +96,7 @@ class LoadedModel:
             import tempfile
 
             folder = Path(tempfile.mkdtemp(prefix="qpipe-savedmodel-"))
+            assert self.exporter is not None  # checked above
             self.exporter(folder / "model")
             return folder / "model"
 
@@ -177,7 +183,7 @@ class Context:
     variant: str
     work_dir: Path
     report: Callable[[str], None] = lambda message: None
-    log_metrics: Callable[[dict[str, float], int | None], None] = lambda m, step=None: None
+    log_metrics: Callable[[dict[str, float], int | None], None] = lambda metrics, step: None
     #: record a warning for this variant: ``warn(message, code="...")`` (kept in the variant's
     #: ``warnings`` in results.json, shown after the run; fails the variant under ``strict``)
     warn: Callable[..., None] = lambda message, code="plugin": None

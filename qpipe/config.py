@@ -13,12 +13,12 @@ import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Generic, TypeVar, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from qpipe.components import Component
+from qpipe.components import Backend, Calibrator, Component, Evaluator, Quantizer
 from qpipe.errors import ConfigError, QpipeError
 from qpipe.limits import human_bytes, limit
 from qpipe.registry import Registry, unknown_name_message
@@ -336,7 +336,7 @@ def _is_union_tag(part: Any) -> bool:
     return isinstance(part, str) and (part in {"str", "bool", "int", "float"} or "[" in part)
 
 
-def _describe(error: dict, model: type[BaseModel], loc: tuple) -> str:
+def _describe(error: Any, model: type[BaseModel], loc: tuple) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         key = str(loc[-1])
@@ -414,11 +414,14 @@ def _line_of(root: yaml.Node | None, loc: tuple) -> int:
 # --------------------------------------------------------------------------- resolving
 
 
+C = TypeVar("C", bound=Component)
+
+
 @dataclass
-class Bound:
+class Bound(Generic[C]):
     """A component instance with its validated options and where it was declared."""
 
-    component: Component
+    component: C
     plugin: str
     loc: tuple
 
@@ -427,9 +430,9 @@ class Bound:
 class ResolvedVariant:
     config: VariantConfig
     index: int
-    quantizer: Bound
-    backend: Bound
-    calibrator: Bound | None
+    quantizer: Bound[Quantizer]
+    backend: Bound[Backend]
+    calibrator: Bound[Calibrator] | None
 
 
 @dataclass
@@ -439,7 +442,7 @@ class ResolvedPipeline:
     loaded: LoadedConfig
     registry: Registry
     variants: list[ResolvedVariant]
-    evaluators: list[Bound]
+    evaluators: list[Bound[Evaluator]]
     baseline: str
 
     @property
@@ -457,7 +460,7 @@ class ResolvedPipeline:
 
 
 def _bind(loaded: LoadedConfig, registry: Registry, kind: str, name: str, options: dict,
-          name_loc: tuple, options_loc: tuple) -> Bound:
+          name_loc: tuple, options_loc: tuple) -> Bound[Any]:
     try:
         entry = registry.get(kind, name)
     except QpipeError as exc:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from qpipe import hookimpl
@@ -26,8 +26,8 @@ class ConsoleDisplay:
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                  TimeElapsedColumn(), console=self.console, transient=False,
                                  disable=not self.console.is_terminal and not _force())
-        self.overall = None
-        self.tasks: dict[str, int] = {}
+        self.overall: TaskID | None = None
+        self.tasks: dict[str, TaskID] = {}
         self.total = total
         self.started = False
         self.headline: list[str] = []  # quality metrics shown as each variant ends

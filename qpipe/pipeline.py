@@ -120,7 +120,7 @@ def load_inputs(pm: QpipePluginManager, resolved: ResolvedPipeline) -> Inputs:
     needs_training = any(type(rv.quantizer.component).needs_training for rv in resolved.variants)
     inputs = Inputs(
         model=model,
-        evaluation=load("evaluation"),
+        evaluation=load("evaluation"),  # type: ignore[arg-type]  # data.evaluation is required
         calibration=load("calibration") if needs_calibration else None,
         training=load("training") if needs_training else None,
         validation=load("validation") if needs_training else None,
@@ -227,7 +227,7 @@ class Runner:
                 results.variants.append(result)
                 results.write(self.output_dir)
                 hook = "qpipe_variant_finished" if result.status == "ok" else "qpipe_variant_failed"
-                extra = {"error": getattr(result, "_exception", None)} if result.status != "ok" else {}
+                extra: dict[str, Any] = {"error": getattr(result, "_exception", None)} if result.status != "ok" else {}
                 self.warnings += call_lifecycle(self.pm, hook, run=self.run_info, result=result, **extra)
         order = {rv.config.name: i for i, rv in enumerate(self.resolved.variants)}
         results.variants.sort(key=lambda v: order.get(v.name, len(order)))  # parallel runs end in any order
@@ -368,7 +368,7 @@ class Runner:
         metrics: dict[str, float] = {}
         owners: dict[str, Bound] = {}
         for ev in evaluators:
-            if type(ev.component).needs_labels and ctx.data.labels is None:
+            if type(ev.component).needs_labels and (ctx.data is None or ctx.data.labels is None):
                 continue
             ctx.report(f"evaluating: {ev.component.name}")
             produced = _call(ev, "evaluate", ctx)

@@ -57,7 +57,7 @@ def component_reference(registry: Registry) -> str:
             entry = registry.entries[kind][name]
             cls = entry.cls
             lines.append(f"**`{name}`** (plugin `{entry.plugin}`): {cls.summary()}\n")
-            if kind == "evaluator" and cls.metrics:
+            if kind == "evaluator" and getattr(cls, "metrics", None):
                 lines.append(_measures(cls) + "\n")
             fields = cls.Options.model_fields
             if not fields:

@@ -260,9 +260,9 @@ def draw_quality_chart(data: dict[str, Any], path: Path) -> Path:
 
 def latency_chart_data(results: PipelineResults) -> dict[str, Any] | None:
     """What the latency chart shows: (variant, p50, p95) rows (None if no latency was measured)."""
-    rows = [(v.name, _number(v.metrics.get("latency_ms_p50")), _number(v.metrics.get("latency_ms_p95")))
-            for v in _ok(results)]
-    rows = [[n, p50, p95] for n, p50, p95 in rows if p50 is not None]
+    measured = [(v.name, _number(v.metrics.get("latency_ms_p50")), _number(v.metrics.get("latency_ms_p95")))
+                for v in _ok(results)]
+    rows = [[n, p50, p95] for n, p50, p95 in measured if p50 is not None]
     return {"pipeline": results.pipeline, "rows": rows} if rows else None
 
 

@@ -42,7 +42,7 @@ def output_width(shape: tuple[int | None, ...] | None) -> int | None:
     dims = shape[1:]
     if any(d is None for d in dims):
         return None
-    return int(math.prod(dims)) if dims else 1
+    return int(math.prod(d for d in dims if d is not None)) if dims else 1
 
 
 def infer_task(width: int | None, labels: Any) -> Task:

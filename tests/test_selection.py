@@ -121,7 +121,7 @@ def outlier_model(project):
     wide = keras.Sequential([layers.Input((8, 8, 1), name="image"), layers.Conv2D(8, 3, padding="same", use_bias=False),
                              layers.BatchNormalization(), layers.ReLU(), layers.MaxPooling2D(), layers.Flatten(),
                              layers.Dense(33, activation="relu"), layers.Dense(4, activation="softmax")])
-    for source, target in zip(model.layers[:5], wide.layers[:5]):
+    for source, target in zip(model.layers[:5], wide.layers[:5], strict=False):
         target.set_weights(source.get_weights())
     kernel, bias = model.layers[5].get_weights()
     wide.layers[5].set_weights([np.concatenate([kernel, np.full((len(kernel), 1), 200.0, np.float32)], axis=1),

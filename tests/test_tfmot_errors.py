@@ -150,7 +150,7 @@ def test_keras3_functional_rebuild_reproduces_outputs():
     rebuilt = rebuild_keras3(model, "test")
     x = np.random.default_rng(0).normal(size=(16, 6)).astype(np.float32)
     assert check_same_outputs(model, rebuilt, x, "test") < 1e-5
-    assert [l.name for l in rebuilt.layers[1:]] == [l.name for l in model.layers[1:]]
+    assert [layer.name for layer in rebuilt.layers[1:]] == [layer.name for layer in model.layers[1:]]
 
 
 def test_loss_inference_rules():
