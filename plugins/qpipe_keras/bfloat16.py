@@ -92,7 +92,7 @@ class Bfloat16Runner(KerasRunner):
         if sum(sizes) != raw.size:
             raise QpipeError(f"{artifact.path.name}: {raw.size} bfloat16 values, the model has {sum(sizes)} weights")
         offsets = np.cumsum([0, *sizes])
-        weights = [from_bfloat16(raw[a:b]).reshape(s) for a, b, s in zip(offsets, offsets[1:], shapes)]
+        weights = [from_bfloat16(raw[a:b]).reshape(s) for a, b, s in zip(offsets, offsets[1:], shapes, strict=False)]
         if artifact.metadata.get("activations") == "bfloat16":
             clone = mixed_bfloat16_clone(model.model)
         elif model.flavor == "keras3":
