@@ -73,8 +73,10 @@ def infer_task(width: int | None, labels: Any) -> Task:
             return Task("binary", "inferred", "one output and 0/1 labels")
         return Task("regression", "inferred", f"one output and integer targets from {low} to {high}")
     if width is not None and (low < 0 or high >= width):
-        raise DataError(f"cannot tell the task: integer labels from {low} to {high} do not index the "
-                        f"model's {width} outputs; check the labels, or set 'task:' in the pipeline")
+        first = int(np.argmax((y.reshape(-1) < 0) | (y.reshape(-1) >= width)))
+        raise DataError(f"cannot tell the task: data.evaluation labels have {y.reshape(-1)[first]:g} at index "
+                        f"{first}, outside [0, {width}) for a model with {width} outputs (integer labels from "
+                        f"{low} to {high}); check the labels, or set 'task:' in the pipeline")
     return Task("classification", "inferred", f"integer labels over {width or high + 1} outputs")
 
 

@@ -15,7 +15,7 @@ from qpipe.data import Dataset, LazyArray, bind_to_model, load_source
 from qpipe.errors import DataError
 from qpipe.pipeline import load_inputs
 from qpipe.registry import Registry
-from qpipe.testing import run_variant
+from qpipe.testing import run_pipeline_file, run_variant
 
 IMAGE = [TensorInfo("image", (None, 8, 8, 1), "float32")]
 
@@ -122,11 +122,15 @@ def test_good_class_labels_pass():
         Dataset({"x": np.zeros(3)}, np.array([151.0, 75.0, 141.0])).class_labels(1)
 
 
-def test_out_of_range_labels_fail_the_variant_instead_of_scoring_it(project):
+def test_out_of_range_labels_are_refused_before_any_variant_is_scored(project):
     with np.load(project.data_path) as npz:
         y_test = npz["y_test"].copy()
     y_test[9] = 11
     rewrite(project, y_test=y_test)
-    result = run_variant(project, "tflite.float32", evaluators=["accuracy"])
+    with pytest.raises(DataError, match=r"labels have 11 at index 9, outside \[0, 4\) for a model with 4 outputs"):
+        run_variant(project, "tflite.float32", evaluators=["accuracy"])
+    # with 'task:' set nothing is inferred: the accuracy evaluator refuses the label, failing the variant
+    path = project.write_pipeline([], name="explicit.yaml", evaluators=["accuracy"], task="classification", cache=False)
+    result = run_pipeline_file(path).variant("float32")
     assert result.status == "failed" and "accuracy" not in result.metrics
     assert "labels have 11 at index 9, outside [0, 4) for a model with 4 outputs" in result.error

@@ -36,7 +36,7 @@ def test_the_task_is_inferred_from_outputs_and_labels(width, labels, task):
 
 def test_unknown_without_labels_and_refused_when_labels_do_not_fit():
     assert infer_task(10, None).name is None
-    with pytest.raises(DataError, match=r"labels from 0 to 12 do not index the model's 10 outputs.*'task:'"):
+    with pytest.raises(DataError, match=r"labels have 12 at index 1, outside \[0, 10\) for a model with 10 outputs \(integer labels from 0 to 12\).*'task:'"):
         infer_task(10, np.array([0, 12]))
     assert output_width((None, 4, 3)) == 12 and output_width((None,)) == 1 and output_width((None, None)) is None
 
