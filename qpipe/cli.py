@@ -115,6 +115,8 @@ def build_app(pm: Any = None) -> typer.Typer:
         gate: bool = typer.Option(False, "--gate", help=f"Exit with code {EXIT_GATE_FAILED} when no variant meets the constraints."),
         jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Run N variants at once in worker processes (overrides executor.jobs)."),
         no_cache: bool = typer.Option(False, "--no-cache", help="Neither reuse nor store cached variants."),
+        executor: Optional[str] = typer.Option(None, "--executor", help="'ray' runs variants as Ray tasks (overrides executor.name)."),
+        address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address, e.g. ray://HOST:10001 (implies --executor ray; default executor.address, then RAY_ADDRESS)."),
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks and TensorFlow logs."),
     ) -> None:
         """Run every variant of PIPELINE and write results.json to the output folder."""
@@ -129,13 +131,16 @@ def build_app(pm: Any = None) -> typer.Typer:
             from qpipe.pipeline import run_pipeline
             from qpipe.registry import Registry
 
+            if executor not in (None, "local", "ray"):
+                raise QpipeError(f"--executor {executor}: unknown executor; use local or ray")
             pm = get_pm()
             resolved = resolve(load_config(pipeline), Registry.from_plugins(pm), only)
             display = ConsoleDisplay(total=len(resolved.variants))
             pm.register(display, name="qpipe-console")
             try:
                 settings = {"tracking_uri": tracking_uri, "no_tracking": no_tracking, "debug": debug,
-                            "gate": gate, "jobs": jobs, "no_cache": no_cache}
+                            "gate": gate, "jobs": jobs, "no_cache": no_cache,
+                            "executor": executor, "address": address}
                 with sigterm_stops_like_ctrl_c():
                     results, warnings = run_pipeline(pm, resolved, output, settings)
             finally:

@@ -214,6 +214,9 @@ class Quantizer(Component):
     default_backend: ClassVar[str] = "litert"
     #: the ``Artifact.format`` this quantizer produces
     output_format: ClassVar[str] = "tflite"
+    #: what one variant needs on a Ray node: ``num_cpus``, ``memory`` (bytes), custom resources;
+    #: quantizers that train get 1 GiB of memory unless they declare it (``qpipe.remote``)
+    resources: ClassVar[dict[str, float]] = {}
 
     def quantize(self, ctx: QuantizeContext) -> Artifact:
         raise NotImplementedError
