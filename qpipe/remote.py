@@ -64,15 +64,25 @@ def ship_inputs(inputs: Inputs, safe_mode: bool) -> ShippedInputs:
             saved = Path(folder) / "model.keras"
             model.model.save(saved)
             name, files = saved.name, {"": saved.read_bytes()}
-    data = {s: getattr(inputs, s) for s in SECTIONS}
+    data = {s: _arrays(getattr(inputs, s)) for s in SECTIONS}
     return ShippedInputs(model_name=name, model_files=files, safe_mode=safe_mode, flavor=model.flavor,
                          sha256=model.sha256, source=model.source, data=data)
+
+
+def _arrays(ds: Any, convert: Any = np.asarray) -> Any:
+    """``ds`` with every array passed through ``convert``: read into memory (a lazily read array
+    would travel as its path), or copied (object-store arrays are read-only views)."""
+    from qpipe.data import Dataset
+
+    if ds is None:
+        return None
+    return Dataset(inputs={k: convert(v) for k, v in ds.inputs.items()},
+                   labels=None if ds.labels is None else convert(ds.labels))
 
 
 def unship_inputs(pm: Any, shipped: ShippedInputs) -> Inputs:
     """The worker's Inputs, rebuilt from ``shipped`` in a private folder."""
     from qpipe.config import ModelSource
-    from qpipe.data import Dataset
     from qpipe.pipeline import Inputs
 
     folder = Path(tempfile.mkdtemp(prefix="qpipe-model-"))
@@ -88,14 +98,7 @@ def unship_inputs(pm: Any, shipped: ShippedInputs) -> Inputs:
     if model.flavor != shipped.flavor:
         raise QpipeError(f"model: the worker loaded a {model.flavor} model where the driver has {shipped.flavor}")
     model.sha256, model.source = shipped.sha256, shipped.source
-
-    def writable(ds: Any) -> Any:  # object-store arrays are read-only views; plugins may expect copies
-        if ds is None:
-            return None
-        return Dataset(inputs={k: np.array(v) for k, v in ds.inputs.items()},
-                       labels=None if ds.labels is None else np.array(ds.labels))
-
-    return Inputs(model=model, **{s: writable(shipped.data.get(s)) for s in SECTIONS})
+    return Inputs(model=model, **{s: _arrays(shipped.data.get(s), np.array) for s in SECTIONS})
 
 
 def _load_from(refs: list) -> Any:

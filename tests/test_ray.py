@@ -175,6 +175,7 @@ def measured(metrics: dict) -> dict:
 def test_two_nodes_share_nothing_but_ray(_tiny_session, monkeypatch):
     """The worker node cannot see the pipeline's folder; every variant still matches an in-process run."""
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setattr("qpipe.data.LAZY_MIN_BYTES", 0)  # the driver reads every array lazily from its file
     root = Path(tempfile.mkdtemp(prefix="qpipe-hidden-"))
     try:
         project = _tiny_session.copy_to(root)
