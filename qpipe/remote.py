@@ -15,6 +15,7 @@ declares ``resources``), memory for quantizers that train, and any custom resour
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -27,7 +28,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qpipe.errors import QpipeError
-from qpipe.executor import Executor, _one_line, failed_outcome, run_task, warm_task, worker_spec
+from qpipe.executor import (
+    Executor,
+    _one_line,
+    failed_outcome,
+    run_task,
+    warm_task,
+    worker_spec,
+)
 
 if TYPE_CHECKING:
     from qpipe.config import ResolvedVariant
@@ -215,10 +223,8 @@ class RayExecutor(Executor):
     def close(self, cancel: bool = False) -> None:
         if cancel:
             for ref in list(self.inflight):
-                try:
+                with contextlib.suppress(Exception):  # best effort on the way out
                     self.ray.cancel(ref, force=True)
-                except Exception:  # noqa: BLE001 - best effort on the way out
-                    pass
         self.inflight.clear()
         if self.started:
             self.ray.shutdown()

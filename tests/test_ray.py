@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -17,27 +14,10 @@ import pytest
 
 import qpipe
 from qpipe import Quantizer
+from qpipe.localray import local_ray_cluster
 from qpipe.testing import LifecycleRecorder, plugin_manager, run_pipeline_file
 
 ray = pytest.importorskip("ray")
-
-
-RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the venv's own Ray, script or not
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-#: run in a fresh interpreter: wait for the cluster's nodes, then list the hidden folder from the worker node
-PROBE = """
-import json, os, sys, time, ray
-ray.init(address=sys.argv[1], log_to_driver=False)
-deadline = time.monotonic() + 120
-while sum(n["Alive"] for n in ray.nodes()) < int(sys.argv[2]) and time.monotonic() < deadline:
-    time.sleep(0.5)
-seen = {"nodes": sum(n["Alive"] for n in ray.nodes()), "listing": None, "node": None}
-if len(sys.argv) > 3:
-    look = ray.remote(resources={"worker_only": 1}, num_cpus=0)(
-        lambda p: (os.listdir(p), ray.get_runtime_context().get_node_id()))
-    seen["listing"], seen["node"] = ray.get(look.remote(sys.argv[3]), timeout=120)
-print(json.dumps(seen))
-"""
 
 
 def free_port() -> int:
@@ -46,66 +26,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """Stop a node we started (``ray start --block`` stops its own processes), then its process group."""
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    try:
-        os.killpg(process.pid, 9)  # anything of that node still alive (started in its own session)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-@contextlib.contextmanager
-def ray_cluster(head_cpus: int = 2, hidden: Path | None = None):
-    """A Ray head on 127.0.0.1 and, with ``hidden``, a worker node (1 CPU and the resource
-    ``worker_only``) started in its own mount namespace where ``hidden`` is an empty tmpfs.
-    Yields (address, probe); every node is stopped by its pid on the way out, even on failure."""
-    port = free_port()
-    temp = tempfile.mkdtemp(prefix="qray", dir="/tmp")  # Ray's socket paths must stay short
-    address = f"127.0.0.1:{port}"
-    nodes: list[subprocess.Popen] = []
-    try:
-        nodes.append(subprocess.Popen(
-            [*RAY, "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1",
-             "--num-cpus", str(head_cpus), "--temp-dir", temp, "--include-dashboard", "false",
-             "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
-            start_new_session=True))
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if nodes[0].poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("the local Ray head did not start")
-                time.sleep(0.5)
-        probe = None
-        if hidden is not None:
-            nodes.append(subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                 'mount -t tmpfs tmpfs "$0" && exec "$@"', str(hidden), *RAY, "start", "--block",
-                 "--address", address, "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
-                 "--resources", json.dumps({"worker_only": 1}), "--disable-usage-stats"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True))
-            done = subprocess.run([sys.executable, "-c", PROBE, address, "2", str(hidden)], env=ENV, timeout=240,
-                                  capture_output=True, text=True)
-            assert done.returncode == 0, done.stderr[-2000:]
-            probe = json.loads(done.stdout.strip().splitlines()[-1])
-        yield address, probe
-    finally:
-        for node in reversed(nodes):
-            _stop(node)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def ray_address():
     """A one-node Ray cluster on 127.0.0.1 for the module's tests."""
-    with ray_cluster() as (address, _):
+    with local_ray_cluster() as (address, _):
         yield address
 
 
@@ -118,10 +42,48 @@ class Crash(Quantizer):
         os._exit(3)
 
 
+class SleepOptions(qpipe.Options):
+    pidfile: str
+
+
+class Sleep(Quantizer):
+    """Writes its process id to ``pidfile``, then sleeps for ten minutes."""
+
+    name = "test.sleep"
+    Options = SleepOptions
+
+    def quantize(self, ctx):
+        Path(self.options.pidfile).write_text(str(os.getpid()))
+        time.sleep(600)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
+    except OSError:
+        return False
+
+
 class Plugin:
     @qpipe.hookimpl
     def qpipe_register_quantizers(self, register):
         register(Crash)
+        register(Sleep)
+
+
+class CtrlC:
+    """Presses Ctrl-C once ``variant`` is recorded and the sleeper has started."""
+
+    def __init__(self, variant, pidfile):
+        self.variant, self.pidfile = variant, pidfile
+
+    @qpipe.hookimpl
+    def qpipe_variant_finished(self, result):
+        deadline = time.monotonic() + 60
+        while result.name == self.variant and not self.pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if result.name == self.variant:
+            raise KeyboardInterrupt
 
 
 @pytest.mark.slow
@@ -190,7 +152,7 @@ def test_two_nodes_share_nothing_but_ray(_tiny_session, monkeypatch):
         local = run_pipeline_file(project.write_pipeline(variants, name="local.yaml", data=data),
                                   plugin_manager(entry_points=["tfmot"]), output=root / "local",
                                   settings={"no_tracking": True, "no_cache": True})
-        with ray_cluster(head_cpus=1, hidden=root) as (address, probe):
+        with local_ray_cluster(head_cpus=1, hidden=root) as (address, probe):
             assert probe["nodes"] == 2 and probe["listing"] == []  # the worker node sees an empty folder
             executor = {"name": "ray", "address": address, "resources": {"worker_only": 1}}
             remote = run_pipeline_file(project.write_pipeline(variants, name="ray.yaml", data=data,
@@ -210,3 +172,24 @@ def test_two_nodes_share_nothing_but_ray(_tiny_session, monkeypatch):
             assert measured(mine.metrics) == measured(theirs.metrics), mine.name
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_ctrl_c_cancels_the_remote_tasks(project, ray_address, monkeypatch, tmp_path):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    pidfile = tmp_path / "sleeper.pid"
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    variants = [{"name": "dynamic", "quantizer": "tflite.dynamic"},
+                {"name": "sleepy", "quantizer": "test.sleep", "options": {"pidfile": str(pidfile)}}]
+    pipeline = project.write_pipeline(variants, executor={"name": "ray", "address": ray_address})
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline_file(pipeline, plugin_manager(Plugin(), CtrlC("dynamic", pidfile)), output=tmp_path / "out",
+                          settings={"no_tracking": True, "no_cache": True})
+    pid = int(pidfile.read_text())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and alive(pid):
+        time.sleep(0.5)
+    assert not alive(pid), "the sleeping task's worker was not cancelled"
+    assert time.monotonic() - started < 300
+    assert not ray.is_initialized()
