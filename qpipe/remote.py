@@ -206,7 +206,16 @@ class RayExecutor(Executor):
     def run(self, variants, baseline):
         ray = self.ray
         base_ref = ray.put(baseline)
-        pending = deque(variants)
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        pending = deque()
+        for rv in variants:  # Ray would keep a task no node can take waiting forever
+            missing = unschedulable(self.options[rv.config.name], nodes)
+            if missing:
+                yield failed_outcome(rv, f"no node of the Ray cluster has {missing}; start a node that has "
+                                         "(ray start --resources ...) or lower the request (executor.num_cpus, "
+                                         "executor.resources, the quantizer's resources)")
+            else:
+                pending.append(rv)
         while pending or self.inflight:
             while pending and (not self.jobs or len(self.inflight) < self.jobs):
                 rv = pending.popleft()
@@ -229,6 +238,15 @@ class RayExecutor(Executor):
         if self.started:
             self.ray.shutdown()
             self.started = False
+
+
+def unschedulable(options: dict[str, Any], nodes: list[dict[str, float]]) -> str | None:
+    """What no node in ``nodes`` (their total resources) can give a task with ``options``; None if one can."""
+    wanted = {"CPU": options.get("num_cpus", 0), "memory": options.get("memory", 0), **options.get("resources", {})}
+    wanted = {k: v for k, v in wanted.items() if v}
+    if any(all(node.get(k, 0) >= v for k, v in wanted.items()) for node in nodes):
+        return None
+    return " and ".join(f"{v:g} {'bytes of memory' if k == 'memory' else k}" for k, v in wanted.items())
 
 
 def node_error(exc: BaseException) -> str:

@@ -42,6 +42,16 @@ class Crash(Quantizer):
         os._exit(3)
 
 
+class Huge(Quantizer):
+    """Declares more CPUs than any node has."""
+
+    name = "test.huge"
+    resources = {"num_cpus": 64}
+
+    def quantize(self, ctx):
+        raise AssertionError("never scheduled")
+
+
 class SleepOptions(qpipe.Options):
     pidfile: str
 
@@ -68,6 +78,7 @@ class Plugin:
     @qpipe.hookimpl
     def qpipe_register_quantizers(self, register):
         register(Crash)
+        register(Huge)
         register(Sleep)
 
 
@@ -93,6 +104,7 @@ def test_variants_run_as_ray_tasks(project, ray_address, monkeypatch):
     variants = [{"name": "int8", "quantizer": "tflite.int8"},
                 {"name": "crash", "quantizer": "test.crash"},
                 {"name": "dynamic", "quantizer": "tflite.dynamic"},
+                {"name": "huge", "quantizer": "test.huge"},  # no node is big enough: refused, not left waiting
                 # asks for more calibration samples than there are rows: fails in its task
                 {"name": "too_many", "quantizer": "tflite.int8", "calibrator": {"name": "sample",
                                                                                "options": {"count": 5000}}}]
@@ -103,7 +115,8 @@ def test_variants_run_as_ray_tasks(project, ray_address, monkeypatch):
                                 settings={"no_tracking": True, "no_cache": True})
     assert results.extra["executor"]["name"] == "ray"
     by_name = {v.name: v for v in results.variants}
-    assert list(by_name) == ["float32", "int8", "crash", "dynamic", "too_many"]
+    assert list(by_name) == ["float32", "int8", "crash", "dynamic", "huge", "too_many"]
+    assert by_name["huge"].status == "failed" and "no node of the Ray cluster has 64 CPU" in by_name["huge"].error
     # the worker died: that variant fails naming the node, the others still ran
     assert by_name["crash"].status == "failed" and "died" in by_name["crash"].error, by_name["crash"].error
     for name in ("float32", "int8", "dynamic"):
