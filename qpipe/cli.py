@@ -141,6 +141,10 @@ def build_app(pm: Any = None) -> typer.Typer:
                 settings = {"tracking_uri": tracking_uri, "no_tracking": no_tracking, "debug": debug,
                             "gate": gate, "jobs": jobs, "no_cache": no_cache,
                             "executor": executor, "address": address}
+                if (executor or ("ray" if address else resolved.config.executor.name)) == "ray":
+                    from qpipe.remote import check_reachable
+
+                    check_reachable(resolved.config.executor, settings)  # before the output folder exists
                 with sigterm_stops_like_ctrl_c():
                     results, warnings = run_pipeline(pm, resolved, output, settings)
             finally:

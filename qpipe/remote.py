@@ -148,6 +148,14 @@ def task_options(rv: ResolvedVariant, config: Any) -> dict[str, Any]:
     return options
 
 
+def check_reachable(config: Any, settings: dict[str, Any]) -> None:
+    """Before anything is written: a cluster address where nothing answers is one clear error."""
+    address = ray_address(config, settings)
+    if address and not _reachable(address):
+        raise QpipeError(f"executor: cannot start or reach Ray at {address}: nothing answers there; "
+                         "start the cluster (ray start --head) or fix executor.address")
+
+
 def ray_address(config: Any, settings: dict[str, Any]) -> str | None:
     """The cluster to use: ``--address``, then ``executor.address``, then ``RAY_ADDRESS``; None: start one here."""
     return settings.get("address") or config.address or os.environ.get("RAY_ADDRESS") or None
@@ -168,6 +176,7 @@ class RayExecutor(Executor):
         self.config = config
         self.started = False
         if not ray.is_initialized():
+            check_reachable(config, runner.settings)
             self._connect(ray, ray_address(config, runner.settings))
         self.jobs = config.jobs if "jobs" in config.model_fields_set else 0  # 0: all in flight
         self.task = ray.remote(max_retries=1)(ray_run)
@@ -186,9 +195,6 @@ class RayExecutor(Executor):
             kwargs["include_dashboard"] = False
         if not address or address.split(":")[0] in ("127.0.0.1", "localhost"):
             kwargs["_node_ip_address"] = "127.0.0.1"  # a local Ray listens on loopback only
-        if address and not _reachable(address):
-            raise QpipeError(f"executor: cannot start or reach Ray at {address}: nothing answers there; "
-                             "start the cluster (ray start --head) or fix executor.address")
         try:
             ray.init(**kwargs)
         except Exception as exc:  # noqa: BLE001 - Ray raises several kinds here

@@ -206,3 +206,35 @@ def test_ctrl_c_cancels_the_remote_tasks(project, ray_address, monkeypatch, tmp_
     assert not alive(pid), "the sleeping task's worker was not cancelled"
     assert time.monotonic() - started < 300
     assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("how", ["--address", "RAY_ADDRESS"])
+def test_the_cluster_address_from_the_command_line_or_the_environment(project, monkeypatch, how):
+    from typer.testing import CliRunner
+
+    from qpipe.cli import build_app
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    address = f"127.0.0.1:{free_port()}"  # nothing answers: the error names where qpipe looked
+    pipeline = project.write_pipeline([])  # executor: local in the file
+    args = ["run", str(pipeline), "--no-tracking", "-o", str(project.root / "out")]
+    if how == "--address":
+        args += ["--address", address]
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        args += ["--executor", "ray"]
+    out = CliRunner().invoke(build_app(plugin_manager()), args)
+    assert out.exit_code == 2, out.output
+    assert f"cannot start or reach Ray at {address}" in out.output and "Traceback" not in out.output
+    assert not (project.root / "out").exists(), "half-written"
+
+
+def test_an_unknown_executor_is_one_line(project):
+    from typer.testing import CliRunner
+
+    from qpipe.cli import build_app
+
+    out = CliRunner().invoke(build_app(plugin_manager()), ["run", str(project.write_pipeline([])), "--executor",
+                                                           "dask", "-o", str(project.root / "out")])
+    assert out.exit_code == 2 and out.output.strip().splitlines()[-1].endswith("unknown executor; use local or ray")
+    assert not (project.root / "out").exists()
