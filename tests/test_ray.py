@@ -148,9 +148,13 @@ def measured(metrics: dict) -> dict:
 
 @pytest.mark.slow
 def test_two_nodes_share_nothing_but_ray(_tiny_session, monkeypatch):
-    """The worker node cannot see the pipeline's folder; every variant still matches an in-process run."""
+    """The worker node cannot see the pipeline's folder; every variant still matches an in-process
+    run, and reaches a proxied-artifact MLflow server byte for byte."""
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setattr("qpipe.data.LAZY_MIN_BYTES", 0)  # the driver reads every array lazily from its file
+    from mlflow import MlflowClient
+    from qpipe_mlflow.testing import MlflowServer, child_runs, parent_runs
+
     root = Path(tempfile.mkdtemp(prefix="qpipe-hidden-"))
     try:
         project = _tiny_session.copy_to(root)
@@ -165,13 +169,21 @@ def test_two_nodes_share_nothing_but_ray(_tiny_session, monkeypatch):
         local = run_pipeline_file(project.write_pipeline(variants, name="local.yaml", data=data),
                                   plugin_manager(entry_points=["tfmot"]), output=root / "local",
                                   settings={"no_tracking": True, "no_cache": True})
-        with local_ray_cluster(head_cpus=1, hidden=root) as (address, probe):
+        with MlflowServer(root.with_name(root.name + "-mlflow")) as server, \
+                local_ray_cluster(head_cpus=1, hidden=root) as (address, probe):
             assert probe["nodes"] == 2 and probe["listing"] == []  # the worker node sees an empty folder
             executor = {"name": "ray", "address": address, "resources": {"worker_only": 1}}
             remote = run_pipeline_file(project.write_pipeline(variants, name="ray.yaml", data=data,
-                                                              executor=executor),
-                                       plugin_manager(entry_points=["tfmot"]), output=root / "ray",
-                                       settings={"no_tracking": True, "no_cache": True})
+                                                              executor=executor, tracking={"experiment": "nodes"}),
+                                       plugin_manager(entry_points=["tfmot", "mlflow"]), output=root / "ray",
+                                       settings={"tracking_uri": server.uri, "no_cache": True})
+            (parent,) = parent_runs(server.uri, "nodes")  # the proxied-artifact server got the run
+            kids = child_runs(server.uri, parent)
+            for v in local.variants:
+                if v.status == "ok":
+                    back = MlflowClient(server.uri).download_artifacts(
+                        kids[v.name].info.run_id, Path(v.artifact).name, str(root.with_name(root.name + "-back")))
+                    assert Path(back).read_bytes() == (root / "local" / v.artifact).read_bytes(), v.name
         assert [v.name for v in remote.variants] == [v.name for v in local.variants]
         for mine, theirs in zip(remote.variants, local.variants):
             assert (mine.status, mine.error is None) == (theirs.status, theirs.error is None), mine.error
@@ -184,7 +196,8 @@ def test_two_nodes_share_nothing_but_ray(_tiny_session, monkeypatch):
                 mine.name
             assert measured(mine.metrics) == measured(theirs.metrics), mine.name
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        for folder in ("", "-mlflow", "-back"):
+            shutil.rmtree(root.with_name(root.name + folder), ignore_errors=True)
 
 
 @pytest.mark.slow
