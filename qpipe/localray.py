@@ -75,9 +75,10 @@ def _wait_for_port(port: int, head: subprocess.Popen, timeout: float = 120) -> N
 
 @contextlib.contextmanager
 def local_ray_cluster(head_cpus: int = 2, hidden: Path | None = None) -> Iterator[tuple[str, Any]]:
-    """Yield ``(address, probe)``; ``probe`` (with ``hidden``) holds the node count, the worker
-    node's id and what the worker sees in ``hidden`` (an empty list)."""
-    port = _free_port()
+    """Yield ``(address, probe)``: ``probe["client"]`` is the Ray Client address (``ray://``); with
+    ``hidden``, ``probe`` also holds the node count, the worker node's id and what the worker sees in
+    ``hidden`` (an empty list)."""
+    port, client_port = _free_port(), _free_port()
     temp = tempfile.mkdtemp(prefix="qray", dir="/tmp")  # Ray's socket paths must stay short
     address, env = f"127.0.0.1:{port}", ray_env()
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env, "start_new_session": True}
@@ -86,9 +87,9 @@ def local_ray_cluster(head_cpus: int = 2, hidden: Path | None = None) -> Iterato
         nodes.append(subprocess.Popen(
             [*RAY, "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1",
              "--num-cpus", str(head_cpus), "--temp-dir", temp, "--include-dashboard", "false",
-             "--disable-usage-stats"], **quiet))
+             "--ray-client-server-port", str(client_port), "--disable-usage-stats"], **quiet))
         _wait_for_port(port, nodes[0])
-        probe = None
+        probe: dict[str, Any] = {"client": f"ray://127.0.0.1:{client_port}"}
         if hidden is not None:
             nodes.append(subprocess.Popen(
                 ["unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec "$@"',
@@ -98,7 +99,7 @@ def local_ray_cluster(head_cpus: int = 2, hidden: Path | None = None) -> Iterato
                                   capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"the worker node did not join: {done.stderr[-2000:]}")
-            probe = json.loads(done.stdout.strip().splitlines()[-1])
+            probe.update(json.loads(done.stdout.strip().splitlines()[-1]))
         yield address, probe
     finally:
         for node in reversed(nodes):

@@ -15,6 +15,7 @@ import pytest
 import qpipe
 from qpipe import Quantizer
 from qpipe.localray import local_ray_cluster
+from qpipe.results import read_results
 from qpipe.testing import LifecycleRecorder, plugin_manager, run_pipeline_file
 
 ray = pytest.importorskip("ray")
@@ -27,10 +28,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_address():
-    """A one-node Ray cluster on 127.0.0.1 for the module's tests."""
-    with local_ray_cluster() as (address, _):
-        yield address
+def ray_cluster():
+    """A one-node Ray cluster on 127.0.0.1 for the module's tests: (address, Ray Client address)."""
+    with local_ray_cluster() as (address, probe):
+        yield address, probe["client"]
+
+
+@pytest.fixture
+def ray_address(ray_cluster):
+    return ray_cluster[0]
 
 
 class Crash(Quantizer):
@@ -251,3 +257,23 @@ def test_an_unknown_executor_is_one_line(project):
                                                            "dask", "-o", str(project.root / "out")])
     assert out.exit_code == 2 and out.output.strip().splitlines()[-1].endswith("unknown executor; use local or ray")
     assert not (project.root / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_run_through_ray_client(project, ray_cluster, monkeypatch):
+    """``--address ray://HOST:PORT``: the driver talks to the cluster through Ray Client only."""
+    from typer.testing import CliRunner
+
+    from qpipe.cli import build_app
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    pipeline = project.write_pipeline([{"name": "dynamic", "quantizer": "tflite.dynamic"}])
+    out = CliRunner().invoke(build_app(plugin_manager()), ["run", str(pipeline), "--no-tracking", "--no-cache",
+                                                           "--address", ray_cluster[1], "-o", str(project.root / "out")])
+    assert out.exit_code == 0, out.output
+    results = read_results(project.root / "out")
+    assert results.extra["executor"]["name"] == "ray"
+    assert [(v.name, v.status) for v in results.variants] == [("float32", "ok"), ("dynamic", "ok")]
+    assert all(v.metadata["worker"]["pid"] != os.getpid() for v in results.variants)
+    assert (project.root / "out" / results.variant("dynamic").artifact).is_file()
+    assert not ray.is_initialized()
