@@ -96,7 +96,7 @@ class CtrlC:
 
     @qpipe.hookimpl
     def qpipe_variant_finished(self, result):
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # a busy machine starts workers slowly
         while result.name == self.variant and not self.pidfile.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         if result.name == self.variant:
@@ -218,6 +218,7 @@ def test_ctrl_c_cancels_the_remote_tasks(project, ray_address, monkeypatch, tmp_
     with pytest.raises(KeyboardInterrupt):
         run_pipeline_file(pipeline, plugin_manager(Plugin(), CtrlC("dynamic", pidfile)), output=tmp_path / "out",
                           settings={"no_tracking": True, "no_cache": True})
+    assert pidfile.exists(), "the sleeping variant never started"
     pid = int(pidfile.read_text())
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and alive(pid):
