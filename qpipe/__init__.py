@@ -21,6 +21,7 @@ from qpipe.components import (  # noqa: E402
     Component,
     EvalContext,
     Evaluator,
+    Expects,
     LoadedModel,
     Options,
     QuantizeContext,
@@ -30,10 +31,11 @@ from qpipe.components import (  # noqa: E402
 )
 from qpipe.data import Dataset, match_inputs  # noqa: E402
 from qpipe.errors import ConfigError, DataError, PluginError, QpipeError  # noqa: E402
+from qpipe.registry import unknown_name_message  # noqa: E402
 
 __all__ = [
     "__version__", "hookimpl", "Artifact", "Backend", "Calibration", "CalibrateContext",
-    "Calibrator", "Component", "EvalContext", "Evaluator", "LoadedModel", "Options",
+    "Calibrator", "Component", "EvalContext", "Evaluator", "Expects", "LoadedModel", "Options",
     "QuantizeContext", "Quantizer", "Runner", "TensorInfo", "Dataset", "match_inputs", "ConfigError",
-    "DataError", "PluginError", "QpipeError",
+    "DataError", "PluginError", "QpipeError", "unknown_name_message",
 ]

@@ -13,6 +13,13 @@ entry holds the artifact, the result with its raw metrics (deltas are recomputed
 variant's predictions (so a cached baseline still feeds fidelity). Entries are written to a
 temporary folder and renamed into place, so concurrent runs never see half an entry.
 
+A cache folder may be shared or damaged, so an entry is checked before it is used: its
+``entry.json`` lists the sha256 of every file it holds, and an entry whose files differ
+(truncated, bit-flipped, added, a symlink) or that names a path outside itself is a miss: the
+variant is recomputed, its fresh entry replaces the bad one, and the run warns. The checksums
+catch corruption, not forgery: whoever can write the cache folder can also rewrite the metrics
+in ``entry.json`` (docs/security.md).
+
 Files derived from results (the report's charts) are kept under ``files/`` by a key over the
 data they show (``reuse_file``), so an unchanged re-run does not even import matplotlib.
 """
@@ -28,7 +35,7 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +43,9 @@ from typing import Any, Callable
 import numpy as np
 
 from qpipe import __version__
+from qpipe.components import file_sha256
+from qpipe.errors import QpipeError
+from qpipe.results import contained
 
 CACHE_ENV = "QPIPE_CACHE_DIR"
 DEFAULT_DIR = ".qpipe-cache"
@@ -81,7 +91,7 @@ def code_fingerprint(module_name: str) -> str:
     if paths:
         for folder in paths:
             files += sorted(Path(folder).rglob("*.py"))
-    elif getattr(module, "__file__", None):
+    elif module is not None and module.__file__:
         files = [Path(module.__file__)]
     for f in files:
         try:
@@ -135,6 +145,7 @@ class KeyMaker:
             "host": code_fingerprint("qpipe"),
             "evaluators": [_component(ev) for ev in resolved.evaluators],
             "constraints": list(resolved.config.constraints),
+            "task": resolved.config.task,
         }
 
     def key(self, rv: Any, baseline_key: str | None) -> str | None:
@@ -162,6 +173,22 @@ class KeyMaker:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def file_digests(folder: Path) -> dict[str, str] | None:
+    """``{relative path: sha256}`` of the files under ``folder``; None if it holds a symlink."""
+    digests = {}
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_symlink():
+            return None
+        if path.is_file():
+            digests[path.relative_to(folder).as_posix()] = file_sha256(path)
+    return digests
+
+
+def _safe_relative(relative: Any) -> bool:
+    return isinstance(relative, str) and bool(relative) and not Path(relative).is_absolute() \
+        and ".." not in Path(relative).parts
+
+
 @dataclass
 class Entry:
     """A cached variant: its recorded result, raw metrics, predictions and artifact."""
@@ -173,15 +200,26 @@ class Entry:
     artifact: str  # relative to an output folder
     created: str
     origin: str  # the output folder of the run that computed it
+    files: dict[str, str] = field(default_factory=dict)  # sha256 of every file, by relative path
 
     def outputs(self) -> np.ndarray | None:
         path = self.folder / "outputs.npy"
         return np.load(path, allow_pickle=False) if path.is_file() else None
 
+    def artifact_digests(self) -> dict[str, str]:
+        """sha256 of the artifact's files, by path inside the artifact ('' for a single file)."""
+        prefix = f"artifact/{self.artifact}"
+        return {k[len(prefix):].lstrip("/"): v for k, v in self.files.items()
+                if k == prefix or k.startswith(prefix + "/")}
+
     def restore_artifact(self, output_dir: Path) -> Path:
-        """Copy the artifact into ``output_dir`` (at the same relative path); return it."""
+        """Copy the artifact into ``output_dir`` (at the same relative path); return it.
+
+        Refuses a path outside ``output_dir`` and checks the copy against the entry's checksums."""
         source = self.folder / "artifact" / self.artifact
-        target = Path(output_dir) / self.artifact
+        target = contained(output_dir, self.artifact) if _safe_relative(self.artifact) else None
+        if target is None:
+            raise QpipeError(f"cache entry {self.key[:12]} names a path outside the output folder: {self.artifact}")
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
             if target.exists():
@@ -189,38 +227,70 @@ class Entry:
             shutil.copytree(source, target)
         else:
             shutil.copyfile(source, target)
+        copied = file_digests(target) if target.is_dir() else {"": file_sha256(target)}
+        if copied != self.artifact_digests():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+            raise QpipeError(f"cache entry {self.key[:12]} changed while it was restored; run again or "
+                             "use --no-cache")
         return target
 
 
 class VariantCache:
-    """Entries by key under ``root`` (``<root>/v1/<key[:2]>/<key>/``)."""
+    """Entries by key under ``root`` (``<root>/v1/<key[:2]>/<key>/``).
 
-    def __init__(self, root: Path):
+    ``warn`` receives one line per damaged entry found (each is then a miss)."""
+
+    def __init__(self, root: Path, warn: Callable[[str], Any] | None = None):
         self.root = Path(root)
+        self.warn = warn or (lambda message: None)
+        self.checked: dict[str, Entry | None] = {}
 
     def _folder(self, key: str) -> Path:
         return self.root / LAYOUT / key[:2] / key
 
     def get(self, key: str) -> Entry | None:
-        """The entry for ``key``, or None (a missing or damaged entry is a miss)."""
-        folder = self._folder(key)
+        """The entry for ``key`` if it is intact, else None (a missing or damaged entry is a miss)."""
+        if key not in self.checked:
+            folder = self._folder(key)
+            entry, problem = self._read(key, folder) if folder.is_dir() else (None, None)
+            if problem:
+                self.warn(f"cache entry {key[:12]} in {self.root} is damaged ({problem}); recomputing it")
+            self.checked[key] = entry
+        return self.checked[key]
+
+    def _read(self, key: str, folder: Path) -> tuple[Entry | None, str | None]:
+        """The entry in ``folder``, or None and what is wrong with it."""
         try:
             info = json.loads((folder / "entry.json").read_text(encoding="utf-8"))
             entry = Entry(key=key, folder=folder, result=info["result"], raw_metrics=info["raw_metrics"],
                           artifact=info["artifact"], created=info.get("created", ""),
-                          origin=info.get("origin", ""))
-        except (OSError, ValueError, KeyError):
-            return None
-        return entry if (folder / "artifact" / entry.artifact).exists() else None
+                          origin=info.get("origin", ""), files=info.get("files") or {})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return None, f"unreadable entry.json: {type(exc).__name__}"
+        files = (entry.result.get("metadata") or {}).get("files", []) if isinstance(entry.result, dict) else None
+        if info.get("key") != key or not _safe_relative(entry.artifact) or not isinstance(files, list) \
+                or not all(_safe_relative(f) for f in files):
+            return None, f"entry.json names a path outside the entry or another key (artifact: {entry.artifact!r})"
+        if not entry.files:
+            return None, "no checksums (stored by an older qpipe)"
+        held = file_digests(folder)
+        if held is None:
+            return None, "it holds a symlink"
+        held.pop("entry.json", None)
+        if held != entry.files or not entry.artifact_digests():
+            changed = sorted(set(held) ^ set(entry.files) | {k for k in held if held[k] != entry.files.get(k)})
+            return None, f"files differ from their checksums: {', '.join(changed[:3]) or entry.artifact}"
+        return entry, None
 
     def put(self, key: str, result: dict[str, Any], raw_metrics: dict[str, float], outputs: np.ndarray | None,
             artifact: Path, relative: str, created: str, origin: str) -> bool:
-        """Store a finished variant; False when it cannot be stored (it is then simply not cached)."""
+        """Store a finished variant (replacing a damaged entry); False when it cannot be stored
+        (it is then simply not cached)."""
         artifact = Path(artifact)
-        if not artifact.exists() or Path(relative).is_absolute() or ".." in Path(relative).parts:
+        if not artifact.exists() or not _safe_relative(relative):
             return False
         folder = self._folder(key)
-        if folder.exists():
+        if folder.exists() and self._read(key, folder)[0] is not None:
             return True
         tmp = self.root / LAYOUT / "tmp" / uuid.uuid4().hex
         try:
@@ -233,12 +303,19 @@ class VariantCache:
                 np.save(tmp / "outputs.npy", np.asarray(outputs), allow_pickle=False)
             (tmp / "entry.json").write_text(json.dumps({
                 "key": key, "result": result, "raw_metrics": raw_metrics, "artifact": relative,
-                "created": created, "origin": origin}, indent=1, default=str), encoding="utf-8")
+                "created": created, "origin": origin, "files": file_digests(tmp)}, indent=1, default=str),
+                encoding="utf-8")
             folder.parent.mkdir(parents=True, exist_ok=True)
+            if folder.exists():  # damaged: move it aside, then put the new one in its place
+                os.rename(folder, self.root / LAYOUT / "tmp" / f"{uuid.uuid4().hex}.discarded")
             os.rename(tmp, folder)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
             return folder.exists()  # another run stored the same key first
+        finally:
+            for discarded in (self.root / LAYOUT / "tmp").glob("*.discarded"):
+                shutil.rmtree(discarded, ignore_errors=True)
+        self.checked.pop(key, None)
         return True
 
 

@@ -13,12 +13,12 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import typer
 
 from qpipe import __version__
-from qpipe.errors import QpipeError, Terminated
+from qpipe.errors import QpipeError, Terminated, short_error
 
 EXIT_VARIANT_FAILED = 1
 EXIT_USER_ERROR = 2
@@ -52,21 +52,26 @@ class ErrorGuard:
     def __enter__(self) -> "ErrorGuard":
         return self
 
-    def __exit__(self, kind, exc, tb) -> bool:
+    def __exit__(self, kind, exc, tb) -> Literal[False]:
         if exc is None or isinstance(exc, (typer.Exit, typer.Abort, SystemExit)):
             return False
         if self.debug:
             import traceback
 
             traceback.print_exception(kind, exc, tb)
-        if isinstance(exc, Terminated):
-            raise fail("terminated (SIGTERM); results so far are in the output folder", EXIT_TERMINATED)
         if isinstance(exc, KeyboardInterrupt):
-            raise fail("interrupted; results so far are in the output folder", EXIT_INTERRUPTED)
+            raise fail(*interrupt_message(exc))
         if isinstance(exc, QpipeError):
             raise fail(str(exc), exc.exit_code)
         hint = "" if self.debug else " (rerun with --debug for the traceback)"
-        raise fail(f"internal error: {type(exc).__name__}: {exc}{hint}", EXIT_INTERNAL)
+        raise fail(f"internal error: {short_error(exc)}{hint}", EXIT_INTERNAL)
+
+
+def interrupt_message(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """The one line and the exit code for Ctrl-C (130) or SIGTERM (143)."""
+    if isinstance(exc, Terminated):
+        return "terminated (SIGTERM); results so far are in the output folder", EXIT_TERMINATED
+    return "interrupted; results so far are in the output folder", EXIT_INTERRUPTED
 
 
 @contextlib.contextmanager
@@ -115,6 +120,7 @@ def build_app(pm: Any = None) -> typer.Typer:
         gate: bool = typer.Option(False, "--gate", help=f"Exit with code {EXIT_GATE_FAILED} when no variant meets the constraints."),
         jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Run N variants at once in worker processes (overrides executor.jobs)."),
         no_cache: bool = typer.Option(False, "--no-cache", help="Neither reuse nor store cached variants."),
+        force: bool = typer.Option(False, "--force", help="Write into an output folder that is not empty."),
         executor: Optional[str] = typer.Option(None, "--executor", help="'ray' runs variants as Ray tasks (overrides executor.name)."),
         address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address, e.g. ray://HOST:10001 (implies --executor ray; default executor.address, then RAY_ADDRESS)."),
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks and TensorFlow logs."),
@@ -125,7 +131,7 @@ def build_app(pm: Any = None) -> typer.Typer:
         if debug:
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
         prepare_environment()
-        with ErrorGuard(debug):
+        with ErrorGuard(debug), sigterm_stops_like_ctrl_c():
             from qpipe.config import load_config, resolve
             from qpipe.display import ConsoleDisplay, print_summary
             from qpipe.pipeline import run_pipeline
@@ -139,21 +145,19 @@ def build_app(pm: Any = None) -> typer.Typer:
             pm.register(display, name="qpipe-console")
             try:
                 settings = {"tracking_uri": tracking_uri, "no_tracking": no_tracking, "debug": debug,
-                            "gate": gate, "jobs": jobs, "no_cache": no_cache,
+                            "gate": gate, "jobs": jobs, "no_cache": no_cache, "force": force,
                             "executor": executor, "address": address}
                 if (executor or ("ray" if address else resolved.config.executor.name)) == "ray":
                     from qpipe.remote import check_reachable
 
                     check_reachable(resolved.config.executor, settings)  # before the output folder exists
-                with sigterm_stops_like_ctrl_c():
-                    results, warnings = run_pipeline(pm, resolved, output, settings)
+                results, warnings = run_pipeline(pm, resolved, output, settings)
             finally:
                 display.stop()
                 pm.unregister(name="qpipe-console")
             for warning in warnings:
                 typer.echo(f"warning: {warning}", err=True)
-            headline = [name for ev in resolved.evaluators for name in getattr(ev.component, "headline", ())]
-            print_summary(results, Path(output) if output else None, headline)
+            print_summary(results, Path(output) if output else None)
             if results.gate is not None and not results.gate["passed"]:
                 raise fail(f"gate: {results.gate['reason']} ({', '.join(results.gate['constraints'])}); "
                            "see 'gate' in results.json", EXIT_GATE_FAILED)
@@ -295,9 +299,21 @@ def build_app(pm: Any = None) -> typer.Typer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
-    app = build_app()
-    app(args=argv if argv is not None else sys.argv[1:], prog_name="qpipe")
+    """Console-script entry point. A signal that lands outside a command's ErrorGuard (while
+    plugins load, or while click parses or aborts) still exits 130/143, not 1 or a traceback."""
+    try:
+        with sigterm_stops_like_ctrl_c():
+            app = build_app()
+            app(args=argv if argv is not None else sys.argv[1:], prog_name="qpipe")
+    except SystemExit as exc:  # click turns KeyboardInterrupt into "Aborted!" and exit 1
+        interrupt = getattr(exc.__context__, "__cause__", None)
+        if not isinstance(interrupt, KeyboardInterrupt):
+            raise
+        raise SystemExit(interrupt_message(interrupt)[1]) from None
+    except KeyboardInterrupt as exc:
+        message, code = interrupt_message(exc)
+        typer.echo(f"error: {message}", err=True)
+        raise SystemExit(code) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,12 +13,12 @@ import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Generic, TypeVar, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from qpipe.components import Component
+from qpipe.components import Backend, Calibrator, Component, Evaluator, Quantizer
 from qpipe.errors import ConfigError, QpipeError
 from qpipe.limits import human_bytes, limit
 from qpipe.registry import Registry, unknown_name_message
@@ -47,7 +47,7 @@ class ModelSource(Strict):
 
     path: str | None = Field(None, description="a .keras or .h5 file, or a SavedModel folder")
     function: str | None = Field(None, description="'module:function' returning a model")
-    safe_mode: bool = Field(True, description="load Keras files in safe mode (no arbitrary code)")
+    safe_mode: bool = Field(True, description="refuse model files holding code (docs/security.md); false runs it")
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSource":
@@ -95,6 +95,8 @@ class VariantConfig(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     calibrator: ComponentRef | None = None
     backend: ComponentRef | None = None
+    strict: bool | None = Field(None, description="a sanity-check warning fails this variant; "
+                                                   "default: the pipeline's strict")
 
 
 class RegisterConfig(Strict):
@@ -193,7 +195,22 @@ class Objective(Strict):
         return self
 
 
-DEFAULT_EVALUATORS = ["accuracy", "fidelity", "size", "storage", "latency"]
+DEFAULT_EVALUATORS = ["accuracy", "regression", "fidelity", "size", "storage", "latency"]
+
+
+class SelectConfig(Strict):
+    """How ``selected`` and the gate choose among the variants."""
+
+    allow_baseline: bool = Field(False, description="let the baseline be selected (by default it is "
+                                                    "the reference, and only quantized variants can ship)")
+
+
+def _check_task(value: str | None) -> str | None:
+    from qpipe.task import TASKS
+
+    if value is not None and value not in TASKS:
+        raise ValueError(unknown_name_message("task", value, list(TASKS)))
+    return value
 
 
 class PipelineConfig(Strict):
@@ -210,9 +227,13 @@ class PipelineConfig(Strict):
         default_factory=lambda: [ComponentRef(name=n) for n in DEFAULT_EVALUATORS]
     )
     baseline: str | None = None
+    task: Annotated[str | None, AfterValidator(_check_task)] = Field(
+        None, description="classification, binary or regression; default: inferred from the model and labels")
     objective: Objective | None = Field(None, description="{maximize: METRIC} or {minimize: METRIC}")
     constraints: list[ConstraintText] = Field(default_factory=list, description="'METRIC OP NUMBER' strings")
     gate: bool = Field(False, description="exit with code 3 when no variant meets the constraints")
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    strict: bool = Field(False, description="a sanity-check warning fails the variant (every variant)")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
@@ -268,7 +289,7 @@ def load_config(path: str | Path) -> LoadedConfig:
     if size > most:
         raise ConfigError(f"{path.name}: the file is {human_bytes(size)}; pipeline files are limited to "
                           f"{human_bytes(most)} (set QPIPE_MAX_YAML_BYTES to raise the limit)")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         root, raw = compose_and_load(text)
     except yaml.YAMLError as exc:
@@ -289,6 +310,20 @@ def load_config(path: str | Path) -> LoadedConfig:
     return loaded
 
 
+def _read_text(path: Path) -> str:
+    """The pipeline file's text; a file that is not UTF-8 or cannot be read is a ConfigError."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the pipeline file {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: the pipeline file is not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+                          "save it as UTF-8") from None
+
+
 def _config_error(path: Path, root: yaml.Node | None, exc: ValidationError, model: type[BaseModel],
                   prefix: tuple = ()) -> ConfigError:
     errors = exc.errors()
@@ -304,7 +339,7 @@ def _is_union_tag(part: Any) -> bool:
     return isinstance(part, str) and (part in {"str", "bool", "int", "float"} or "[" in part)
 
 
-def _describe(error: dict, model: type[BaseModel], loc: tuple) -> str:
+def _describe(error: Any, model: type[BaseModel], loc: tuple) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         key = str(loc[-1])
@@ -382,11 +417,14 @@ def _line_of(root: yaml.Node | None, loc: tuple) -> int:
 # --------------------------------------------------------------------------- resolving
 
 
+C = TypeVar("C", bound=Component)
+
+
 @dataclass
-class Bound:
+class Bound(Generic[C]):
     """A component instance with its validated options and where it was declared."""
 
-    component: Component
+    component: C
     plugin: str
     loc: tuple
 
@@ -395,9 +433,9 @@ class Bound:
 class ResolvedVariant:
     config: VariantConfig
     index: int
-    quantizer: Bound
-    backend: Bound
-    calibrator: Bound | None
+    quantizer: Bound[Quantizer]
+    backend: Bound[Backend]
+    calibrator: Bound[Calibrator] | None
 
 
 @dataclass
@@ -407,7 +445,7 @@ class ResolvedPipeline:
     loaded: LoadedConfig
     registry: Registry
     variants: list[ResolvedVariant]
-    evaluators: list[Bound]
+    evaluators: list[Bound[Evaluator]]
     baseline: str
 
     @property
@@ -418,9 +456,14 @@ class ResolvedPipeline:
     def config(self) -> PipelineConfig:
         return self.loaded.config
 
+    def strict(self, variant: str) -> bool:
+        """Whether a warning fails ``variant``: its own ``strict``, else the pipeline's."""
+        own = next((rv.config.strict for rv in self.variants if rv.config.name == variant), None)
+        return self.config.strict if own is None else own
+
 
 def _bind(loaded: LoadedConfig, registry: Registry, kind: str, name: str, options: dict,
-          name_loc: tuple, options_loc: tuple) -> Bound:
+          name_loc: tuple, options_loc: tuple) -> Bound[Any]:
     try:
         entry = registry.get(kind, name)
     except QpipeError as exc:
@@ -486,7 +529,11 @@ def resolve(loaded: LoadedConfig, registry: Registry, only: list[str] | None = N
     ]
     # the baseline runs first: deltas of every other variant are computed against it
     variants.sort(key=lambda rv: rv.config.name != baseline)
-    return ResolvedPipeline(loaded, registry, variants, evaluators, baseline)
+    resolved = ResolvedPipeline(loaded, registry, variants, evaluators, baseline)
+    from qpipe.metrics import check_pipeline
+
+    check_pipeline(resolved)  # metric names, and what quantizers need from the pipeline
+    return resolved
 
 
 def _check_grid_size(loaded: LoadedConfig, registry: Registry) -> None:

@@ -146,3 +146,38 @@ def calibrate_ai_edge_quantizer(engine: Any, flatbuffer: bytes, data: Dataset) -
     for batch in calibration_data(flatbuffer, data):
         ranges = merge_ranges(ranges, engine.calibrate(batch))
     return ranges
+
+
+# --------------------------------------------------------------------------- running a .tflite
+
+
+def predict_tflite(flatbuffer: bytes, data: Dataset, limit: int = 256) -> np.ndarray:
+    """The first output of ``flatbuffer`` on (up to ``limit`` of) ``data``'s samples, float32,
+    run one sample at a time with LiteRT (integer inputs/outputs quantized and dequantized)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=bytes(flatbuffer))
+    interpreter.allocate_tensors()
+    inputs = tensors_by_name(interpreter, "inputs")
+    output = next(iter(tensors_by_name(interpreter, "outputs").values()))
+    mapping = match_inputs(list(inputs), data.inputs, "the .tflite")
+    rows = []
+    for i in range(min(limit, len(data))):
+        for name, ours in mapping.items():
+            values = np.asarray(data.inputs[ours][i:i + 1], dtype=np.float32)
+            if tuple(inputs[name]["shape"]) != values.shape:
+                interpreter.resize_tensor_input(inputs[name]["index"], list(values.shape))
+                interpreter.allocate_tensors()
+                inputs = tensors_by_name(interpreter, "inputs")
+            interpreter.set_tensor(inputs[name]["index"], quantize_array(values, inputs[name]))
+        interpreter.invoke()
+        rows.append(dequantize_array(interpreter.get_tensor(output["index"]), output).reshape(1, -1))
+    return np.concatenate(rows)
+
+
+def output_error(reference: bytes, candidates: dict[str, bytes], data: Dataset, limit: int = 256) -> dict[str, float]:
+    """Mean absolute difference of each candidate .tflite's outputs from ``reference``'s
+    (the float model) on up to ``limit`` samples of ``data``: {candidate name: error}."""
+    expected = predict_tflite(reference, data, limit)
+    return {name: float(np.mean(np.abs(predict_tflite(model, data, limit) - expected)))
+            for name, model in candidates.items()}

@@ -30,7 +30,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Generator, Iterator
 
 import numpy as np
 
@@ -39,6 +39,7 @@ from qpipe.components import Artifact
 from qpipe.errors import QpipeError
 from qpipe.limits import clamp_jobs
 from qpipe.results import VariantResult
+from qpipe.sanity import warning
 
 if TYPE_CHECKING:
     from qpipe.config import ResolvedPipeline, ResolvedVariant
@@ -232,7 +233,7 @@ def make_executor(runner: Runner) -> Executor:
 # --------------------------------------------------------------------------- the parent's loop
 
 
-def execute(runner: Runner) -> Iterator[VariantResult]:
+def execute(runner: Runner) -> Generator[VariantResult, None, None]:
     """Run every variant of ``runner`` (baseline first) through the cache and the executor.
 
     Yields each finished VariantResult after its started/progress hooks were called and its
@@ -243,13 +244,13 @@ def execute(runner: Runner) -> Iterator[VariantResult]:
     resolved = runner.resolved
     results = runner.run_info.results
     root = cache_dir(resolved.config, resolved.loaded.base_dir, runner.settings)
-    cache = VariantCache(root) if root is not None else None
+    cache = VariantCache(root, warn=runner.warnings.append) if root is not None else None
     data_hashes = {k: v.get("sha256") for k, v in results.data.items()}
     keys = KeyMaker(resolved, runner.inputs, data_hashes) if cache is not None else None
     stats = {"dir": str(root) if root else None, "hits": 0, "misses": 0, "stored": 0}
     if cache is None:
         stats["off"] = "--no-cache" if runner.settings.get("no_cache") else "cache: false"
-    elif keys.reason:
+    elif keys is not None and keys.reason:
         stats["off"] = keys.reason
         cache = keys = None
     results.extra["cache"] = stats
@@ -258,7 +259,7 @@ def execute(runner: Runner) -> Iterator[VariantResult]:
     first, rest = variants[0], variants[1:]  # resolve() puts the baseline first
     base_key = keys.key(first, None) if keys else None
     others = {rv.config.name: keys.key(rv, base_key) if keys else None for rv in rest}
-    to_run = [rv for rv in rest if not (cache and others[rv.config.name] and cache.get(others[rv.config.name]))]
+    to_run = [rv for rv in rest if not (cache and (k := others[rv.config.name]) and cache.get(k))]
     all_cached = bool(cache and base_key and cache.get(base_key) and not to_run)
     # nothing to compute: no worker processes and no Ray connection
     executor = InProcess(runner) if all_cached else make_executor(runner)
@@ -306,6 +307,7 @@ def inputs_if_all_cached(pm: Any, resolved: ResolvedPipeline, settings: dict[str
     from qpipe.cache import KeyMaker, VariantCache, cache_dir
     from qpipe.components import file_sha256
     from qpipe.pipeline import Inputs, load_inputs
+    from qpipe.task import Task
 
     cfg, base = resolved.config, resolved.loaded.base_dir
     root = cache_dir(cfg, base, settings)
@@ -330,18 +332,35 @@ def inputs_if_all_cached(pm: Any, resolved: ResolvedPipeline, settings: dict[str
     base_key = keys.key(resolved.variants[0], None)
     entries = [cache.get(base_key)] if base_key else [None]
     entries += [cache.get(k) if (k := keys.key(rv, base_key)) else None for rv in resolved.variants[1:]]
-    if any(e is None for e in entries) or not entries[0].result.get("model_flavor"):
+    first = entries[0]
+    if any(e is None for e in entries) or first is None or not first.result.get("model_flavor") \
+            or not first.result.get("task"):
         return None
     load = functools.cache(lambda: load_inputs(pm, resolved))
     model = _Deferred(lambda: load().model, sha256=sha, source=str(model_path), path=model_path,
-                      flavor=entries[0].result["model_flavor"])
+                      flavor=first.result["model_flavor"])
     data = {s: (_Deferred(lambda s=s: getattr(load(), s)) if s in files else None) for s in used}
-    inputs = Inputs(model=model, **data)
+    inputs_seen = first.result.get("model_inputs")
+    if inputs_seen and data["evaluation"] is not None:
+        data["evaluation"] = _Deferred(functools.cache(
+            lambda: _evaluation_only(cfg.data.evaluation, base, inputs_seen)))
+    # stand-ins that load the model and data on first use (a fully cached run may never)
+    inputs = Inputs(model=model, **data, task=Task(**first.result["task"]))  # type: ignore[arg-type]
     for section in ("evaluation", "calibration", "training", "validation"):
         source = getattr(cfg.data, section)
         if source is not None and source.path:
             inputs.data_files[section] = (base / source.path).resolve()
     return inputs
+
+
+def _evaluation_only(source: Any, base: Path, model_inputs: list) -> Any:
+    """The evaluation data bound to the model's inputs as recorded in the cache, without
+    loading the model (for evaluators that re-measure on a cache hit)."""
+    from qpipe.components import TensorInfo
+    from qpipe.data import bind_to_model, load_source
+
+    infos = [TensorInfo(name, tuple(shape), dtype) for name, shape, dtype in model_inputs]
+    return bind_to_model(load_source(source, base, "data.evaluation"), infos, "data.evaluation")
 
 
 def _run_some(runner: Runner, executor: Executor, variants: list, keys: dict[str, str | None],
@@ -385,12 +404,22 @@ def _from_cache(runner: Runner, rv: ResolvedVariant, entry: Any) -> VariantResul
     entry.restore_artifact(runner.output_dir)
     result.artifact = entry.artifact
     result.metadata = {k: v for k, v in entry.result.get("metadata", {}).items() if k != "traceback"}
+    result.warnings = [dict(w) for w in entry.result.get("warnings", [])]
     result.metadata.update({"cache": "hit", "cache_key": entry.key, "cache_origin": entry.origin,
                             "cached_seconds": entry.result.get("seconds")})
+    artifact = Artifact(runner.output_dir / entry.artifact, type(rv.quantizer.component).output_format)
     if name == runner.resolved.baseline:
-        fmt = type(rv.quantizer.component).output_format
-        runner.adopt_baseline(entry.outputs(), Artifact(runner.output_dir / entry.artifact, fmt), entry.raw_metrics)
-    result.metrics = {**runner._with_deltas(name, dict(entry.raw_metrics)), "cache_hit": 1.0}
+        runner.adopt_baseline(entry.outputs(), artifact, entry.raw_metrics)
+    raw = dict(entry.raw_metrics)
+    try:
+        fresh = runner.remeasure(rv, artifact, entry.outputs(), result)
+    except Exception as exc:  # the cached numbers stand, said to be cached (see report.latency_note)
+        fresh = {}
+        result.warnings.append(warning("remeasure-failed", f"could not re-measure on this machine: {exc}"))
+    if fresh:  # latency measures this machine now, not the run that filled the cache
+        raw.update(fresh)
+        result.metadata["remeasured"] = sorted(fresh)
+    result.metrics = {**runner._with_deltas(name, raw), "cache_hit": 1.0}
     result.seconds = round(time.perf_counter() - started, 3)
     return result
 
@@ -423,6 +452,9 @@ def _finish(runner: Runner, rv: ResolvedVariant, outcome: Outcome, cache: Any, k
         record = {k: v for k, v in _result_dict(result).items() if k not in ("metrics",)}
         record["metadata"] = {k: v for k, v in result.metadata.items() if k not in ("cache", "cache_key", "worker")}
         record["model_flavor"] = runner.inputs.model.flavor
+        record["task"] = runner.inputs.task.to_dict()
+        # lets a fully cached re-run load the evaluation data alone (latency is re-measured)
+        record["model_inputs"] = [[t.name, list(t.shape), t.dtype] for t in runner.inputs.model.inputs]
         stored = cache.put(key, record, outcome.raw_metrics, outcome.outputs, runner.output_dir / result.artifact,
                            result.artifact, _dt.datetime.now().isoformat(timespec="seconds"),
                            str(runner.output_dir))
@@ -481,12 +513,14 @@ def _collect(path: Path, base: Path) -> dict[str, bytes]:
 
 
 def worker_spec(runner: Runner) -> WorkerSpec:
-    """Describe the run for workers: the resolved pipeline and the model-loading plugins."""
+    """Describe the run for workers: the resolved pipeline and the plugins that load the model
+    or check artifacts."""
     import pickle
 
     plugins: list[tuple[str, str, Any]] = []
     for name, plugin in runner.pm.list_name_plugin():
-        if plugin is None or not any(h.name == "qpipe_load_model" for h in runner.pm.get_hookcallers(plugin) or []):
+        hooks = {h.name for h in runner.pm.get_hookcallers(plugin) or []} if plugin is not None else set()
+        if not hooks & {"qpipe_load_model", "qpipe_check_artifact"}:
             continue
         if isinstance(plugin, type(os)):
             plugins.append((name, "module", plugin.__name__))
@@ -494,8 +528,9 @@ def worker_spec(runner: Runner) -> WorkerSpec:
             try:
                 pickle.dumps(plugin)
             except Exception as exc:  # noqa: BLE001
-                raise QpipeError(f"plugin '{name}' loads the model but cannot be sent to worker processes "
-                                 f"({type(exc).__name__}); install it as an entry point or run without --jobs") from None
+                raise QpipeError(f"plugin '{name}' loads the model or checks artifacts but cannot be sent to worker "
+                                 f"processes ({type(exc).__name__}); install it as an entry point or run without "
+                                 "--jobs") from None
             plugins.append((name, "object", plugin))
     spec = WorkerSpec(run_id=uuid.uuid4().hex, resolved=runner.resolved, plugins=plugins,
                       settings={k: v for k, v in runner.settings.items() if isinstance(v, (str, int, float, bool))})

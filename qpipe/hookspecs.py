@@ -14,10 +14,17 @@ Component hooks (``qpipe_register_*``) are called once per plugin manager. Each 
     def qpipe_register_quantizers(register):
         register(MyQuantizer)
 
-Lifecycle hooks run in every plugin that implements them, in registration order; the
-tracking plugin (MLflow) is built on them. An exception in a lifecycle hook stops the run
-and is reported with the plugin's name, except in ``qpipe_variant_failed``, whose errors
-are reported and ignored so the remaining variants still run.
+Every hook is called through pluggy (``pm.hook.<name>(...)``): hookwrappers
+(``@qpipe.hookimpl(wrapper=True)``) run around the others, an implementation's argument
+with a default gets the hook's value, ``QPIPE_TRACE=1`` traces every call, and the plugin
+registered last runs first (``tryfirst``/``trylast`` change that).
+
+Lifecycle hooks run in every plugin that implements them; the tracking plugin (MLflow) is
+built on them. Each plugin's implementation of a register or lifecycle hook is isolated:
+an exception is reported naming the plugin and the other plugins' implementations still
+run. Then an error in ``qpipe_pipeline_started`` or ``qpipe_variant_started`` stops the
+run; in the other lifecycle hooks it is a warning and the run goes on. A register hook
+that raises makes its plugin contribute nothing (listed by ``qpipe plugins``).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ if TYPE_CHECKING:
 
     import typer
 
-    from qpipe.components import Backend, Calibrator, Evaluator, LoadedModel, Quantizer
+    from qpipe.components import Artifact, Backend, Calibrator, Evaluator, Expects, LoadedModel, Quantizer
     from qpipe.config import ModelSource
     from qpipe.results import PipelineResults, PipelineRun, VariantResult
 
@@ -84,6 +91,18 @@ def qpipe_load_model(source: ModelSource, base_dir: Path) -> LoadedModel | None:
     """
 
 
+@hookspec
+def qpipe_check_artifact(artifact: Artifact, expects: Expects) -> list[dict[str, str]] | None:
+    """Check an artifact against what its quantizer meant it to be; return warnings.
+
+    Called for every variant after evaluation, in every plugin that implements it. Return a
+    list of ``{"code": ..., "message": ...}`` for each claim of ``expects`` the file breaks
+    (weights left in float, float ops in a full-integer model), ``[]`` when it keeps them, or
+    ``None`` when this plugin does not read ``artifact.format``. The host adds the warnings
+    to the variant (``VariantResult.warnings``); ``strict`` turns them into a failure.
+    """
+
+
 # --------------------------------------------------------------------------- lifecycle
 
 
@@ -122,7 +141,8 @@ def qpipe_variant_finished(run: PipelineRun, result: VariantResult) -> None:
 def qpipe_variant_failed(run: PipelineRun, result: VariantResult, error: BaseException | None) -> None:
     """Called when a variant failed; ``result.error`` holds the message.
 
-    ``error`` is the exception, or ``None`` when replaying a recorded run (``qpipe log``).
+    ``error`` is the exception, or ``None`` when replaying a recorded run (``qpipe log``) or
+    when ``strict`` failed the variant for its warnings.
     """
 
 

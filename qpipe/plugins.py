@@ -4,12 +4,22 @@ Every plugin, built-in or not, is an entry point in the group ``qpipe``. A plugi
 fails to import is recorded in ``load_failures`` (shown by ``qpipe plugins``) while the
 others keep working. ``QPIPE_DISABLE_PLUGINS=a,b`` blocks plugins by entry-point name;
 ``QPIPE_TRACE=1`` prints every hook call.
+
+Every hook is called through pluggy (``pm.hook.<name>(...)``), so hookwrappers, default
+arguments and tracing work for all of them. Register and lifecycle hooks are *isolated*:
+when a plugin registers, each of its implementations of those hooks is wrapped so that an
+exception is returned as a ``HookFailure`` naming the plugin instead of propagating, and
+the other plugins' implementations still run. The caller (``qpipe.pipeline.call_lifecycle``,
+``qpipe.registry.Registry.from_plugins``) decides what a failure means.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -17,8 +27,41 @@ from typing import Any
 import pluggy
 
 from qpipe import hookspecs
+from qpipe.errors import PluginError, short_error
 
 ENTRY_POINT_GROUP = "qpipe"
+#: hooks whose implementations are isolated per plugin (see the module docstring)
+ISOLATED_PREFIXES = ("qpipe_register_", "qpipe_pipeline_", "qpipe_variant_")
+
+_calling: contextvars.ContextVar[str | None] = contextvars.ContextVar("qpipe_calling_plugin", default=None)
+
+
+@dataclass
+class HookFailure:
+    """What an isolated hook implementation returns instead of raising."""
+
+    plugin: str
+    hook: str
+    error: Exception
+
+
+def calling_plugin() -> str | None:
+    """The name of the plugin whose isolated hook implementation is running (else None)."""
+    return _calling.get()
+
+
+def _isolate(function: Callable[..., Any], plugin: str, hook: str) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def isolated(*args: Any, **kwargs: Any) -> Any:
+        token = _calling.set(plugin)
+        try:
+            return function(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001  # reported by the caller, naming the plugin
+            return HookFailure(plugin, hook, exc)
+        finally:
+            _calling.reset(token)
+
+    return isolated
 
 
 @dataclass
@@ -42,6 +85,20 @@ class QpipePluginManager(pluggy.PluginManager):
         #: entry-point names skipped because ``QPIPE_DISABLE_PLUGINS`` lists them
         self.disabled: set[str] = set()
 
+    def register(self, plugin: Any, name: str | None = None) -> str | None:
+        """Register like pluggy, then isolate the plugin's register and lifecycle hooks."""
+        registered = super().register(plugin, name=name)
+        if registered is None:
+            return None
+        for caller in self.get_hookcallers(plugin) or []:
+            if not caller.name.startswith(ISOLATED_PREFIXES):
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
+                    # setattr: HookImpl.function is Final for type checkers; pluggy reads it at call time
+                    setattr(impl, "function", _isolate(impl.function, registered, caller.name))  # noqa: B010
+        return registered
+
     def register_plugin(self, plugin: Any, name: str, info: PluginInfo | None = None) -> None:
         """Register ``plugin`` under ``name`` and check that all its hooks exist."""
         self.register(plugin, name=name)
@@ -51,8 +108,6 @@ class QpipePluginManager(pluggy.PluginManager):
         except pluggy.PluginValidationError as exc:
             self.unregister(name=name)
             self.infos.pop(name, None)
-            from qpipe.errors import PluginError
-
             raise PluginError(f"plugin '{name}': {exc}") from exc
 
     def load_entry_points(self, disabled: set[str] | None = None) -> None:
@@ -77,7 +132,7 @@ class QpipePluginManager(pluggy.PluginManager):
                 plugin = ep.load()
                 self.register_plugin(plugin, ep.name, info)
             except Exception as exc:  # a broken plugin must not take the others down
-                self.load_failures[ep.name] = f"{type(exc).__name__}: {exc}"
+                self.load_failures[ep.name] = short_error(exc)
 
 
 def disabled_plugins() -> set[str]:

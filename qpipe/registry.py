@@ -6,8 +6,8 @@ import difflib
 from dataclasses import dataclass
 
 from qpipe.components import KINDS, Component
-from qpipe.errors import PluginError, QpipeError
-from qpipe.plugins import QpipePluginManager
+from qpipe.errors import PluginError, QpipeError, short_error
+from qpipe.plugins import HookFailure, QpipePluginManager, calling_plugin
 
 
 #: the method each kind of component must implement (checked when it is registered)
@@ -46,19 +46,15 @@ class Registry:
         registry.unavailable = {name: f"failed to load: {why}" for name, why in pm.load_failures.items()}
         registry.unavailable.update({name: "is disabled by QPIPE_DISABLE_PLUGINS"
                                      for name in sorted(getattr(pm, "disabled", ()))})
-        for kind in KINDS:
-            caller = getattr(pm.hook, f"qpipe_register_{kind}s")
-            for impl in caller.get_hookimpls():
-                plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
-                if plugin_name in registry.failures:
-                    continue
-                try:
-                    impl.function(register=registry._registrar(kind, plugin_name))
-                except PluginError as exc:
-                    registry._fail(plugin_name, str(exc))
-                except Exception as exc:
-                    registry._fail(plugin_name, f"plugin '{plugin_name}' raised in qpipe_register_{kind}s: "
-                                                f"{type(exc).__name__}: {exc}")
+        for kind in KINDS:  # through pluggy; each implementation is isolated (qpipe.plugins)
+            outcome = getattr(pm.hook, f"qpipe_register_{kind}s")(register=registry._registrar(kind))
+            for failure in outcome or []:
+                if isinstance(failure, HookFailure) and failure.plugin not in registry.failures:
+                    registry._fail(failure.plugin, str(failure.error) if isinstance(failure.error, PluginError) else
+                                   f"plugin '{failure.plugin}' raised in {failure.hook}: {short_error(failure.error)}")
+        order = {name: i for i, (name, _) in enumerate(pm.list_name_plugin())}  # pluggy calls the last first
+        for plugins in registry.contested.values():
+            plugins.sort(key=lambda name: order.get(name, len(order)))
         return registry
 
     def _fail(self, plugin: str, why: str) -> None:
@@ -69,10 +65,13 @@ class Registry:
             for name in [n for n, e in entries.items() if e.plugin == plugin]:
                 del entries[name]
 
-    def _registrar(self, kind: str, plugin: str):
+    def _registrar(self, kind: str):
         base = KINDS[kind]
 
         def register(component: type[Component]) -> None:
+            plugin = calling_plugin() or "unknown"
+            if plugin in self.failures:
+                return
             if not (isinstance(component, type) and issubclass(component, base)):
                 raise PluginError(
                     f"plugin '{plugin}' registered {component!r} as a {kind}; "

@@ -27,6 +27,8 @@ class VariantResult:
     backend: dict[str, Any] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     seconds: float | None = None
+    #: sanity-check and plugin warnings, each ``{"code": ..., "message": ...}`` (``qpipe.sanity``)
+    warnings: list[dict[str, str]] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VariantResult":
@@ -42,6 +44,8 @@ class PipelineResults:
     baseline: str
     variants: list[VariantResult] = field(default_factory=list)
     started: str | None = None
+    #: the run's unique timestamp, as in its default folder name and its MLflow parent run's name
+    timestamp: str | None = None
     finished: str | None = None
     status: str = "running"  # running | finished | interrupted | crashed
     qpipe_version: str | None = None
@@ -51,6 +55,10 @@ class PipelineResults:
     selected: dict[str, Any] | None = None
     #: the CI gate's verdict (when gating): passed, reason, failures
     gate: dict[str, Any] | None = None
+    #: what the model does: {"name": classification|binary|regression|None, "source", "reason"}
+    task: dict[str, Any] | None = None
+    #: the metrics the summary shows, in order: {"metric", "better": higher|lower, "role": quality|cost}
+    headline: list[dict[str, str]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def variant(self, name: str) -> VariantResult | None:
@@ -75,14 +83,62 @@ class PipelineResults:
         return path
 
 
+#: the types ``results.json`` must hold where these keys are present (None allowed where listed)
+RESULT_TYPES = {"pipeline": str, "baseline": str, "status": str, "variants": list, "model": dict,
+                "data": dict, "extra": dict, "started": (str, type(None)), "finished": (str, type(None))}
+VARIANT_TYPES = {"name": str, "quantizer": str, "status": str, "metrics": dict, "metadata": dict,
+                 "artifact": (str, type(None)), "error": (str, type(None))}
+
+
 def read_results(output_dir: Path) -> PipelineResults:
-    """Read ``results.json`` from an output folder."""
+    """Read ``results.json`` from an output folder; a truncated or garbled one is a QpipeError."""
     from qpipe.errors import QpipeError
 
     path = Path(output_dir) / RESULTS_FILE
     if not path.is_file():
         raise QpipeError(f"no {RESULTS_FILE} in {output_dir}: pass the output folder of a 'qpipe run'")
-    return PipelineResults.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        problem = _shape_problem(data)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        problem = f"not valid JSON ({exc})"
+    except OSError as exc:
+        problem = f"unreadable ({exc.strerror or exc})"
+    if not problem:
+        try:
+            return PipelineResults.from_dict(data)
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            problem = " ".join(str(exc).split())[:200]
+    raise QpipeError(f"{path}: {problem}; the file is truncated or was not written by qpipe")
+
+
+def _shape_problem(data: Any) -> str | None:
+    """What is wrong with the structure of a parsed results.json, or None."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    for key in ("pipeline", "baseline"):
+        if key not in data:
+            return f"'{key}' is missing"
+    for where, item, types in [("", data, RESULT_TYPES)] + [
+            (f"variants[{i}].", v, VARIANT_TYPES) for i, v in enumerate(data.get("variants") or [])]:
+        if not isinstance(item, dict):
+            return f"{where.rstrip('.')} is not an object"
+        if where and "name" not in item:
+            return f"{where}name is missing"
+        for key, kind in types.items():
+            if key in item and not isinstance(item[key], kind):
+                return f"'{where}{key}' has the wrong type ({type(item[key]).__name__})"
+    return None
+
+
+def contained(output_dir: Path, relative: Any) -> Path | None:
+    """``output_dir / relative`` resolved (symlinks followed) when it lies inside ``output_dir``;
+    None for anything else (an absolute path, ``..``, a symlink leading out, not a string)."""
+    if not isinstance(relative, str) or not relative.strip():
+        return None
+    root = Path(output_dir).resolve()
+    path = (root / relative).resolve()
+    return path if path != root and path.is_relative_to(root) else None
 
 
 def _finite(value: Any) -> Any:

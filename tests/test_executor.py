@@ -77,7 +77,8 @@ def test_jobs_run_variants_in_worker_processes(project):
     int8 = by_name["int8"].metrics
     assert 0.9 <= int8["top1_agreement"] <= 1.0 and int8["size_ratio"] > 1.5 and "accuracy_delta" in int8
     assert "died" in by_name["crash"].error and by_name["crash"].status == "failed"
-    assert by_name["broken"].error == "broken on purpose"
+    assert by_name["broken"].error == "broken on purpose"  # a QpipeError is complete: no log named
+    assert "Traceback" in (out / "broken.error.txt").read_text()  # the worker's traceback, kept
 
     assert_one_block_per_variant(events.calls, list(by_name))
     written = json.loads((out / "results.json").read_text())

@@ -199,7 +199,10 @@ def test_a_raising_component_fails_its_variant_naming_the_plugin(project, tmp_pa
     assert results.variant("reference").status == "ok"
     failed = results.variant("other")
     assert failed.status == "failed"
-    assert failed.error == "test.explodes (plugin 'exploder'): ZeroDivisionError: no samples"
+    assert failed.error == ("test.explodes (plugin 'exploder'): ZeroDivisionError: no samples "
+                            "(full error: other.error.txt)")
+    log = (tmp_path / "out" / "other.error.txt").read_text()
+    assert "Traceback (most recent call last)" in log and 'raise ZeroDivisionError("no samples")' in log
 
 
 def test_the_test_kit_names_missing_and_broken_entry_points(site):
@@ -211,3 +214,60 @@ def test_the_test_kit_names_missing_and_broken_entry_points(site):
         plugin_manager(entry_points=["broken"])
     pm = plugin_manager(builtins=(), entry_points=[])
     assert Registry.from_plugins(pm).names("quantizer") == []
+
+
+def test_qpipe_trace_lists_lifecycle_and_register_calls(site, project):
+    path = project.root / "pipeline.yaml"
+    import yaml
+
+    variants = [{"name": "reference", "quantizer": "keras.original"}]
+    path.write_text(yaml.safe_dump(project.pipeline_dict(variants, cache=False, evaluators=["size"])))
+    out = cli(["run", str(path), "-o", str(project.root / "out")], site.folder, QPIPE_TRACE="1")
+    assert out.returncode == 0, out.stderr
+    for hook in ("qpipe_register_quantizers", "qpipe_pipeline_started", "qpipe_variant_started",
+                 "qpipe_variant_progress", "qpipe_variant_finished", "qpipe_pipeline_finished"):
+        assert f"  {hook} [hook]" in out.stderr, hook
+
+
+CONVERTER_ERROR = '''
+import qpipe
+
+TEXT = ("Traceback (most recent call last):\\n"
+        + "".join(f'  File "/tf/lite/python/convert.py", line {i}, in convert\\n    raise\\n' for i in range(30))
+        + "<unknown>:0: error: loc(fused['dense']): 'tfl.fully_connected' op requires the same element type\\n"
+        + "<unknown>:0: note: see current operation: %0 = tfl.fully_connected(...)\\n" * 20)
+
+class ConverterError(Exception):
+    """Like tensorflow.lite's ConverterError: the MLIR diagnostics in the message."""
+
+class Prune(qpipe.Quantizer):
+    name = "prune.int8"
+    def quantize(self, ctx):
+        raise ConverterError(TEXT)
+
+@qpipe.hookimpl
+def qpipe_register_quantizers(register):
+    register(Prune)
+'''
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_third_party_exception_is_one_short_line_with_the_full_text_in_a_log(site, project, debug):
+    site("qpipe-prune", "prune", "qpipe_prune_test", CONVERTER_ERROR)
+    import yaml
+
+    variants = [{"name": "reference", "quantizer": "keras.original"}, {"name": "pruned", "quantizer": "prune.int8"}]
+    path = project.root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(project.pipeline_dict(variants, cache=False, evaluators=["size"])))
+    output = project.root / "out"
+    out = cli(["run", str(path), "-o", str(output), *(["--debug"] if debug else [])], site.folder)
+    assert out.returncode == 1, out.stderr
+    error = {v["name"]: v["error"] for v in json.loads((output / "results.json").read_text())["variants"]}["pruned"]
+    assert error == ("prune.int8 (plugin 'prune'): ConverterError: <unknown>:0: error: loc(fused['dense']): "
+                     "'tfl.fully_connected' op requires the same element type ... (full error: pruned.error.txt)")
+    log = (output / "pruned.error.txt").read_text()
+    assert "Traceback (most recent call last)" in log and log.count("see current operation") == 20
+    terminal = out.stdout + out.stderr
+    shown = " ".join(terminal.split()).count("'tfl.fully_connected' op requires the same element type")
+    assert shown >= 2 if debug else shown == 1  # once; --debug adds the full traceback
+    assert ("see current operation" in terminal) is debug and ("Traceback" in terminal) is debug

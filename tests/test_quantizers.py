@@ -135,14 +135,19 @@ def test_sizes_shrink_as_expected(converted):
 
 
 def test_convert_once_engines(converted):
-    """auto picks ai-edge-quantizer on the shared float .tflite wherever the options allow it."""
+    """auto follows docs/engines.md: float16 from ai-edge-quantizer, dynamic from the converter,
+    full-integer from both engines (the closer to float kept) where the options allow both."""
     _, results = converted
     engine = {v.name: v.metadata.get("engine") for v in results.variants}
+    reason = {v.name: v.metadata.get("engine_reason", "") for v in results.variants}
     assert engine["float32"] == "tflite-converter"
-    for name in ("dynamic", "float16", "int8", "int8_per_tensor", "int16x8_int16_io", "int8_aeq", "int16x8_aeq"):
+    for name in ("float16", "int8_aeq", "int16x8_aeq"):
         assert engine[name] == "ai-edge-quantizer", name
-    for name in ("int8_float_io", "int8_uint8_io", "int16x8", "dynamic_conv", "float16_conv", "int8_conv"):
+    for name in ("int8", "int8_per_tensor", "int16x8_int16_io"):
+        assert "both engines quantized it" in reason[name], name
+    for name in ("dynamic", "int8_float_io", "int8_uint8_io", "int16x8", "dynamic_conv", "float16_conv", "int8_conv"):
         assert engine[name] == "tflite-converter", name
+    assert reason["int8_float_io"] == "auto: ai-edge-quantizer cannot give float32 input/output (its models take int8)"
     assert results.variant("float32").metadata["conversion"] == "converted"
     for ours, theirs in (("dynamic", "dynamic_conv"), ("float16", "float16_conv"), ("int8", "int8_conv")):
         assert results.variant(ours).metrics["accuracy"] >= results.variant(theirs).metrics["accuracy"] - 0.02

@@ -79,9 +79,11 @@ def test_unsafe_keras3_model_needs_opt_in(tmp_path, pm, keras3_project):
 
     keras = keras3()
     model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
-                              keras.layers.Lambda(lambda t: t * 2.0), keras.layers.Dense(4, activation="softmax")])
+                              keras.layers.Lambda(lambda t: t * 2.0, name="doubler"),
+                              keras.layers.Dense(4, activation="softmax")])
     model.save(keras3_project.root / "lambda.keras")
-    with pytest.raises(QpipeError, match="needs unsafe deserialization.*safe_mode: false only if you trust"):
+    with pytest.raises(QpipeError, match="lambda.keras: refused in safe mode: layer 'doubler' is a Lambda layer.*"
+                                         "safe_mode: false only if you trust"):
         run_with_model(keras3_project, pm, {"path": "lambda.keras"})
     results = run_with_model(keras3_project, pm, {"path": "lambda.keras", "safe_mode": False})
     assert results.variant("float32").status == "ok"

@@ -29,6 +29,18 @@ def conv_relu_bn():
     ])
 
 
+def dense_relu_bn():
+    """tf_keras: BatchNormalization after a Dense with an activation, which nothing can fold."""
+    k = tf_keras()
+    return k.Sequential([
+        k.layers.Input((8, 8, 1), name="image"),
+        k.layers.Flatten(),
+        k.layers.Dense(16, activation="relu"),
+        k.layers.BatchNormalization(name="bn"),
+        k.layers.Dense(4, activation="softmax"),
+    ])
+
+
 def subclassed():
     """A Keras 3 subclassed model (built through the functional constructor, so it has inputs)."""
     keras = keras3()
@@ -57,13 +69,12 @@ def run(project, variants, model=None, training=True):
     return run_pipeline_file(path, plugin_manager(entry_points=["tfmot"]))
 
 
-def test_training_variant_without_training_data_fails_alone(project):
-    results = run(project, [{"name": "qat", "quantizer": "tfmot.qat"},
-                            {"name": "ternary", "quantizer": "tfmot.ternary"}], training=False)
-    assert results.variant("float32").status == "ok"
-    for name in ("qat", "ternary"):
-        assert results.variant(name).status == "failed"
-        assert "add data.training" in results.variant(name).error
+def test_training_variant_without_training_data_is_refused_before_any_work(project):
+    from qpipe import ConfigError
+
+    for quantizer in ("tfmot.qat", "tfmot.ternary", "tfmot.binary"):
+        with pytest.raises(ConfigError, match=rf"data: variant 'v' \({quantizer}\) trains the model: add data.training"):
+            run(project, [{"name": "v", "quantizer": quantizer}], training=False)
 
 
 def test_unsupported_layer_and_uninferable_loss(project):
@@ -83,7 +94,22 @@ def test_unsupported_layer_and_uninferable_loss(project):
     lenient = results.variant("lenient")
     assert lenient.status == "ok", lenient.error
     assert lenient.metadata["kept_float"] == ["bn"]
-    assert any("kept in float" in w for w in lenient.metadata["warnings"])
+    assert any(w["code"] == "kept-float" and "kept in float" in w["message"] for w in lenient.warnings)
+
+
+def test_a_batchnorm_nothing_can_fold_fails_or_stays_float_by_name(project):
+    """TF-MOT accepts it, and the converter would leave it float: unsupported decides."""
+    loss = "sparse_categorical_crossentropy"
+    results = run(project, [
+        {"name": "error", "quantizer": "tfmot.qat", "options": {"epochs": 1, "loss": loss}},
+        {"name": "float", "quantizer": "tfmot.qat", "options": {"epochs": 1, "loss": loss, "unsupported": "float"}},
+    ], model={"function": "bad_models:dense_relu_bn"})
+    error = results.variant("error")
+    assert error.status == "failed"
+    assert "'bn' (BatchNormalization) cannot be quantized" in error.error and "unsupported: float" in error.error
+    kept = results.variant("float")
+    assert kept.status == "ok" and kept.metadata["kept_float"] == ["bn"]
+    assert [w["code"] for w in kept.warnings] == ["kept-float"]  # its float ops are excused, not reported
 
 
 def test_subclassed_keras3_model_is_named(project):
@@ -124,7 +150,7 @@ def test_keras3_functional_rebuild_reproduces_outputs():
     rebuilt = rebuild_keras3(model, "test")
     x = np.random.default_rng(0).normal(size=(16, 6)).astype(np.float32)
     assert check_same_outputs(model, rebuilt, x, "test") < 1e-5
-    assert [l.name for l in rebuilt.layers[1:]] == [l.name for l in model.layers[1:]]
+    assert [layer.name for layer in rebuilt.layers[1:]] == [layer.name for layer in model.layers[1:]]
 
 
 def test_loss_inference_rules():

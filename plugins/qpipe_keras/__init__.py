@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from qpipe import Artifact, Backend, LoadedModel, QpipeError, Quantizer, Runner,
 from qpipe.components import file_sha256
 from qpipe.data import call_function
 from qpipe.tfenv import keras3, quiet, tensorflow, tf_keras
+from qpipe_keras.safety import check_keras_file, check_saved_model, stored_configs
 
 
 # --------------------------------------------------------------------------- loading
@@ -29,23 +28,16 @@ from qpipe.tfenv import keras3, quiet, tensorflow, tf_keras
 
 def saved_keras_version(path: Path) -> str | None:
     """The Keras version recorded in a .keras or .h5 file (None if unknown)."""
-    try:
-        if path.suffix == ".keras":
-            with zipfile.ZipFile(path) as zf:
-                return json.loads(zf.read("metadata.json")).get("keras_version")
-        if path.suffix in (".h5", ".hdf5"):
-            import h5py
-
-            with h5py.File(path, "r") as f:
-                version = f.attrs.get("keras_version")
-                return version.decode() if isinstance(version, bytes) else version
-    except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
-        raise QpipeError(f"model: {path.name} is not a readable Keras file: {exc}") from None
-    return None
+    return stored_configs(path)[1]
 
 
 def load_keras_file(path: Path, safe_mode: bool) -> tuple[Any, str]:
-    """Load with the Keras that saved the file: (model, 'keras3' | 'tf_keras')."""
+    """Load with the Keras that saved the file: (model, 'keras3' | 'tf_keras').
+
+    In safe mode the stored config is checked first, whichever loader the file's version picks.
+    """
+    if safe_mode:
+        check_keras_file(path)
     version = saved_keras_version(path) or "3"
     if version.startswith("3"):
         keras = keras3()
@@ -93,8 +85,8 @@ def keras_tensors(model: Any, flavor: str) -> tuple[list[TensorInfo], list[Tenso
     else:
         in_names = [t.name for t in model.inputs]
         out_names = [getattr(t, "name", f"output_{i}") for i, t in enumerate(model.outputs)]
-    inputs = [TensorInfo(n, _shape(t.shape), _dtype(t.dtype)) for n, t in zip(in_names, model.inputs)]
-    outputs = [TensorInfo(n, _shape(t.shape), _dtype(t.dtype)) for n, t in zip(out_names, model.outputs)]
+    inputs = [TensorInfo(n, _shape(t.shape), _dtype(t.dtype)) for n, t in zip(in_names, model.inputs, strict=False)]
+    outputs = [TensorInfo(n, _shape(t.shape), _dtype(t.dtype)) for n, t in zip(out_names, model.outputs, strict=False)]
     return inputs, outputs
 
 
@@ -120,8 +112,11 @@ def export_keras(model: Any, flavor: str):
     return export
 
 
-def load_saved_model(path: Path) -> LoadedModel:
+def load_saved_model(path: Path, safe_mode: bool = True) -> LoadedModel:
+    """Load a SavedModel folder; in safe mode only after its graph passed ``check_saved_model``."""
     tf = tensorflow()
+    if safe_mode:
+        check_saved_model(path)
     loaded = tf.saved_model.load(str(path))
     signature = loaded.signatures.get("serving_default")
     if signature is None:
@@ -150,7 +145,7 @@ def qpipe_load_model(source, base_dir: Path) -> LoadedModel:
         if not (path / "saved_model.pb").exists():
             raise QpipeError(f"model: {path} is a folder without saved_model.pb; give a .keras/.h5 file "
                              "or a SavedModel folder")
-        return load_saved_model(path)
+        return load_saved_model(path, source.safe_mode)
     if path.suffix not in (".keras", ".h5", ".hdf5"):
         raise QpipeError(f"model: {path.name}: expected a .keras or .h5 file or a SavedModel folder")
     with quiet():
@@ -221,9 +216,15 @@ class KerasBackend(Backend):
 
 @qpipe.hookimpl
 def qpipe_register_quantizers(register) -> None:
+    from qpipe_keras.bfloat16 import KerasBfloat16
+
     register(KerasOriginal)
+    register(KerasBfloat16)
 
 
 @qpipe.hookimpl
 def qpipe_register_backends(register) -> None:
+    from qpipe_keras.bfloat16 import KerasBfloat16Backend
+
     register(KerasBackend)
+    register(KerasBfloat16Backend)

@@ -2,7 +2,8 @@
 
 Batched (the batch dimension is resized to fit), multi-threaded, and transparent about
 quantized inputs and outputs: float data is quantized with each input tensor's scale and
-zero point, integer outputs are dequantized with the output tensor's.
+zero point, integer outputs are dequantized with the output tensor's. It also checks every
+.tflite against what its quantizer claimed (``qpipe_check_artifact``, ``qpipe_litert.checks``).
 """
 
 from __future__ import annotations
@@ -101,8 +102,10 @@ def qpipe_register_backends(register: Any) -> None:
 @qpipe.hookimpl
 def qpipe_register_quantizers(register: Any) -> None:
     from qpipe_litert.aiq import Int4
+    from qpipe_litert.mixed import Mixed
 
     register(Int4)
+    register(Mixed)
 
 
 @qpipe.hookimpl
@@ -110,3 +113,10 @@ def qpipe_register_evaluators(register: Any) -> None:
     from qpipe_litert.inspect import Storage
 
     register(Storage)
+
+
+@qpipe.hookimpl
+def qpipe_check_artifact(artifact: Artifact, expects: Any) -> Any:
+    from qpipe_litert.checks import check_tflite
+
+    return check_tflite(artifact, expects)

@@ -41,6 +41,8 @@ class Weight:
     count: int
     shape: tuple[int, ...]
     scale: np.ndarray | None = None
+    #: the name of the op's first output tensor (ties the weight to its op)
+    output: str = ""
 
 
 @dataclass
@@ -113,7 +115,8 @@ class TFLiteModel:
             q = tensor.quantization
             scale = None if q is None or q.scale is None or len(q.scale) == 0 else np.asarray(q.scale)
             out.append(Weight(op=name, tensor=self.tensor_name(index), dtype=dtype, bits=BITS.get(dtype, 32),
-                              count=int(np.prod(shape)) if shape else 1, shape=shape, scale=scale))
+                              count=int(np.prod(shape)) if shape else 1, shape=shape, scale=scale,
+                              output=self.tensor_name(int(op.outputs[0])) if op.outputs is not None else ""))
         return out
 
     def weight_values(self, tensor_name: str) -> np.ndarray:
@@ -140,6 +143,14 @@ class TFLiteModel:
             first = int(op.outputs[0]) if op.outputs is not None and len(op.outputs) else -1
             out.append(Op(self.op_name(op), i, self.tensor_name(first) if first >= 0 else ""))
         return out
+
+    def links(self, index: int) -> tuple[list[int], list[str]]:
+        """For op ``index``: the ops producing its activation inputs, and its constants' names."""
+        op = self.graph.operators[index]
+        position = {id(o): i for i, o in enumerate(self.graph.operators)}
+        inputs = [int(t) for t in (op.inputs if op.inputs is not None else []) if t >= 0]
+        producers = [position[id(self._producer[t])] for t in inputs if t in self._producer]
+        return producers, [self.tensor_name(t) for t in inputs if self.is_constant(t)]
 
     def _activation_types(self, op: Any) -> set[str]:
         tensors = [int(t) for t in list(op.inputs if op.inputs is not None else []) +
@@ -205,6 +216,9 @@ class Storage(qpipe.Evaluator):
     """Stored weight width (bits_per_weight) and, for integer models, ops left in float (float_ops)."""
 
     name = "storage"
+    metrics = ("bits_per_weight", "float_ops")
+    lower_is_better = metrics
+    role = "cost"
 
     def evaluate(self, ctx: qpipe.EvalContext) -> dict[str, float]:
         artifact = ctx.artifact
@@ -218,11 +232,8 @@ class Storage(qpipe.Evaluator):
         if wider:
             ctx.record("wider_weights", [{"op": w.op, "tensor": w.tensor, "dtype": w.dtype, "count": w.count}
                                          for w in wider])
-        if report.integer:
+        if report.integer:  # a warning comes from the sanity check (qpipe_litert.checks), when unintended
             metrics["float_ops"] = float(len(report.float_ops))
             if report.float_ops:
-                listed = [f"{op.name} ({op.output})" for op in report.float_ops]
-                ctx.record("float_ops", listed)
-                ctx.warn(f"{len(listed)} op(s) still compute in float in this integer model: "
-                         + ", ".join(listed[:5]) + (" ..." if len(listed) > 5 else ""))
+                ctx.record("float_ops", [f"{op.name} ({op.output})" for op in report.float_ops])
         return metrics

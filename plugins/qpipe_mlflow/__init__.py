@@ -2,10 +2,12 @@
 
 A run is one parent MLflow run (named ``<pipeline>-<timestamp>``) in the experiment
 ``tracking.experiment`` (default: the pipeline's name), with one nested child run per variant
-(named after it): params, the metrics of results.json, tags, the ``.tflite`` and the variant's
-results. ``tracking.register`` registers one variant as a pyfunc model that predicts through
-LiteRT. ``tracking: false`` or ``--no-tracking`` runs without MLflow, which is then never
-imported. The tracker lives in ``run.state["mlflow"]`` for the length of one run.
+(params, final metrics at step 0, training curves, tags, the data as dataset inputs, the
+``.tflite`` and the variant's results) and, per finished variant, an MLflow 3 logged model: a
+pyfunc that runs the ``.tflite`` with LiteRT and needs no qpipe (see pyfunc.py).
+``tracking.register`` registers one variant's model. ``qpipe log`` sends a run once.
+``tracking: false`` or ``--no-tracking`` runs without MLflow, which is then never imported.
+The tracker lives in ``run.state["mlflow"]`` for the length of one run.
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ def qpipe_pipeline_started(run: Any) -> None:
     if register is not None:
         _check_register(run, register)
     tracker = Tracker.connect(target)
+    if run.replay:  # qpipe log: a run the store already has complete is not sent twice
+        from qpipe_mlflow.resend import logged_before
+        from qpipe_mlflow.tracker import announce_existing, quiet_logs
+
+        with quiet_logs():
+            old = logged_before(tracker, run)
+        if old is not None:
+            announce_existing(tracker, old)
+            return
     tracker.start(run)
     run.state[STATE_KEY] = tracker
 
@@ -77,6 +88,7 @@ def qpipe_pipeline_finished(run: Any, results: Any) -> None:
     try:
         tracker.finish(run, results)
     finally:
+        tracker.close()
         if tracker.lost is None:
             announce(tracker)
 
@@ -85,7 +97,10 @@ def qpipe_pipeline_finished(run: Any, results: Any) -> None:
 def qpipe_pipeline_failed(run: Any, error: BaseException, interrupted: bool) -> None:
     tracker = run.state.pop(STATE_KEY, None)
     if tracker is not None:
-        tracker.fail(run, error, interrupted)
+        try:
+            tracker.fail(run, error, interrupted)
+        finally:
+            tracker.close()
 
 
 @qpipe.hookimpl

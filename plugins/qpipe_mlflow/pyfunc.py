@@ -1,94 +1,172 @@
-"""A variant as an MLflow model: a pyfunc wrapper that predicts through the variant's backend.
+"""Each variant as an MLflow 3 logged model, and registering one.
 
-MLflow has no tflite flavor (mlflow#5035), so the ``.tflite`` file is a pyfunc artifact and
-``TFLiteModel`` runs it with the backend the variant was evaluated with (``litert``, with the
-same options), found by name through qpipe's plugin registry: predictions are exactly those
-qpipe measured. Loading such a model needs qpipe installed (the requirements say so).
-
-This module imports MLflow at the top (``TFLiteModel`` subclasses ``PythonModel``), so it is
-imported only when a variant is registered or loaded, never when the plugin loads.
+A variant becomes a ``LoggedModel`` (``models:/m-<id>``) whose source run is its child run
+and which carries the child's params and its final metrics, so the experiment's **Models**
+tab lists every variant side by side. A ``.tflite`` variant is a pyfunc model from code
+(``tflite_model.py``, which imports no qpipe) with an input/output signature read from the
+file, an input example and the requirements ``ai-edge-litert`` and ``numpy``: it loads and
+serves (``mlflow models serve --env-manager local``) without qpipe. Any other artifact is
+logged as the model's files. Imported only when tracking is on.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
+import datetime
+import json
 import os
+import shutil
+import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from mlflow.pyfunc import PythonModel
 
-import qpipe
-
-ARTIFACT_KEY = "tflite"
-MODEL_NAME = "model"
-
-
-class TFLiteModel(PythonModel):
-    """Runs a quantized ``.tflite`` variant with a qpipe backend (LiteRT by default).
-
-    ``predict`` takes an array (one-input models), a dict of arrays by input name, or a
-    DataFrame whose columns are inputs (each cell one sample); it returns the model's first
-    output as float32, dequantized.
-    """
-
-    #: inputs are arrays, not records: no type-hint schema validation (nor MLflow's warning about it)
-    _skip_type_hint_validation = True
-
-    def __init__(self, backend: str = "litert", options: dict[str, Any] | None = None, variant: str = ""):
-        self.backend = backend
-        self.options = dict(options or {})
-        self.variant = variant
-        self._runner: Any = None
-        self._batch_size = 256
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"backend": self.backend, "options": self.options, "variant": self.variant}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(**state)
-
-    def load_context(self, context: Any) -> None:
-        from qpipe.plugins import get_plugin_manager
-        from qpipe.registry import Registry
-
-        entry = Registry.from_plugins(get_plugin_manager()).get("backend", self.backend)
-        component = entry.cls(entry.cls.Options.model_validate(self.options))
-        self._runner = component.load(qpipe.Artifact(Path(context.artifacts[ARTIFACT_KEY]), "tflite"), None)
-        self._batch_size = component.batch_size
-
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as a schema
-        if self._runner is None:
-            self.load_context(context)
-        return np.asarray(self._runner.predict(as_dataset(model_input), self._batch_size))
-
-
-def as_dataset(model_input: Any) -> qpipe.Dataset:
-    """pyfunc input -> a qpipe Dataset (inputs by name)."""
-    if isinstance(model_input, dict):
-        return qpipe.Dataset(inputs={str(k): np.asarray(v) for k, v in model_input.items()})
-    if hasattr(model_input, "columns") and hasattr(model_input, "iloc"):  # a pandas DataFrame
-        return qpipe.Dataset(inputs={str(c): np.stack([np.asarray(x) for x in model_input[c]])
-                                     for c in model_input.columns})
-    return qpipe.Dataset(inputs={"input": np.asarray(model_input)})
+ARTIFACT_KEY = "tflite"  # the artifact name tflite_model.py reads
+CODE = Path(__file__).with_name("tflite_model.py")
+MODEL_TYPE = "tflite"
+TFLITE = "model.tflite"  # the artifact's file name inside every model folder
+#: the litert backend options the served model keeps, so it predicts as qpipe measured
+CONFIG_KEYS = ("threads", "batch_size", "xnnpack")
 
 
 def requirements() -> list[str]:
-    """What loading the model needs: qpipe (for the backend) and the stack it was logged with."""
-    out = [f"qpipe=={qpipe.__version__}"]
-    for dist in ("ai-edge-litert", "mlflow", "numpy"):
+    """What loading a variant's model needs: LiteRT and numpy, at the versions logged with."""
+    out = []
+    for dist in ("ai-edge-litert", "numpy"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out.append(f"{dist}=={metadata.version(dist)}")
     return out
 
 
+def signature_and_example(tflite: Path) -> tuple[Any, Any]:
+    """The model's input/output tensor signature (batch dimension free) and a 2-sample example."""
+    from ai_edge_litert.interpreter import Interpreter
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    interpreter = Interpreter(model_path=str(tflite))
+    signatures = interpreter.get_signature_list()
+    key = "serving_default" if "serving_default" in signatures else next(iter(signatures), None)
+    details = {d["index"]: d for d in interpreter.get_input_details() + interpreter.get_output_details()}
+    if key is None:
+        inputs = {d["name"]: d for d in interpreter.get_input_details()}
+        outputs = {d["name"]: d for d in interpreter.get_output_details()[:1]}
+    else:
+        runner = interpreter.get_signature_runner(key)
+        inputs = {n: details[d["index"]] for n, d in runner.get_input_details().items()}
+        outputs = {n: details[d["index"]] for n, d in list(runner.get_output_details().items())[:1]}
+
+    def shape(detail: dict) -> list[int]:
+        dims = [int(s) for s in (detail.get("shape_signature") if len(detail.get("shape_signature", ())) else
+                                 detail["shape"])]
+        return [-1, *dims[1:]] if dims else dims
+
+    def spec(name: str | None, detail: dict) -> Any:
+        return TensorSpec(np.dtype("float32"), shape(detail), name)  # float in, float out (quantized inside)
+
+    one = len(inputs) == 1
+    signature = ModelSignature(inputs=Schema([spec(None if one else n, d) for n, d in inputs.items()]),
+                               outputs=Schema([spec(None, d) for d in outputs.values()]))
+    example = {n: np.zeros([2, *[max(1, s) for s in shape(d)[1:]]], np.float32) for n, d in inputs.items()}
+    return signature, (next(iter(example.values())) if one else example)
+
+
+def model_config(backend: dict[str, Any] | None) -> dict[str, Any]:
+    """The interpreter settings the variant was evaluated with (litert backend options)."""
+    options = (backend or {}).get("options") or {}
+    return {k: options[k] for k in CONFIG_KEYS if k in options}
+
+
+class ModelFolders:
+    """Writes the pyfunc model folders of one run. The first folder for a given signature and
+    config goes through ``mlflow.pyfunc.save_model`` (requirements resolved and checked, the
+    example written); the others copy it, swap in their own ``.tflite`` and set their identity
+    in MLmodel: MLflow's requirement checks cost 0.1-0.4 s a model. Call ``close`` at the end."""
+
+    def __init__(self) -> None:
+        self._root = tempfile.TemporaryDirectory(prefix="qpipe-models-")
+        self._templates: dict[str, Path] = {}
+
+    def write(self, local: Path, tflite: Path, config: dict[str, Any], model: Any, run_id: str) -> None:
+        """The pyfunc folder of ``tflite`` (logged model ``model`` of run ``run_id``) at ``local``."""
+        from mlflow.models import Model
+
+        signature, example = signature_and_example(tflite)
+        key = json.dumps([signature.to_dict(), config], sort_keys=True)
+        if key not in self._templates:
+            self._templates[key] = self._template(len(self._templates), tflite, config, signature, example)
+        template = self._templates[key]
+        shutil.copytree(template, local,
+                        ignore=lambda folder, names: [TFLITE] if Path(folder).name == "artifacts" else [])
+        shutil.copy(tflite, local / "artifacts" / TFLITE)
+        mlmodel = Model.load(str(local / "MLmodel"))
+        mlmodel.run_id, mlmodel.model_uuid, mlmodel.model_id = run_id, model.model_id, model.model_id
+        mlmodel.artifact_path = model.artifact_location
+        mlmodel.metadata = {"qpipe_artifact": tflite.name}
+        mlmodel.utc_time_created = str(datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None))
+        mlmodel.flavors["python_function"]["artifacts"][ARTIFACT_KEY]["uri"] = str(tflite)
+        mlmodel.model_size_bytes = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
+        mlmodel.save(str(local / "MLmodel"))
+
+    def _template(self, index: int, tflite: Path, config: dict[str, Any], signature: Any, example: Any) -> Path:
+        import logging
+
+        import mlflow.pyfunc
+
+        folder = Path(self._root.name) / str(index)
+        staged = folder.with_suffix(".in")
+        staged.mkdir()
+        shutil.copy(tflite, staged / TFLITE)  # the same artifact path in every model
+        log = logging.getLogger("mlflow")
+        level = log.level
+        log.setLevel(logging.ERROR)  # "validating input example..." at INFO
+        try:
+            mlflow.pyfunc.save_model(str(folder), python_model=str(CODE),
+                                     artifacts={ARTIFACT_KEY: str(staged / TFLITE)},
+                                     model_config=config or None, signature=signature, input_example=example,
+                                     pip_requirements=requirements())
+        finally:
+            log.setLevel(level)
+        return folder
+
+    def close(self) -> None:
+        self._root.cleanup()
+
+
+def log_variant_model(client: Any, experiment_id: str, run_id: str, name: str, artifact: Path | None,
+                      backend: dict[str, Any] | None, params: dict[str, str], tags: dict[str, str],
+                      folders: ModelFolders) -> str:
+    """Create the variant's LoggedModel on run ``run_id``, upload its files, mark it READY; its id."""
+    from mlflow.entities import LoggedModelOutput
+
+    model = client.create_logged_model(experiment_id, name=name, source_run_id=run_id, params=params,
+                                       tags=tags, model_type=MODEL_TYPE)
+    try:
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+        with tempfile.TemporaryDirectory(prefix="qpipe-model-") as tmp:
+            local = Path(tmp) / "model"
+            if artifact is not None and artifact.is_file() and artifact.suffix == ".tflite":
+                folders.write(local, artifact, model_config(backend), model, run_id)
+            else:
+                local.mkdir()
+                if artifact is not None and artifact.is_dir():
+                    shutil.copytree(artifact, local / artifact.name)
+                elif artifact is not None:
+                    shutil.copy(artifact, local / artifact.name)
+            client.log_model_artifacts(model.model_id, str(local))
+    except BaseException:
+        client.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    client.finalize_logged_model(model.model_id, "READY")
+    return model.model_id
+
+
 @contextlib.contextmanager
 def tracking_uri(uri: str) -> Iterator[None]:
     """Point MLflow's global tracking URI at ``uri`` for the block, then restore it (and the
-    ``MLFLOW_TRACKING_URI`` variable MLflow rewrites): ``Model.log`` reads only the global."""
+    ``MLFLOW_TRACKING_URI`` variable MLflow rewrites): ``register_model`` reads only the global."""
     import mlflow
     from mlflow.tracking._tracking_service import utils
 
@@ -103,29 +181,11 @@ def tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
-def log_and_register(uri: str, run_id: str, tflite: Path, registered_name: str, backend: dict[str, Any] | None,
-                     variant: str, tags: dict[str, str]) -> tuple[str, str]:
-    """Log ``tflite`` as a pyfunc model of run ``run_id`` and register it as ``registered_name``.
-
-    Returns (model URI ``models:/NAME/VERSION``, version).
-    """
+def register(uri: str, model_id: str, registered_name: str, tags: dict[str, str]) -> str:
+    """Register logged model ``model_id`` as a new version of ``registered_name``; ``models:/NAME/V``."""
     import mlflow
-    from mlflow.models import Model
 
-    backend = backend or {"name": "litert", "options": {}}
-    pyfunc_log = logging.getLogger("mlflow.pyfunc")
-    level = pyfunc_log.level
-    pyfunc_log.setLevel(logging.ERROR)  # its cloudpickle advice: this class is importable qpipe code
-    with tracking_uri(uri), contextlib.ExitStack() as stack:
-        stack.callback(pyfunc_log.setLevel, level)
-        python_model = TFLiteModel(backend=backend.get("name", "litert"), options=backend.get("options") or {},
-                                   variant=variant)
-        info = Model.log(artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
-                         python_model=python_model, artifacts={ARTIFACT_KEY: str(tflite)}, registered_model_name=registered_name,
-                         pip_requirements=requirements(), await_registration_for=60, tags=tags,
-                         metadata={"qpipe_variant": variant, "qpipe_backend": python_model.backend})
-    version = str(info.registered_model_version)
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    for key, value in tags.items():
-        client.set_model_version_tag(registered_name, version, key, value)
-    return f"models:/{registered_name}/{version}", version
+    with tracking_uri(uri):
+        version = mlflow.register_model(f"models:/{model_id}", registered_name, await_registration_for=60,
+                                        tags=tags)
+    return f"models:/{registered_name}/{version.version}"

@@ -10,16 +10,18 @@ MLflow's deprecated file store (a folder path or ``file:`` URI) is refused unles
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from qpipe import QpipeError
 
 DEFAULT_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 ENV_URI = "MLFLOW_TRACKING_URI"
+UI_ADDRESS = "http://127.0.0.1:5000"  # where ``mlflow ui`` listens by default
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,35 @@ class Target:
         db = self.sqlite_path
         return (db.parent / ARTIFACTS_DIR).as_uri() if db is not None else None
 
-    def ui_hint(self) -> str:
-        """How to look at this store in the MLflow UI."""
-        if self.sqlite_path is not None:
-            return f"mlflow ui --backend-store-uri {self.uri}"
-        return f"open {self.uri}" if self.is_http else f"mlflow ui --backend-store-uri {self.uri}"
+    @contextlib.contextmanager
+    def store_lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on ``<db>.lock`` beside a local sqlite store while the store is
+        opened: MLflow creates and migrates the schema on first use, and two processes doing
+        that at once fail ("duplicate column name", "table already exists")."""
+        db = self.sqlite_path
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; concurrent first use stays unprotected
+            fcntl = None  # type: ignore[assignment]
+        if db is None or fcntl is None:
+            yield
+            return
+        with open(db.with_name(db.name + ".lock"), "a", encoding="utf-8") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def ui_hint(self, experiment_id: str | None = None) -> str:
+        """How to look at this store in the MLflow UI: the command to start it (local stores) and
+        the experiment's page. ``workflowType=machine_learning`` opens MLflow 3's "Model training"
+        view (its runs table): the UI's GenAI view is the default whatever the experiment's tags."""
+        page = f"/#/experiments/{experiment_id}?workflowType=machine_learning" if experiment_id else ""
+        if self.is_http:
+            return f"open {self.uri.rstrip('/')}{page}" if page else f"open {self.uri}"
+        start = f"mlflow ui --backend-store-uri {self.uri}"
+        return f"{start}, then open {UI_ADDRESS}{page}" if page else start
 
 
 def resolve_uri(yaml_uri: str | None, base_dir: Path, cli_uri: str | None = None,

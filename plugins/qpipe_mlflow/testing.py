@@ -130,3 +130,21 @@ class MlflowServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def bare_venv(folder: Path) -> Path:
+    """A new virtual environment that sees this environment's installed packages but not
+    qpipe (its editable install is a ``.pth`` hook, which plain path lines do not run); its
+    python. For checking that a logged model loads and serves without qpipe: put its ``bin``
+    first on PATH."""
+    folder = Path(folder)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    python = folder / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    sites = [p for p in sys.path if p.rstrip("/").endswith("site-packages") and Path(p).is_dir()]
+    (Path(purelib) / "_qpipe_bare.pth").write_text("\n".join(dict.fromkeys(sites)) + "\n")
+    shim = folder / "bin" / "uvicorn"  # `mlflow models serve` runs `uvicorn` from PATH
+    shim.write_text('#!/bin/sh\nexec "$(dirname "$0")/python" -m uvicorn "$@"\n')
+    shim.chmod(0o755)
+    return python

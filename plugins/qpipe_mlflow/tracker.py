@@ -16,36 +16,38 @@ import contextlib
 import datetime as _dt
 import functools
 import json
-import logging
 import os
-import re
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import qpipe
 from qpipe import QpipeError
 from qpipe.components import file_sha256
 from qpipe.results import RESULTS_FILE, PipelineResults, VariantResult
 
+from qpipe_mlflow import datasets as data_inputs
+from qpipe_mlflow.store import (KIND, PARENT_TAG, experiment, flatten, metric_key, ms, number, one_line,
+                                parse_time, probe, quiet_logs, text, with_context)
+from qpipe_mlflow.naming import (curve_key, history_curves, input_tags, parent_name, run_name, short_names, tidy,
+                                 version_tags)
 from qpipe_mlflow.target import Target
 
-KIND = "qpipe.kind"  # "pipeline" on parent runs, "variant" on child runs
-PARENT_TAG = "mlflow.parentRunId"
 #: bounded retries and timeouts for HTTP stores (MLflow's defaults wait minutes on a dead
 #: server); set the variables yourself to override
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 END_STATUS = {"finished": "FINISHED", "interrupted": "KILLED", "crashed": "FAILED"}
-VERSION_TAGS = {"tensorflow": "qpipe.tensorflow_version", "ai-edge-litert": "qpipe.litert_version",
-                "tf-keras": "qpipe.tf_keras_version", "keras": "qpipe.keras_version",
-                "tensorflow-model-optimization": "qpipe.tfmot_version", "mlflow": "qpipe.mlflow_version"}
 MAX_TAG = 5000
 MAX_PARAM = 6000
+#: final metrics that do not describe the evaluation data (no dataset on them)
+NOT_EVALUATION = ("train_", "val_", "variant_seconds")
+#: run metrics that describe the run rather than the model: kept off the Models tab
+NOT_MODEL = ("_delta", "_seconds")
+#: results.json metrics that are tags in MLflow (``qpipe.cache`` says hit or miss)
+NOT_METRIC = ("cache_hit", "cache_hit_delta")
 
 
 def guarded(method: Callable) -> Callable:
@@ -85,11 +87,16 @@ class Tracker:
         self.deferred: list[str] = []
         self.registered: str | None = None
         self.output_dir: Path | None = None
+        self.rules: dict[str, list[tuple[str, str]]] = {}  # grid names -> short run names
+        self.datasets: dict[str, Any] = {}  # mlflow Dataset per data section
+        self.recorded: str | None = None  # the parent run id results.json had before this run
+        self.folders: Any = None  # pyfunc.ModelFolders once a variant is logged as a model
 
     # ------------------------------------------------------------------ connecting
     @classmethod
     def connect(cls, target: Target) -> "Tracker":
         """Check the store answers and get (or create) the experiment; QpipeError if not."""
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in qpipe's output
         if target.is_http:
             for key, value in HTTP_DEFAULTS.items():
                 os.environ.setdefault(key, value)
@@ -103,7 +110,7 @@ class Tracker:
         from mlflow import MlflowClient
 
         try:
-            with quiet_logs():
+            with target.store_lock(), quiet_logs():
                 client = MlflowClient(tracking_uri=target.uri)
                 experiment_id = experiment(client, target)
         except QpipeError:
@@ -124,8 +131,10 @@ class Tracker:
         results: PipelineResults = run.results
         self.output_dir = Path(run.output_dir)
         started = parse_time(results.started)
-        self.run_name = f"{run.name}-{(started or _dt.datetime.now()).strftime('%Y%m%d-%H%M%S')}"
+        self.run_name = parent_name(run, started or _dt.datetime.now())
+        self.rules = short_names(run.config)
         tags = {KIND: "pipeline", "qpipe.pipeline": run.name, "qpipe.status": "running",
+                "qpipe.started": results.started or "",
                 "qpipe.output_dir": str(Path(run.output_dir).resolve()), "qpipe.pipeline_file": str(run.config_path),
                 "qpipe.baseline": results.baseline, **version_tags(results), **input_tags(results)}
         if run.config.description:
@@ -139,32 +148,17 @@ class Tracker:
                 self.parent_id = parent.info.run_id
                 cfg = run.config
                 self.log(self.parent_id, params={
-                    "pipeline": run.name, "baseline": results.baseline, "variants": len(cfg.variants),
+                    "pipeline": run.name, "baseline": results.baseline,
                     "evaluators": ",".join(e.name for e in cfg.evaluators),
                     "model": cfg.model.path or cfg.model.function, "calibrator": cfg.calibrator.name})
+                self.datasets = data_inputs.datasets(results, cfg, read=not run.replay)
+                if self.datasets:
+                    self.client.log_inputs(self.parent_id, data_inputs.inputs(self.datasets, list(self.datasets)))
         except Exception as exc:  # noqa: BLE001
             raise QpipeError(f"MLflow: cannot start a run in experiment '{self.target.experiment}' at "
                              f"{self.target.uri}: {one_line(exc)}; fix it or run with --no-tracking") from None
+        self.recorded = (run.results.extra.get("mlflow") or {}).get("run_id")
         run.results.extra["mlflow"] = self.info()
-        if run.replay:
-            with contextlib.suppress(Exception):
-                self.supersede(run)
-
-    def supersede(self, run: Any) -> None:
-        """End FAILED the runs an earlier, interrupted attempt left RUNNING for this output folder."""
-        folder = str(Path(run.output_dir).resolve())
-        if "'" in folder:
-            return
-        stale = self.client.search_runs([self.experiment_id], filter_string=(
-            f"tags.`qpipe.output_dir` = '{folder}' and attributes.status = 'RUNNING'"))
-        for old in stale:
-            if old.info.run_id == self.parent_id:
-                continue
-            for child in self.client.search_runs([self.experiment_id], filter_string=(
-                    f"tags.`{PARENT_TAG}` = '{old.info.run_id}' and attributes.status = 'RUNNING'")):
-                self.client.set_terminated(child.info.run_id, "FAILED")
-            self.client.set_tag(old.info.run_id, "qpipe.superseded_by", self.parent_id)
-            self.client.set_terminated(old.info.run_id, "FAILED")
 
     @guarded
     def finish(self, run: Any, results: PipelineResults) -> None:
@@ -182,11 +176,17 @@ class Tracker:
         if self.registered:
             tags["qpipe.registered_model"] = self.registered
         ok = sum(v.status == "ok" for v in results.variants)
-        self.log(self.parent_id, tags=tags,
-                 metrics={"variants_ok": ok, "variants_failed": len(results.variants) - ok})
+        metrics = {"variants_ok": ok, "variants_failed": len(results.variants) - ok}
+        self.log(self.parent_id, tags={**tags, **headline_tags(results)}, params={"variants": len(results.variants)},
+                 metrics={**metrics, **selected_headline(results, selected.get("variant"))})
         self.log_parent_files(run, results)
         self.client.set_terminated(self.parent_id, END_STATUS.get(results.status, "FINISHED"),
                                    end_time=ms(parse_time(results.finished)) if run.replay else None)
+        if run.replay:
+            from qpipe_mlflow.resend import supersede
+
+            with contextlib.suppress(Exception):
+                supersede(self, run)
         register = run.config.tracking.register_model
         if register is not None and self.registered is None:
             raise QpipeError(f"tracking.register: variant '{register.variant}' did not finish ok; "
@@ -205,6 +205,12 @@ class Tracker:
             return
         for path in files:
             self.client.log_artifact(self.parent_id, str(path))
+
+    def close(self) -> None:
+        """Remove the model folders' scratch space."""
+        if self.folders is not None:
+            self.folders.close()
+            self.folders = None
 
     @guarded
     def fail(self, run: Any, error: BaseException, interrupted: bool) -> None:
@@ -228,7 +234,8 @@ class Tracker:
     def open_child(self, variant: str) -> str:
         """The child run of ``variant``, created on first use."""
         if variant not in self.children:
-            child = self.client.create_run(self.experiment_id, run_name=variant, tags=with_context({
+            name = run_name(variant, self.rules)
+            child = self.client.create_run(self.experiment_id, run_name=name, tags=with_context({
                 PARENT_TAG: self.parent_id, KIND: "variant", "qpipe.variant": variant, "qpipe.status": "running"}))
             self.children[variant] = child.info.run_id
         return self.children[variant]
@@ -252,28 +259,59 @@ class Tracker:
         run_id = self.open_child(variant)
         step = int(step) if step is not None else self.steps.get(variant, 0)
         now = int(time.time() * 1000)
-        batch = [Metric(metric_key(k), v, now, step) for k, v in metrics.items() if number(v) is not None]
+        batch = [Metric(metric_key(curve_key(k)), tidy(number(v)), now, step) for k, v in metrics.items()
+                 if number(v) is not None]
         self.client.log_batch(run_id, metrics=batch)
         self.steps[variant] = max(step, self.steps.get(variant, 0))
 
     @guarded
     def variant_ended(self, run: Any, result: VariantResult) -> None:
-        """Params, metrics, tags and files of a finished or failed variant; end its child run."""
+        """Params, final metrics (step 0, on its logged model and the evaluation dataset), tags,
+        data inputs and files of a finished or failed variant; end its child run."""
         run_id = self.open_child(result.name)
         ok = result.status == "ok"
         try:
-            step = self.steps.get(result.name, 0)
-            metrics = {k: v for k, v in result.metrics.items()}
+            metrics = dict(result.metrics)
             if result.seconds is not None:
                 metrics["variant_seconds"] = result.seconds
-            self.log(run_id, params=variant_params(result), metrics=metrics, tags=variant_tags(run, result), step=step)
+            params, tags = variant_params(result), variant_tags(run, result)
+            model_id = self.log_model(run, result, run_id, params) if ok else None
+            self.log(run_id, params=params, metrics=metrics, tags=tags, model_id=model_id)
+            if self.datasets:
+                self.client.log_inputs(run_id, data_inputs.inputs(self.datasets, data_inputs.used_sections(result)))
+            if result.name not in self.steps:  # curves not sent live (a replay, a cached variant)
+                self.log_curves(run_id, history_curves(result.metadata))
             self.log_variant_files(run, result, run_id)
             register = run.config.tracking.register_model
             if ok and register is not None and register.variant == result.name:
-                self.register(run, result, run_id, register.name)
+                self.register(run, result, run_id, model_id, register.name)
         finally:
             self.children.pop(result.name, None)
             self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+    def log_model(self, run: Any, result: VariantResult, run_id: str, params: dict[str, Any]) -> str:
+        """The variant as a LoggedModel of its child run (see pyfunc.py); its id."""
+        from qpipe_mlflow.pyfunc import log_variant_model
+
+        path = artifact_path(run, result)
+        tags = {"qpipe.variant": result.name, "qpipe.quantizer": result.quantizer, "qpipe.pipeline": run.name}
+        if path is not None and path.is_file():
+            tags["qpipe.artifact_sha256"] = file_sha256(path)
+        if self.folders is None:
+            from qpipe_mlflow.pyfunc import ModelFolders
+
+            self.folders = ModelFolders()
+        return log_variant_model(self.client, self.experiment_id, run_id, run_name(result.name, self.rules),
+                                 path if run.config.tracking.log_models else None, result.backend,
+                                 {k: text(v, MAX_PARAM) for k, v in params.items()}, tags, self.folders)
+
+    def log_curves(self, run_id: str, curves: list[tuple[str, float, int]]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(metric_key(k), tidy(float(v)), now, step) for k, v, step in curves]
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
 
     def log_variant_files(self, run: Any, result: VariantResult, run_id: str) -> None:
         entry = next((v for v in run.results.to_dict()["variants"] if v["name"] == result.name), None)
@@ -292,35 +330,43 @@ class Tracker:
         else:
             self.client.log_artifact(run_id, str(path))
 
-    def register(self, run: Any, result: VariantResult, run_id: str, name: str) -> None:
-        """Log the variant as a pyfunc model on its child run and register it as ``name``."""
-        from qpipe_mlflow.pyfunc import log_and_register
+    def register(self, run: Any, result: VariantResult, run_id: str, model_id: str | None, name: str) -> None:
+        """Register the variant's logged model as a new version of ``name``."""
+        from qpipe_mlflow.pyfunc import register
 
         path = artifact_path(run, result)
-        if path is None or not path.is_file():
-            raise QpipeError(f"tracking.register: variant '{result.name}' has no artifact file to register")
+        if model_id is None or path is None or path.suffix != ".tflite":
+            raise QpipeError(f"tracking.register: variant '{result.name}' has no .tflite model to register "
+                             "(tracking.log_models must be on)")
         tags = {"qpipe.variant": result.name, "qpipe.quantizer": result.quantizer,
                 "qpipe.artifact_sha256": file_sha256(path), "qpipe.pipeline": run.name}
-        model_uri, version = log_and_register(self.target.uri, run_id, path, name, result.backend, result.name, tags)
-        self.registered = model_uri
-        self.log(run_id, tags={"qpipe.registered_model": model_uri})
+        self.registered = register(self.target.uri, model_id, name, tags)
+        self.log(run_id, tags={"qpipe.registered_model": self.registered})
 
     # ------------------------------------------------------------------ helpers
     def log(self, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
-            tags: dict[str, Any] | None = None, step: int = 0) -> None:
-        """log_batch in chunks MLflow accepts; values made valid (finite numbers, short strings)."""
+            tags: dict[str, Any] | None = None, model_id: str | None = None) -> None:
+        """One log_batch per MLflow limit (100 params, 100 tags, 1000 items); values made valid
+        (finite numbers rounded, short strings); metrics at step 0, linked to ``model_id`` (but
+        deltas and timings) and, unless about training, to the evaluation dataset."""
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
-        items: list[Any] = [Param(metric_key(k), text(v, MAX_PARAM)) for k, v in (params or {}).items()]
-        items += [RunTag(k, text(v, MAX_TAG)) for k, v in (tags or {}).items() if v is not None]
-        items += [Metric(metric_key(k), number(v), now, step) for k, v in (metrics or {}).items()
-                  if number(v) is not None]
-        for start in range(0, len(items), 100):
-            chunk = items[start:start + 100]
-            self.client.log_batch(run_id, params=[i for i in chunk if isinstance(i, Param)],
-                                  tags=[i for i in chunk if isinstance(i, RunTag)],
-                                  metrics=[i for i in chunk if isinstance(i, Metric)])
+        evaluation = self.datasets.get("evaluation")
+        params_ = [Param(metric_key(k), text(v, MAX_PARAM)) for k, v in (params or {}).items()]
+        tags_ = [RunTag(k, text(v, MAX_TAG)) for k, v in (tags or {}).items() if v is not None]
+        metrics_ = []
+        for k, v in (metrics or {}).items():
+            if number(v) is None or k in NOT_METRIC:
+                continue
+            on_data = evaluation is not None and not str(k).startswith(NOT_EVALUATION)
+            on_model = model_id if not str(k).endswith(NOT_MODEL) else None
+            metrics_.append(Metric(metric_key(k), tidy(number(v)), now, 0, model_id=on_model,
+                                   dataset_name=evaluation.name if on_data else None,
+                                   dataset_digest=evaluation.digest if on_data else None))
+        while params_ or tags_ or metrics_:
+            self.client.log_batch(run_id, params=params_[:100], tags=tags_[:100], metrics=metrics_[:800])
+            params_, tags_, metrics_ = params_[100:], tags_[100:], metrics_[800:]
 
     def _explain(self, where: str, exc: BaseException) -> str:
         """A warning for a failed call; a server that no longer answers turns tracking off."""
@@ -337,39 +383,6 @@ class Tracker:
 
 
 # --------------------------------------------------------------------------- free functions
-
-
-def probe(target: Target, timeout: float = 5.0) -> None:
-    """GET <server>/health; QpipeError naming the URI and the cure if nothing answers."""
-    url = target.uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http(s) only
-            response.read(64)
-    except urllib.error.HTTPError:
-        return  # it answered: the API calls that follow will tell whether it is MLflow
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise QpipeError(f"MLflow tracking server {target.uri} (from {target.source}) is unreachable: {reason}. "
-                         "Start it, point --tracking-uri / MLFLOW_TRACKING_URI / tracking.uri at a running "
-                         "one, or run with --no-tracking") from None
-
-
-def experiment(client: Any, target: Target) -> str:
-    """The id of the experiment named by ``target``, created (with its artifact location) if new."""
-    found = client.get_experiment_by_name(target.experiment)
-    if found is None:
-        try:
-            return client.create_experiment(target.experiment, artifact_location=target.artifact_location,
-                                            tags={"qpipe.created_by": f"qpipe {qpipe.__version__}"})
-        except Exception:
-            found = client.get_experiment_by_name(target.experiment)  # created meanwhile by another run
-            if found is None:
-                raise
-    if found.lifecycle_stage == "deleted":
-        raise QpipeError(f"MLflow experiment '{target.experiment}' at {target.uri} is deleted: restore it "
-                         f"(mlflow experiments restore --experiment-id {found.experiment_id}) or set "
-                         "tracking.experiment to another name")
-    return found.experiment_id
 
 
 def variant_params(result: VariantResult) -> dict[str, Any]:
@@ -398,43 +411,14 @@ def variant_tags(run: Any, result: VariantResult) -> dict[str, Any]:
         tags["qpipe.error"] = result.error
     if result.metadata.get("cache"):
         tags["qpipe.cache"] = result.metadata["cache"]
-    if result.metadata.get("warnings"):
-        tags["qpipe.warnings"] = " | ".join(map(str, result.metadata["warnings"]))
+    if result.warnings:  # the sanity checks' codes and messages (qpipe.sanity)
+        tags["qpipe.warnings"] = " | ".join(f"[{w['code']}] {w['message']}" for w in result.warnings)[:5000]
+    if result.metadata.get("engine_reason"):  # why engine auto chose as it did
+        tags["qpipe.engine_reason"] = str(result.metadata["engine_reason"])
     path = artifact_path(run, result)
     if path is not None:
         tags["qpipe.artifact_sha256"] = file_sha256(path)
     return tags
-
-
-def input_tags(results: PipelineResults) -> dict[str, str]:
-    """sha256 of the model and of each data file, as recorded in results.json."""
-    tags = {}
-    if results.model.get("sha256"):
-        tags["qpipe.model_sha256"] = results.model["sha256"]
-    for section, info in (results.data or {}).items():
-        if isinstance(info, dict) and info.get("sha256"):
-            tags[f"qpipe.data.{section}_sha256"] = info["sha256"]
-    return tags
-
-
-def version_tags(results: PipelineResults) -> dict[str, str]:
-    """qpipe (as recorded by the run), TensorFlow, LiteRT and the rest of the stack (installed)."""
-    from qpipe.tfenv import versions
-
-    tags = {"qpipe.version": results.qpipe_version or qpipe.__version__}
-    for dist, version in versions().items():
-        tags[VERSION_TAGS.get(dist, f"qpipe.{dist}_version")] = version
-    return tags
-
-
-def with_context(tags: dict[str, Any]) -> dict[str, Any]:
-    """``tags`` plus what MLflow's fluent API would add (user, source, git commit)."""
-    try:
-        from mlflow.tracking.context.registry import resolve_tags
-
-        return resolve_tags(tags)
-    except Exception:  # noqa: BLE001 - context tags are a nicety
-        return tags
 
 
 def artifact_path(run: Any, result: VariantResult) -> Path | None:
@@ -444,66 +428,36 @@ def artifact_path(run: Any, result: VariantResult) -> Path | None:
     return path if path.exists() else None
 
 
-def flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
-    if isinstance(value, dict):
-        for key, item in value.items():
-            flatten(f"{prefix}.{key}", item, out)
-    else:
-        out[prefix] = value
+def headline_tags(results: PipelineResults) -> dict[str, str]:
+    """The task and the headline metrics, as parent tags (``qpipe.headline_spec``: for ``qpipe compare``)."""
+    tags = {"qpipe.headline": ", ".join(h["metric"] for h in results.headline or []),
+            "qpipe.headline_spec": json.dumps(results.headline or [])}
+    if results.task and results.task.get("name"):
+        tags["qpipe.task"] = results.task["name"]
+    return tags
 
 
-def metric_key(key: Any) -> str:
-    """A name MLflow accepts (letters, digits, _ - . / space and colon)."""
-    return re.sub(r"[^\w\-. /:]", "_", str(key))[:250]
-
-
-def text(value: Any, limit: int) -> str:
-    value = value if isinstance(value, str) else json.dumps(value, default=str)
-    return value if len(value) <= limit else value[:limit - 3] + "..."
-
-
-def number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if value == value and abs(value) != float("inf") else None
-
-
-def one_line(exc: BaseException) -> str:
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    return message if len(message) <= 400 else message[:397] + "..."
-
-
-def parse_time(text_value: str | None) -> _dt.datetime | None:
-    try:
-        return _dt.datetime.fromisoformat(text_value) if text_value else None
-    except ValueError:
-        return None
-
-
-def ms(moment: _dt.datetime | None) -> int | None:
-    return int(moment.timestamp() * 1000) if moment is not None else None
+def selected_headline(results: PipelineResults, chosen: str | None) -> dict[str, float]:
+    """The selected variant's headline metrics (and deltas), as ``selected.<metric>`` parent metrics."""
+    variant = results.variant(chosen) if chosen else None
+    if variant is None:
+        return {}
+    names = [n for h in results.headline or [] for n in (h["metric"], h["metric"] + "_delta")]
+    return {f"selected.{n}": variant.metrics[n] for n in names if number(variant.metrics.get(n)) is not None}
 
 
 def _plain(result: VariantResult) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(result), default=str))
 
 
-@contextlib.contextmanager
-def quiet_logs() -> Iterator[None]:
-    """Keep MLflow's and alembic's INFO chatter (database migrations) off the console."""
-    loggers = [logging.getLogger(name) for name in ("mlflow", "alembic")]
-    saved = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(max(lg.level, logging.WARNING))
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, saved):
-            lg.setLevel(level)
+def announce_existing(tracker: Tracker, old: Any) -> None:
+    """One line on stderr: ``qpipe log`` found the run already in the store and sent nothing."""
+    sys.stderr.write(f"mlflow: run {old.info.run_name} ({old.info.run_id}) is already in experiment "
+                     f"'{tracker.target.experiment}' at {tracker.target.uri}, complete; nothing sent\n")
 
 
 def announce(tracker: Tracker) -> None:
     """One line on stderr: where the run went and how to look at it."""
     sys.stderr.write(f"mlflow: logged run {tracker.run_name} ({tracker.parent_id}) to experiment "
-                     f"'{tracker.target.experiment}' at {tracker.target.uri}; view: {tracker.target.ui_hint()}\n")
+                     f"'{tracker.target.experiment}' at {tracker.target.uri}; "
+                     f"view: {tracker.target.ui_hint(tracker.experiment_id)}\n")

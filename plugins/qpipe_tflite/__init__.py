@@ -18,7 +18,8 @@ import numpy as np
 from pydantic import Field
 
 import qpipe
-from qpipe import Artifact, Calibration, QpipeError, QuantizeContext, Quantizer
+from qpipe import Artifact, Calibration, Expects, QpipeError, QuantizeContext, Quantizer
+from qpipe.errors import short_error
 from qpipe.tfenv import quiet, tensorflow
 
 
@@ -49,6 +50,8 @@ class ConverterQuantizer(Quantizer):
     """Base of the converter quantizers: subclasses set up the converter in ``configure``."""
 
     engine = "tflite-converter"
+    #: what the artifact should be (checked after evaluation); subclasses claim what they quantize
+    expects: ClassVar[Expects] = Expects()
 
     def configure(self, converter: Any, ctx: QuantizeContext) -> None:
         """Set the converter's optimization flags for this variant."""
@@ -78,22 +81,16 @@ class ConverterQuantizer(Quantizer):
         except QpipeError:
             raise
         except Exception as exc:
-            raise QpipeError(f"TFLite conversion failed: {_short(exc)}") from exc
+            raise QpipeError(f"TFLite conversion failed: {short_error(exc)}") from exc
         del log
         path = ctx.artifact_path(".tflite")
         path.write_bytes(flatbuffer)
-        return Artifact(path=path, format="tflite", metadata={
+        return Artifact(path=path, format="tflite", expects=self.expects, metadata={
             "engine": self.engine, "convert_seconds": round(time.perf_counter() - started, 3), **facts})
 
     def convert(self, converter: Any, ctx: QuantizeContext) -> tuple[bytes, dict[str, Any]]:
         """The .tflite flatbuffer and facts to record about it."""
         return converter.convert(), {}
-
-
-def _short(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower()]
-    return (errors or lines or [type(exc).__name__])[0][:400]
 
 
 class Float32(ConverterQuantizer):
@@ -115,31 +112,56 @@ class Float32(ConverterQuantizer):
 
 Engine = Literal["auto", "converter", "ai-edge-quantizer"]
 ENGINE_HELP = ("ai-edge-quantizer quantizes the run's one float .tflite (no second conversion: much "
-               "faster on real models); auto uses it where it matches the converter's accuracy")
+               "faster on real models); auto: the converter for dynamic, ai-edge-quantizer for float16, "
+               "for int8/int16x8 both and the one closer to float on the calibration samples (docs/engines.md)")
+
+
+#: relative difference of the engines' output errors that ``auto`` treats as a tie
+TIE = 1e-3
 
 
 class EngineChoice:
-    """Mixin: pick the converter or ai-edge-quantizer per the ``engine`` option."""
+    """Mixin: pick the converter or ai-edge-quantizer per the ``engine`` option.
+
+    ``auto`` follows benchmarks/engines.py (docs/engines.md): where one engine was never less
+    accurate on any architecture, that one (``auto_engine``); where neither was (``"measure"``),
+    both quantize and the one whose outputs are closer to the float model's on the calibration
+    samples is kept. ``metadata.engine_reason`` says which and why.
+    """
 
     aeq_kind: ClassVar[str] = ""
+    #: what ``auto`` does: "converter", "ai-edge-quantizer" or "measure" (both, keep the closer)
+    auto_engine: ClassVar[str] = "measure"
+    #: why, from the benchmark (docs/engines.md)
+    auto_why: ClassVar[str] = ""
 
-    def use_aeq(self, ctx: QuantizeContext) -> bool:
-        """ai-edge-quantizer when asked for, or for ``auto`` wherever it can give this variant.
-
-        ``auto`` is safe because its output matches the converter's: on the digits and tiny
-        test models the int8/int16x8 outputs' mean and max error against float are the
-        converter's to 1e-7 (calibrated with global min/max, see ``qpipe.conversion.calibration_data``).
-        """
+    def choose_engine(self, ctx: QuantizeContext) -> tuple[str, str]:
+        """("converter" | "ai-edge-quantizer" | "measure", the reason) for this variant."""
         why_not = self.aeq_supported(ctx)
-        if self.options.engine == "ai-edge-quantizer" and why_not:
+        asked = self.options.engine
+        if asked == "ai-edge-quantizer" and why_not:
             raise QpipeError(f"engine ai-edge-quantizer cannot {why_not}; use engine: converter or auto")
-        if self.options.engine == "auto":
-            return not why_not
-        return self.options.engine == "ai-edge-quantizer"
+        if asked != "auto":
+            return asked, f"engine: {asked} in the pipeline"
+        if why_not:
+            return "converter", f"auto: ai-edge-quantizer cannot {why_not}"
+        if self.auto_engine == "measure" and ctx.calibration is None:
+            return "converter", "auto: no calibration samples to compare the engines on"
+        return self.auto_engine, f"auto: {self.auto_why}"
 
     def quantize(self, ctx: QuantizeContext) -> Artifact:
-        if not self.use_aeq(ctx):
-            return super().quantize(ctx)
+        engine, reason = self.choose_engine(ctx)
+        if engine == "converter":
+            artifact = super().quantize(ctx)
+        elif engine == "ai-edge-quantizer":
+            artifact = self.aeq_artifact(ctx)
+        else:
+            artifact, reason = self.closer_to_float(ctx)
+        artifact.metadata["engine_reason"] = reason
+        return artifact
+
+    def aeq_artifact(self, ctx: QuantizeContext) -> Artifact:
+        """This variant quantized by ai-edge-quantizer from the run's float .tflite."""
         from qpipe_tflite import aeq
 
         started = time.perf_counter()
@@ -147,8 +169,37 @@ class EngineChoice:
         flatbuffer = aeq.quantize(ctx, aeq.recipe(self.aeq_kind, per_channel), calibrate=self.needs_calibration)
         path = ctx.artifact_path(".tflite")
         path.write_bytes(flatbuffer)
-        return Artifact(path=path, format="tflite", metadata={
+        return Artifact(path=path, format="tflite", expects=self.expects, metadata={
             "engine": aeq.ENGINE, "convert_seconds": round(time.perf_counter() - started, 3)})
+
+    def closer_to_float(self, ctx: QuantizeContext) -> tuple[Artifact, str]:
+        """Quantize with both engines; keep the one whose outputs on the calibration samples are
+        closer to the float .tflite's (ai-edge-quantizer on a tie: its files are smaller)."""
+        from qpipe.conversion import float_tflite, output_error
+
+        converted = super().quantize(ctx)
+        converter_bytes = converted.path.read_bytes()
+        quantized = self.aeq_artifact(ctx)
+        ctx.report("auto: comparing the engines' outputs with the float model's")
+        samples = ctx.calibration.samples
+        errors = output_error(float_tflite(ctx.model, ctx.report),
+                              {"converter": converter_bytes, "ai-edge-quantizer": quantized.path.read_bytes()},
+                              samples)
+        # a tie (within TIE) goes to ai-edge-quantizer: its files were smaller in the benchmark
+        keep = "ai-edge-quantizer" if errors["ai-edge-quantizer"] <= errors["converter"] * (1 + TIE) else "converter"
+        if keep == "converter":
+            quantized.path.write_bytes(converter_bytes)
+            converted.metadata["convert_seconds"] += quantized.metadata["convert_seconds"]
+        else:
+            quantized.metadata["convert_seconds"] += converted.metadata["convert_seconds"]
+        artifact = quantized if keep == "ai-edge-quantizer" else converted
+        artifact.metadata["engine_errors"] = {k: float(f"{v:.6g}") for k, v in errors.items()}
+        n = min(256, len(samples))
+        other = "converter" if keep != "converter" else "ai-edge-quantizer"
+        how = "as close to" if errors[keep] >= errors[other] else "closer to"
+        return artifact, (f"auto: both engines quantized it; {keep}'s outputs are {how} the float model's "
+                          f"on {n} calibration samples (mean abs error {errors[keep]:.4g} vs {other}'s "
+                          f"{errors[other]:.4g})")
 
 
 class EngineOptions(qpipe.Options):
@@ -161,6 +212,11 @@ class Dynamic(EngineChoice, ConverterQuantizer):
     name = "tflite.dynamic"
     Options = EngineOptions
     aeq_kind = "dynamic"
+    #: the converter leaves weight tensors under 1024 elements in float, by design
+    expects = Expects(smaller=True, quantized_weights=True, min_weight_elements=1024)
+    auto_engine = "converter"
+    auto_why = ("ai-edge-quantizer's dynamic-range error against float was 1.3-3.2x the converter's "
+                "on every benchmarked model (docs/engines.md)")
 
     def configure(self, converter, ctx) -> None:
         converter.optimizations = [tensorflow().lite.Optimize.DEFAULT]
@@ -172,6 +228,10 @@ class Float16(EngineChoice, ConverterQuantizer):
     name = "tflite.float16"
     Options = EngineOptions
     aeq_kind = "float16"
+    expects = Expects(smaller=True)
+    auto_engine = "ai-edge-quantizer"
+    auto_why = ("ai-edge-quantizer's float16 error against float was 0.90-0.98x the converter's on every "
+                "benchmarked model (docs/engines.md)")
 
     def configure(self, converter, ctx) -> None:
         tf = tensorflow()
@@ -185,6 +245,7 @@ class FullInteger(ConverterQuantizer):
     needs_calibration = True
     #: activation bits, for the calibrator's estimator
     bits: ClassVar[int] = 8
+    expects = Expects(smaller=True, quantized_weights=True, full_integer=True)
 
     def requantize(self, calibrated: bytes) -> bytes:
         """Quantize a calibrated float model whose ranges were replaced."""
@@ -261,13 +322,14 @@ class Int8(EngineChoice, FullInteger):
     #: ``qpipe analyze`` and ``fallback: auto`` can rank this quantizer's layers
     supports_sensitivity = True
     aeq_kind = "int8"
+    metrics = ("fallback_float_layers", "fallback_size_cost_bytes", "fallback_latency_cost_ms")
 
-    def aeq_supported(self, ctx: QuantizeContext) -> str | None:
-        if self.options.fallback != "off" or self.options.analyze:
-            return "keep layers in float or rank them (QuantizationDebugger needs the converter)"
-        return super().aeq_supported(ctx)
+    def needs_constraints(self) -> bool:
+        return self.options.fallback == "auto"
 
     def quantize(self, ctx: QuantizeContext) -> Artifact:
+        """Plain int8 (the engine as chosen for any int8 variant); then, when asked, rank its
+        layers and keep some in float (the converter's QuantizationDebugger)."""
         artifact = super().quantize(ctx)
         if self.options.analyze or self.options.fallback == "auto":
             from qpipe_tflite.fallback import analyze, fall_back

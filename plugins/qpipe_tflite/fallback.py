@@ -1,13 +1,16 @@
 """``fallback: auto`` for tflite.int8: keep the most sensitive layers in float until the
 pipeline's constraints hold, one layer at a time (worst first), within a budget.
 
-Each candidate is converted with TFLite's QuantizationDebugger (``denylisted_nodes``) and
+The plain int8 it starts from is the variant's own (the engine chosen as for any int8
+variant), so its ``plain_int8`` metrics are those of a plain int8 variant beside it. Each
+candidate is converted with TFLite's QuantizationDebugger (``denylisted_nodes``) and
 measured with ``ctx.evaluate`` — the variant's own backend and evaluators, with deltas
 against the baseline — so the search judges exactly what the final results will show.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from qpipe import Artifact, QpipeError, QuantizeContext
@@ -29,8 +32,8 @@ def analyze(quantizer: Any, ctx: QuantizeContext, write: bool) -> list[LayerErro
     """Rank the variant's layers by int8 error; with ``write``, save the table and chart."""
     ctx.report("ranking layers by int8 error")
     layers = layer_sensitivity(quantizer.make_converter(ctx), _samples(ctx))
-    ctx.record("sensitivity", [{"rank": l.rank, "op": l.op, "tensor": l.tensor,
-                                "rmse_over_scale": round(l.rmse_over_scale, 6)} for l in layers[:10]])
+    ctx.record("sensitivity", [{"rank": layer.rank, "op": layer.op, "tensor": layer.tensor,
+                                "rmse_over_scale": round(layer.rmse_over_scale, 6)} for layer in layers[:10]])
     if write:
         files = write_report(layers, ctx.work_dir, f"{ctx.variant}.sensitivity")
         ctx.record("files", sorted(p.name for p in files.values()))
@@ -46,7 +49,8 @@ def fall_back(quantizer: Any, ctx: QuantizeContext, artifact: Artifact, layers: 
     ctx.report("fallback: checking plain int8 against the constraints")
     plain = ctx.evaluate(artifact)
     misses = unmet(ctx.constraints, plain)
-    record: dict[str, Any] = {"plain_int8": {"meets_constraints": not misses, "unmet": misses},
+    record: dict[str, Any] = {"plain_int8": {"engine": artifact.metadata.get("engine"), "meets_constraints": not misses,
+                                             "unmet": misses, "metrics": plain},
                               "float_layers": [], "trials": []}
     metrics = dict(plain)
     candidates = [layer for layer in layers if layer.op not in PASS_THROUGH]
@@ -67,7 +71,7 @@ def fall_back(quantizer: Any, ctx: QuantizeContext, artifact: Artifact, layers: 
     ctx.record("fallback", record)
     if misses:
         ctx.warn(f"fallback kept {len(kept)} layer(s) in float (budget {budget}) and the constraints "
-                 f"still fail: {'; '.join(misses)}")
+                 f"still fail: {'; '.join(misses)}", code="fallback-unmet")
     artifact.metadata["metrics"] = {
         **artifact.metadata.get("metrics", {}),
         "fallback_float_layers": float(len(kept)),
@@ -77,4 +81,9 @@ def fall_back(quantizer: Any, ctx: QuantizeContext, artifact: Artifact, layers: 
     }
     if kept:
         artifact.metadata["io_note"] = "float fallback models keep float32 input/output"
+        artifact.expects = dataclasses.replace(artifact.expects, keep_float=tuple(k.tensor for k in kept))
+        artifact.metadata["engine"] = "tflite-converter"
+        artifact.metadata["engine_reason"] = (f"fallback kept {len(kept)} layer(s) in float, converted by the "
+                                              f"converter (QuantizationDebugger); plain int8 was "
+                                              f"{record['plain_int8']['engine']}")
     return artifact

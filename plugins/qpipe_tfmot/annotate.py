@@ -14,6 +14,8 @@ from typing import Any, Callable
 from qpipe import QpipeError
 from qpipe.tfenv import quiet, tf_keras
 
+from qpipe_tfmot.fold import unfoldable_batchnorms
+
 _UNSUPPORTED = re.compile(r"Layer (?P<name>[^:\s]+):<class '(?P<cls>[^']+)'> is not supported")
 
 
@@ -30,7 +32,7 @@ def match_layers(model: Any, patterns: list[str], what: str) -> set[str]:
     return chosen
 
 
-def quantize_model(model: Any, scheme: Any, keep_float: set[str], unsupported: str, warn: Callable[[str], None],
+def quantize_model(model: Any, scheme: Any, keep_float: set[str], unsupported: str, warn: Callable[..., None],
                    what: str, config_for: Callable[[Any], Any] | None = None,
                    annotate_all: bool = True) -> tuple[Any, set[str]]:
     """The QAT model and the names of the layers left in float.
@@ -42,6 +44,11 @@ def quantize_model(model: Any, scheme: Any, keep_float: set[str], unsupported: s
 
     qk = tfmot.quantization.keras
     kept = set(keep_float)
+    if annotate_all:  # TF-MOT wraps these without complaint, and the converter leaves them float
+        for name in unfoldable_batchnorms(model):
+            if name not in kept:
+                _unsupported(name, "BatchNormalization", unsupported, warn, what)
+                kept.add(name)
     for _ in range(len(model.layers) + 1):
         def annotate(layer: Any) -> Any:
             if layer.name in kept or type(layer).__name__ == "InputLayer":
@@ -60,16 +67,21 @@ def quantize_model(model: Any, scheme: Any, keep_float: set[str], unsupported: s
             if found is None:
                 raise QpipeError(f"{what}: TF-MOT cannot quantize the model: {exc}") from exc
             name, cls = found["name"], found["cls"].rsplit(".", 1)[-1]
-            hint = (" (TF-MOT supports BatchNormalization only directly after a Conv2D or DepthwiseConv2D "
-                    "without activation)") if cls.endswith("BatchNormalization") else ""
-            if unsupported != "float":
-                raise QpipeError(f"{what}: layer '{name}' ({cls}) cannot be quantized by TF-MOT{hint}; set "
-                                 f"unsupported: float to keep it in float, or list it in keep_float") from None
-            warn(f"layer '{name}' ({cls}) cannot be quantized by TF-MOT{hint}; kept in float")
+            _unsupported(name, cls, unsupported, warn, what)
             kept.add(name)
         except ValueError as exc:
             raise QpipeError(f"{what}: TF-MOT cannot quantize the model: {str(exc).splitlines()[0]}") from exc
     raise QpipeError(f"{what}: TF-MOT could not quantize any layer of the model")
+
+
+def _unsupported(name: str, cls: str, unsupported: str, warn: Callable[..., None], what: str) -> None:
+    """A layer TF-MOT cannot quantize: raise (``unsupported: error``) or warn that it stays float."""
+    hint = (" (TF-MOT supports BatchNormalization only directly after a Conv2D or DepthwiseConv2D without "
+            "activation; qpipe folds it into a directly preceding linear Dense)") if cls.endswith("BatchNormalization") else ""
+    if unsupported != "float":
+        raise QpipeError(f"{what}: layer '{name}' ({cls}) cannot be quantized by TF-MOT{hint}; set "
+                         f"unsupported: float to keep it in float, or list it in keep_float") from None
+    warn(f"layer '{name}' ({cls}) cannot be quantized by TF-MOT{hint}; kept in float", code="kept-float")
 
 
 def _custom_objects(config_for: Any, model: Any) -> dict[str, Any]:

@@ -104,6 +104,9 @@ def infer_loss(model: Any, labels: np.ndarray) -> str | Any | None:
     if activation == "linear":
         if units and units > 1 and flat and integer and labels.min() >= 0 and labels.max() < units:
             return tf_keras().losses.SparseCategoricalCrossentropy(from_logits=True)
-        if not integer and labels.reshape(len(labels), -1).shape[1] == (units or 1):
+        # real-valued targets; or one output and more than two values (integral targets such as
+        # counts or scikit-learn's diabetes progression are still a regression)
+        regression = not integer or ((units or 1) == 1 and len(np.unique(labels)) > 2)
+        if regression and labels.reshape(len(labels), -1).shape[1] == (units or 1):
             return "mse"
     return None

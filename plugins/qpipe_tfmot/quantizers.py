@@ -11,12 +11,13 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from qpipe import Artifact, QuantizeContext, Quantizer
+from qpipe import Artifact, Expects, QuantizeContext, Quantizer
 from qpipe.tfenv import quiet
 
 from qpipe_tfmot.annotate import match_layers, quantize_model
 from qpipe_tfmot.loss import choose_loss
-from qpipe_tfmot.rebuild import tf_keras_model
+from qpipe_tfmot.fold import fold_dense_batchnorm
+from qpipe_tfmot.rebuild import check_same_outputs, tf_keras_model
 from qpipe_tfmot.training import TrainingOptions, final_metrics, fit, labels_of, model_inputs
 
 
@@ -42,6 +43,8 @@ class TrainingQuantizer(Quantizer):
     """Shared steps: the tf_keras model, the loss, the annotated model, training."""
 
     needs_training = True
+    #: the last epoch's loss and (for classifiers) accuracy, and the training time
+    metrics = ("train_seconds", "train_loss", "val_loss", "train_accuracy", "val_accuracy")
 
     def prepare(self, ctx: QuantizeContext) -> tuple[Any, Any]:
         """(tf_keras model, loss choice)."""
@@ -52,10 +55,22 @@ class TrainingQuantizer(Quantizer):
             ctx.report("rebuilding the Keras 3 model in tf_keras")
         with quiet():
             base = tf_keras_model(ctx.model, sample, what)
+            folded, batchnorms = fold_dense_batchnorm(base, what, keep=self.options.keep_float)
+            if batchnorms:
+                check_same_outputs(base, folded, sample, what, label="folding BatchNormalization into Dense")
+        if batchnorms:
+            ctx.report(f"folded {len(batchnorms)} BatchNormalization layer(s) into the Dense before them")
+            ctx.record("folded_batchnorm", batchnorms)
         choice = choose_loss(self.options.loss, ctx.model.model, labels, what)
-        return base, choice
+        return folded, choice
 
     def train(self, qat: Any, choice: Any, ctx: QuantizeContext) -> tuple[dict, float]:
+        from qpipe_tfmot.ranges import calibrate_ranges
+
+        ctx.report("calibrating the fake-quantization ranges on training samples")
+        calibrated = calibrate_ranges(qat, ctx.training, self.options.batch_size)
+        if calibrated:
+            ctx.record("range_calibration", calibrated)
         ctx.report(f"training {self.options.epochs} epochs (loss {choice.name}, {choice.source})")
         started = time.perf_counter()
         history = fit(qat, choice, self.options, ctx, self.name)
@@ -94,7 +109,9 @@ class QAT(TrainingQuantizer):
         ctx.report("converting")
         path = ctx.artifact_path(".tflite")
         path.write_bytes(convert_qat(qat, self.options.io))
-        return Artifact(path=path, format="tflite", metadata=self.facts(ctx, choice, history, seconds, kept))
+        return Artifact(path=path, format="tflite", metadata=self.facts(ctx, choice, history, seconds, kept),
+                        expects=Expects(smaller=True, quantized_weights=True, full_integer=True,
+                                        keep_float=tuple(sorted(kept))))
 
 
 class LowBit(TrainingQuantizer):
@@ -127,7 +144,9 @@ class LowBit(TrainingQuantizer):
         path.write_bytes(flatbuffer)
         facts = self.facts(ctx, choice, history, seconds, kept)
         facts.update({"weights": self.mode, "weight_storage_bits": bits_by_op, "low_bit_layers": layers})
-        return Artifact(path=path, format="tflite", metadata=facts)
+        return Artifact(path=path, format="tflite", metadata=facts, expects=Expects(
+            smaller=True, quantized_weights=True, full_integer=opts.activations == "int8",
+            keep_float=tuple(sorted(kept))))
 
 
 class Ternary(LowBit):

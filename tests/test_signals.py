@@ -1,0 +1,131 @@
+"""Signals always win: SIGINT/SIGTERM landing anywhere in a tracked run, including inside the
+MLflow tracker's sqlite writes, end the run with 130/143, results.json says interrupted and
+no MLflow run is left RUNNING or FINISHED without its metrics.
+
+The CLI runs in this process (``qpipe.cli.main``) with a warm variant cache, so one run is
+mostly tracker writes and takes a fraction of a second; a timer thread sends a real signal
+to this process at a different moment of each run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from qpipe import signals
+from qpipe.cli import main
+from qpipe.errors import Terminated
+
+pytestmark = pytest.mark.slow
+
+RUNS = 24
+EXPECTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def _cli(args: list[str]) -> int:
+    try:
+        main(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def _signalled_run(args: list[str], delay: float, signum: int) -> tuple[int, bool]:
+    """Run the CLI while a timer sends ``signum`` after ``delay`` s; (exit code, whether the
+    signal came only after the CLI had returned)."""
+    state = {"in_cli": True, "late": False}
+    lock = threading.Lock()
+
+    def handler(sig, frame):  # what the process would do, but never outside the CLI call
+        if not state["in_cli"]:
+            state["late"] = True
+            return
+        raise Terminated() if sig == signal.SIGTERM else KeyboardInterrupt()
+
+    def fire():
+        with lock:
+            if state["in_cli"]:
+                os.kill(os.getpid(), signum)
+            else:
+                state["late"] = True
+
+    saved = {s: signal.signal(s, handler) for s in EXPECTED}
+    timer = threading.Timer(delay, fire)
+    try:
+        timer.start()
+        try:
+            code = _cli(args)
+        except KeyboardInterrupt:  # escaped the CLI: the worst outcome
+            code = -1
+        with lock:
+            state["in_cli"] = False
+        timer.join()
+        time.sleep(0.01)  # a signal sent just before in_cli turned False is handled by now
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    return code, state["late"]
+
+
+def _store_problems(uri: str, folder: Path) -> list[str]:
+    """Runs of this output folder that are RUNNING, or FINISHED children without metrics."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("sig")
+    if exp is None:
+        return []
+    parents = client.search_runs([exp.experiment_id], f"tags.`qpipe.output_dir` = '{folder.resolve()}'")
+    problems = []
+    for parent in parents:
+        if parent.info.status == "RUNNING":
+            problems.append(f"parent {parent.info.run_name} RUNNING")
+        for kid in client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"):
+            if kid.info.status == "RUNNING":
+                problems.append(f"child {kid.info.run_name} RUNNING")
+            if kid.info.status == "FINISHED" and "accuracy" not in kid.data.metrics:
+                problems.append(f"child {kid.info.run_name} FINISHED without metrics")
+    return problems
+
+
+def test_signals_during_tracking_always_stop_the_run(_tiny_session, tmp_path, capsys):
+    from qpipe_mlflow.testing import sqlite_store
+
+    project = _tiny_session.copy_to(tmp_path / "project")
+    store = sqlite_store(tmp_path / "mlflow.db", tmp_path)
+    pipeline = project.write_pipeline([{"name": "dynamic", "quantizer": "tflite.dynamic"}],
+                                      evaluators=["accuracy", "size"],
+                                      tracking={"uri": store, "experiment": "sig"})
+    assert _cli(["run", str(pipeline), "-o", str(tmp_path / "warm")]) == 0  # fills the cache
+    started = time.perf_counter()
+    assert _cli(["run", str(pipeline), "-o", str(tmp_path / "timed")]) == 0
+    duration = time.perf_counter() - started
+    held_before = signals.stats["held"]
+    outcomes = []
+    for i in range(RUNS):
+        signum = signal.SIGINT if i % 2 == 0 else signal.SIGTERM
+        delay = duration * (0.02 + 0.9 * i / RUNS)  # from config loading to the last tracker writes
+        folder = tmp_path / f"run-{i}"
+        code, late = _signalled_run(["run", str(pipeline), "-o", str(folder)], delay, signum)
+        results = folder / "results.json"
+        status = json.loads(results.read_text())["status"] if results.exists() else None
+        outcomes.append((i, signum.name, round(delay, 2), code, status, late))
+        out = capsys.readouterr()
+        assert "Traceback" not in out.err and "database is locked" not in out.err, out.err[-3000:]
+        assert _store_problems(store, folder) == [], outcomes
+        if late:  # the run had ended when the signal came: nothing to stop
+            assert code == 0 and status == "finished", outcomes
+            continue
+        assert code == EXPECTED[signum], (outcomes, out.err[-3000:])
+        # None: stopped before anything was written; finished: the signal came during the
+        # finished hooks, after the run was complete and recorded as such
+        assert status in ("interrupted", None, "finished"), outcomes
+    interrupted = sum(o[4] == "interrupted" for o in outcomes)
+    assert interrupted >= RUNS // 2, outcomes  # most signals landed inside the run proper
+    assert signals.stats["held"] > held_before, "no signal landed inside a tracker call"
