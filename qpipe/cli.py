@@ -121,6 +121,8 @@ def build_app(pm: Any = None) -> typer.Typer:
         jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Run N variants at once in worker processes (overrides executor.jobs)."),
         no_cache: bool = typer.Option(False, "--no-cache", help="Neither reuse nor store cached variants."),
         force: bool = typer.Option(False, "--force", help="Write into an output folder that is not empty."),
+        executor: Optional[str] = typer.Option(None, "--executor", help="'ray' runs variants as Ray tasks (overrides executor.name)."),
+        address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address, e.g. ray://HOST:10001 (implies --executor ray; default executor.address, then RAY_ADDRESS)."),
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks and TensorFlow logs."),
     ) -> None:
         """Run every variant of PIPELINE and write results.json to the output folder."""
@@ -135,13 +137,20 @@ def build_app(pm: Any = None) -> typer.Typer:
             from qpipe.pipeline import run_pipeline
             from qpipe.registry import Registry
 
+            if executor not in (None, "local", "ray"):
+                raise QpipeError(f"--executor {executor}: unknown executor; use local or ray")
             pm = get_pm()
             resolved = resolve(load_config(pipeline), Registry.from_plugins(pm), only)
             display = ConsoleDisplay(total=len(resolved.variants))
             pm.register(display, name="qpipe-console")
             try:
                 settings = {"tracking_uri": tracking_uri, "no_tracking": no_tracking, "debug": debug,
-                            "gate": gate, "jobs": jobs, "no_cache": no_cache, "force": force}
+                            "gate": gate, "jobs": jobs, "no_cache": no_cache, "force": force,
+                            "executor": executor, "address": address}
+                if (executor or ("ray" if address else resolved.config.executor.name)) == "ray":
+                    from qpipe.remote import check_reachable
+
+                    check_reachable(resolved.config.executor, settings)  # before the output folder exists
                 results, warnings = run_pipeline(pm, resolved, output, settings)
             finally:
                 display.stop()

@@ -251,6 +251,9 @@ class Quantizer(Component):
     default_backend: ClassVar[str] = "litert"
     #: the ``Artifact.format`` this quantizer produces
     output_format: ClassVar[str] = "tflite"
+    #: what one variant needs on a Ray node: ``num_cpus``, ``memory`` (bytes), custom resources;
+    #: quantizers that train get 1 GiB of memory unless they declare it (``qpipe.remote``)
+    resources: ClassVar[dict[str, float]] = {}
     #: metric names it may add through ``Artifact.metadata["metrics"]`` (constraints may name them)
     metrics: ClassVar[tuple[str, ...]] = ()
 

@@ -144,7 +144,9 @@ class ExecutorConfig(Strict):
     jobs: int = Field(1, ge=1, description="variants run at once (local: worker processes when > 1; "
                                            "ray: tasks in flight, default all)")
     address: str | None = Field(None, description="Ray cluster address (ray only); default: start a local Ray")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs each Ray task reserves (ray only)")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs each Ray task reserves at least (ray only)")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources every task "
+                                        "requests, to pin variants to nodes that have them (ray only)")
 
     @model_validator(mode="before")
     @classmethod
@@ -153,8 +155,9 @@ class ExecutorConfig(Strict):
 
     @model_validator(mode="after")
     def _ray_only(self) -> "ExecutorConfig":
-        if self.name != "ray" and (self.address is not None or "num_cpus" in self.model_fields_set):
-            raise ValueError("'address' and 'num_cpus' are for the ray executor; set name: ray or remove them")
+        if self.name != "ray" and (self.address is not None or {"num_cpus", "resources"} & self.model_fields_set):
+            raise ValueError("'address', 'num_cpus' and 'resources' are for the ray executor; "
+                             "set name: ray or remove them")
         return self
 
 

@@ -8,7 +8,8 @@ the artifacts into the output folder and rewrites ``results.json`` as each varia
   the hooks are called as they go.
 - ``Processes`` (``--jobs N``): N spawned worker processes, each with its own TensorFlow. A
   worker loads the model and data itself once and keeps them for the variants it runs.
-- ``RayExecutor`` (``executor: {name: ray, address: ...}``): each variant is a Ray task.
+- ``RayExecutor`` (``executor: {name: ray, address: ...}``, in ``qpipe.remote``): each variant is a
+  Ray task; the model and data travel through Ray's object store, not the filesystem.
 
 Remote workers run the same ``Runner.run_variant`` in a private folder. They receive the
 baseline's outputs, raw metrics and artifact with each task, and send back the result, the
@@ -209,96 +210,14 @@ class Processes(Executor):
             self.pool = None
 
 
-class RayExecutor(Executor):
-    """Each variant is a Ray task on a Ray cluster (``address``) or a local Ray started here."""
-
-    name = "ray"
-    remote = True
-
-    def __init__(self, runner: Runner, config: Any):
-        try:
-            import ray
-        except ImportError:
-            raise QpipeError("executor: the ray executor needs Ray; install it with pip install 'qpipe[ray]'") from None
-        import logging
-
-        self.ray = ray
-        self.started = False
-        if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
-            if config.address:
-                kwargs["address"] = config.address
-            else:
-                kwargs["include_dashboard"] = False
-            if not config.address or config.address.split(":")[0] in ("127.0.0.1", "localhost"):
-                kwargs["_node_ip_address"] = "127.0.0.1"  # a local Ray listens on loopback only
-            if config.address and not _reachable(config.address):
-                raise QpipeError(f"executor: cannot start or reach Ray at {config.address}: nothing answers there; "
-                                 "start the cluster (ray start --head) or fix executor.address")
-            try:
-                ray.init(**kwargs)
-            except Exception as exc:  # noqa: BLE001 - Ray raises several kinds here
-                where = f"at {config.address}" if config.address else "locally"
-                raise QpipeError(f"executor: cannot start or reach Ray {where}: {_one_line(exc)}") from None
-            self.started = True
-        self.jobs = config.jobs if "jobs" in config.model_fields_set else 0  # 0: all in flight
-        self.task = ray.remote(num_cpus=config.num_cpus, max_retries=1)(run_task)
-        self.warmer = ray.remote(num_cpus=config.num_cpus)(warm_task)
-        self.spec_ref = ray.put(worker_spec(runner))
-        self.inflight: dict[Any, Any] = {}
-
-    def warm(self, count: int) -> None:
-        resources = int(self.ray.available_resources().get("CPU", 1))
-        for _ in range(max(0, min(count, resources - 1))):
-            self.warmer.remote(self.spec_ref)
-
-    def run(self, variants, baseline):
-        ray = self.ray
-        base_ref = ray.put(baseline)
-        pending = deque(variants)
-        while pending or self.inflight:
-            while pending and (not self.jobs or len(self.inflight) < self.jobs):
-                rv = pending.popleft()
-                self.inflight[self.task.remote(self.spec_ref, rv.config.name, base_ref)] = rv
-            ready, _ = ray.wait(list(self.inflight), num_returns=1)
-            for ref in ready:
-                rv = self.inflight.pop(ref)
-                try:
-                    yield ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - a task error fails this variant only
-                    cause = getattr(exc, "cause", None) or exc
-                    yield failed_outcome(rv, f"{type(cause).__name__}: {cause}", None)
-
-    def close(self, cancel: bool = False) -> None:
-        if cancel:
-            for ref in list(self.inflight):
-                try:
-                    self.ray.cancel(ref, force=True)
-                except Exception:  # noqa: BLE001 - best effort on the way out
-                    pass
-        self.inflight.clear()
-        if self.started:
-            self.ray.shutdown()
-            self.started = False
-
-
-def _reachable(address: str, timeout: float = 5.0) -> bool:
-    """Whether a ``host:port`` Ray address accepts connections (other forms are left to Ray)."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or "://" in address:
-        return True
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
-
-
 def make_executor(runner: Runner) -> Executor:
     """The executor the pipeline's ``executor`` section and ``--jobs`` ask for."""
     config = runner.resolved.config.executor
     jobs = runner.settings.get("jobs") or config.jobs
-    if config.name == "ray":
+    chosen = runner.settings.get("executor") or ("ray" if runner.settings.get("address") else config.name)
+    if chosen == "ray":
+        from qpipe.remote import RayExecutor
+
         if runner.settings.get("jobs"):
             config = config.model_copy(update={"jobs": int(jobs)})
             config.model_fields_set.add("jobs")
@@ -645,8 +564,11 @@ class _Recorder:
 _STATE: dict[str, Any] = {}
 
 
-def _worker(spec: WorkerSpec) -> tuple[Any, _Recorder]:
-    """This worker's Runner for the run (model and data loaded once), and its recorder."""
+def _worker(spec: WorkerSpec, load: Any = None) -> tuple[Any, _Recorder]:
+    """This worker's Runner for the run (model and data loaded once), and its recorder.
+
+    ``load(pm, resolved)`` gives the Inputs (default: open the pipeline's paths, as ``--jobs`` does).
+    """
     if spec.run_id in _STATE:
         return _STATE[spec.run_id]
     _STATE.clear()  # a worker serves one run at a time
@@ -663,7 +585,7 @@ def _worker(spec: WorkerSpec) -> tuple[Any, _Recorder]:
     pm.register(recorder, name="qpipe-worker-recorder")
     resolved = spec.resolved
     runner = Runner(pm, resolved, Path(tempfile.mkdtemp(prefix="qpipe-worker-")), spec.settings)
-    runner.inputs = load_inputs(pm, resolved)
+    runner.inputs = (load or load_inputs)(pm, resolved)
     cfg = resolved.config
     runner.run_info = PipelineRun(name=cfg.name, config=cfg, config_path=resolved.loaded.path,
                                   config_text=resolved.loaded.text, output_dir=runner.output_dir,
@@ -674,19 +596,19 @@ def _worker(spec: WorkerSpec) -> tuple[Any, _Recorder]:
     return runner, recorder
 
 
-def warm_task(spec: WorkerSpec) -> int:
+def warm_task(spec: WorkerSpec, load: Any = None) -> int:
     """Load the model and data in this worker ahead of its first variant."""
     try:
-        _worker(spec)
+        _worker(spec, load)
     except Exception:  # noqa: BLE001 - the variant itself will report it
         pass
     return os.getpid()
 
 
-def run_task(spec: WorkerSpec, name: str, baseline: Baseline | None) -> Outcome:
+def run_task(spec: WorkerSpec, name: str, baseline: Baseline | None, load: Any = None) -> Outcome:
     """Run one variant in this worker; return what the parent needs to record it."""
     try:
-        runner, recorder = _worker(spec)
+        runner, recorder = _worker(spec, load)
     except QpipeError as exc:
         raise WorkerError(f"the worker could not load the pipeline's inputs: {_one_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - sent back as one line (it may not pickle)

@@ -5,7 +5,9 @@ finished folder once it is back."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,6 +81,57 @@ def test_a_run_over_http_logs_parent_children_and_artifacts(server, tiny, tmp_pa
         assert hashlib.sha256(Path(local).read_bytes()).hexdigest() == child.data.tags["qpipe.artifact_sha256"]
     assert kids["int8"].data.params["quantizer.per_channel"] == "false"
     assert results.extra["mlflow"]["tracking_uri"] == server.uri
+
+
+_WATCHED: list[Path] = []  # folders this process must not open anything in
+_OPENED: list[str] = []
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _WATCHED and event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        path = os.path.abspath(os.fsdecode(args[0]))
+        if any(path.startswith(str(folder)) for folder in _WATCHED):
+            _OPENED.append(path)
+
+
+sys.addaudithook(_audit)
+
+
+def test_proxied_artifacts_come_back_byte_for_byte(server, tiny, tmp_path):
+    """The client uploads through the server and never opens the server's artifact folder;
+    every variant's .tflite and the parent's report download back identical."""
+    path = tiny.write_pipeline([{"name": "dynamic", "quantizer": "tflite.dynamic"},
+                                {"name": "int8", "quantizer": "tflite.int8"}],
+                               name="proxied.yaml", tracking={"experiment": "tiny-proxied"})
+    output = tiny.root / "proxied-out"
+    store = (server.root / "artifacts").resolve()
+    _WATCHED.append(store)
+    try:
+        results, warnings = run(path, output, {"tracking_uri": server.uri})
+    finally:
+        _WATCHED.remove(store)
+    assert warnings == [] and _OPENED == []
+    c = client(server.uri)
+    (parent,) = parent_runs(server.uri, "tiny-proxied")
+    assert c.get_experiment(parent.info.experiment_id).artifact_location.startswith("mlflow-artifacts:")
+    kids = child_runs(server.uri, parent)
+    assert sorted(kids) == ["dynamic", "float32", "int8"]
+    back = tmp_path / "back"
+    for v in results.variants:
+        assert v.artifact.endswith(".tflite")
+        local = c.download_artifacts(kids[v.name].info.run_id, Path(v.artifact).name, str(back / v.name))
+        assert Path(local).read_bytes() == (output / v.artifact).read_bytes(), v.name
+        assert len(list(store.rglob(Path(v.artifact).name))) >= 1  # the server wrote it into its folder
+    for name in ("summary.md", "summary.csv", "pipeline.yaml", "quality_vs_size.png"):
+        local = c.download_artifacts(parent.info.run_id, name, str(back / "parent"))
+        assert Path(local).read_bytes() == (output / name).read_bytes(), name
+    _WATCHED.append(store)  # the watch itself works: reading the server's folder directly is seen
+    try:
+        next(store.rglob("*.tflite")).read_bytes()
+    finally:
+        _WATCHED.remove(store)
+    assert len(_OPENED) == 1
+    _OPENED.clear()
 
 
 class ServerKiller:
