@@ -82,7 +82,7 @@ def local_ray_cluster(head_cpus: int = 2, hidden: Path | None = None) -> Iterato
     port, client_port = _free_port(), _free_port()
     temp = tempfile.mkdtemp(prefix="qray", dir="/tmp")  # Ray's socket paths must stay short
     address, env = f"127.0.0.1:{port}", ray_env()
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env, "start_new_session": True}
+    quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env, "start_new_session": True}
     nodes: list[subprocess.Popen] = []
     try:
         nodes.append(subprocess.Popen(

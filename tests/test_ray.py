@@ -191,7 +191,7 @@ def test_two_nodes_share_nothing_but_ray(_tiny_session, monkeypatch):
                         kids[v.name].info.run_id, Path(v.artifact).name, str(root.with_name(root.name + "-back")))
                     assert Path(back).read_bytes() == (root / "local" / v.artifact).read_bytes(), v.name
         assert [v.name for v in remote.variants] == [v.name for v in local.variants]
-        for mine, theirs in zip(remote.variants, local.variants):
+        for mine, theirs in zip(remote.variants, local.variants, strict=False):
             assert (mine.status, mine.error is None) == (theirs.status, theirs.error is None), mine.error
             assert mine.metadata["worker"]["node"] == probe["node"]  # ran on the worker node
             if mine.status != "ok":
