@@ -112,7 +112,7 @@ def qpipe_add_commands(app: Any) -> None:
 
 def _check_register(run: Any, register: Any) -> None:
     """``tracking.register.variant`` must name a variant of the pipeline (or one of its grid)."""
-    from qpipe.registry import unknown_name_message
+    from qpipe.commands import unknown_name_message
 
     names = [v.name for v in run.config.variants]
     wanted = register.variant
