@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 hookimpl = pluggy.HookimplMarker("qpipe")
 
 #: the modules a plugin may import (with their submodules); the rest of qpipe is private
-PUBLIC_MODULES = ("qpipe", "qpipe.testing", "qpipe.tfenv", "qpipe.conversion", "qpipe.keras", "qpipe.errors",
+PUBLIC_MODULES = ("qpipe", "qpipe.testing", "qpipe.tfenv", "qpipe.conversion", "qpipe.tflite", "qpipe.keras", "qpipe.errors",
                   "qpipe.hookspecs", "qpipe.results", "qpipe.report", "qpipe.commands")
 
 from qpipe.components import (  # noqa: E402

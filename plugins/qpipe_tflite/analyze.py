@@ -21,7 +21,7 @@ def analyze_variant(pm: Any, pipeline: Path, variant: str, output: Path | None) 
     from qpipe.commands import Registry, load_config, load_inputs, resolve
     from qpipe.commands import new_timestamp as timestamp
 
-    from qpipe_tflite import representative_dataset
+    from qpipe.tflite import representative_dataset
     from qpipe_tflite.sensitivity import layer_sensitivity, write_report
 
     resolved = resolve(load_config(pipeline), Registry.from_plugins(pm), only=[variant])

@@ -22,7 +22,7 @@ PASS_THROUGH = {"RESHAPE", "MAX_POOL_2D", "SQUEEZE", "CONCATENATION", "QUANTIZE"
 
 
 def _samples(ctx: QuantizeContext):
-    from qpipe_tflite import representative_dataset
+    from qpipe.tflite import representative_dataset
 
     return lambda: representative_dataset(ctx.calibration)
 

@@ -1,3 +1,3 @@
 """Moved to the public toolkit ``qpipe.keras.loss``; kept so older imports still work."""
 
-from qpipe.keras.loss import *  # noqa: F401,F403
+from qpipe.keras.loss import *

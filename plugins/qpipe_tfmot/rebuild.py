@@ -1,3 +1,3 @@
 """Moved to the public toolkit ``qpipe.keras.rebuild``; kept so older imports still work."""
 
-from qpipe.keras.rebuild import *  # noqa: F401,F403
+from qpipe.keras.rebuild import *

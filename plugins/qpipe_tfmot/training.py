@@ -1,3 +1,3 @@
 """Moved to the public toolkit ``qpipe.keras.training``; kept so older imports still work."""
 
-from qpipe.keras.training import *  # noqa: F401,F403
+from qpipe.keras.training import *
