@@ -49,8 +49,12 @@ def _optimizer(options: TrainingOptions) -> Any:
     return cls[options.optimizer](learning_rate=options.learning_rate)
 
 
-def fit(model: Any, choice: LossChoice, options: TrainingOptions, ctx: QuantizeContext, what: str) -> dict[str, Any]:
-    """Compile and fit ``model`` on ``ctx.training`` (validating on ``ctx.validation``); the history."""
+def fit(model: Any, choice: LossChoice, options: TrainingOptions, ctx: QuantizeContext, what: str,
+        callbacks: list[Any] | tuple[Any, ...] = ()) -> dict[str, Any]:
+    """Compile and fit ``model`` on ``ctx.training`` (validating on ``ctx.validation``); the history.
+
+    ``callbacks`` are extra tf_keras callbacks (e.g. TF-MOT's ``UpdatePruningStep``).
+    """
     k2 = tf_keras()
     x, y = model_inputs(ctx.training), labels_of(ctx.training, "training", what)
     validation = None
@@ -72,7 +76,7 @@ def fit(model: Any, choice: LossChoice, options: TrainingOptions, ctx: QuantizeC
     k2.utils.set_random_seed(options.seed)
     try:
         history = model.fit(x, y, epochs=options.epochs, batch_size=options.batch_size, shuffle=True,
-                            validation_data=validation, verbose=0, callbacks=[Progress()])
+                            validation_data=validation, verbose=0, callbacks=[Progress(), *callbacks])
     except (ValueError, TypeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
         raise QpipeError(f"{what}: training failed with loss '{choice.name}': {first[:300]}") from exc
