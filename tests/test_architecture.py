@@ -20,8 +20,9 @@ sys.exit(lint_imports(config_filename=sys.argv[1], no_cache=True))
 """
 
 
-def lint(config: Path) -> subprocess.CompletedProcess:
-    paths = [str(ROOT), str(ROOT / "plugins")]
+def lint(config: Path, *extra_paths: Path) -> subprocess.CompletedProcess:
+    """Run import-linter on ``config`` in a subprocess with qpipe, the plugins and ``extra_paths``."""
+    paths = [str(ROOT), str(ROOT / "plugins"), *map(str, extra_paths)]
     env = {"PYTHONPATH": ":".join(paths), "PATH": "/usr/bin:/bin"}
     return subprocess.run([sys.executable, "-c", LINT, str(config)], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=300)
@@ -56,9 +57,27 @@ def test_the_contract_catches_a_plugin_importing_a_private_module_or_another_plu
     text = text.replace('root_packages = [', 'root_packages = ["qpipe_sneaky", ')
     text = text.replace('modules = ["qpipe_calibration"', 'modules = ["qpipe_sneaky", "qpipe_calibration"')
     config.write_text(text)
-    env_paths = f"{ROOT}:{ROOT / 'plugins'}:{plugins}"
-    run = subprocess.run([sys.executable, "-c", LINT, str(config)], capture_output=True, text=True, cwd=ROOT,
-                         env={"PYTHONPATH": env_paths, "PATH": "/usr/bin:/bin"}, timeout=300)
+    run = lint(config, plugins)
     assert run.returncode == 1, run.stdout
     assert "qpipe_sneaky is not allowed to import qpipe.pipeline" in run.stdout
     assert "qpipe_sneaky is not allowed to import qpipe_keras" in run.stdout
+
+
+def test_the_example_packages_import_only_the_public_api(tmp_path):
+    examples = {p.name: p for p in (ROOT / "examples").glob("*/src/*") if (p / "__init__.py").exists()}
+    assert {"qpipe_onnxruntime", "qpipe_prune"} <= set(examples)
+    config = tmp_path / "importlinter.toml"
+    contract = CONFIG["contracts"][0]
+    names = ", ".join(f'"{n}"' for n in sorted(examples))
+    config.write_text(f"""[tool.importlinter]
+root_packages = ["qpipe", {names}]
+
+[[tool.importlinter.contracts]]
+name = "Example plugins import only qpipe's public API"
+type = "forbidden"
+source_modules = [{names}]
+forbidden_modules = [{", ".join(f'"{m}"' for m in contract["forbidden_modules"])}]
+allow_indirect_imports = true
+""")
+    run = lint(config, *(p.parent for p in examples.values()))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
