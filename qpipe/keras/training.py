@@ -56,13 +56,15 @@ def fit(model: Any, choice: LossChoice, options: TrainingOptions, ctx: QuantizeC
     ``callbacks`` are extra tf_keras callbacks (e.g. TF-MOT's ``UpdatePruningStep``).
     """
     k2 = tf_keras()
+    if ctx.training is None:
+        raise QpipeError(f"{what} trains the model: add data.training to the pipeline (and needs_training = True)")
     x, y = model_inputs(ctx.training), labels_of(ctx.training, "training", what)
     validation = None
     if ctx.validation is not None:
         validation = (model_inputs(ctx.validation), labels_of(ctx.validation, "validation", what))
     model.compile(optimizer=_optimizer(options), loss=choice.loss, metrics=choice.metrics)
 
-    class Progress(k2.callbacks.Callback):
+    class Progress(k2.callbacks.Callback):  # type: ignore[name-defined]  # a module known at run time
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
             self.started = time.perf_counter()
 
