@@ -1,4 +1,5 @@
-"""Variants cannot corrupt each other: the shared model is checked around every quantizer call.
+"""Variants cannot corrupt each other: the shared model is checked around every quantizer and
+calibrator call.
 
 All variants of a run share one loaded model (``ctx.model.model``). A quantizer that changes
 it in place (trains, prunes or re-initialises its layers) would silently change every variant

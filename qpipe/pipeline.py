@@ -299,7 +299,8 @@ class Runner:
         calibration = None
         if rv.calibrator is not None:
             report("calibrating")
-            calibration = self._calibrate(rv.calibrator, common)
+            with guard_model(self.inputs.model, f"{rv.calibrator.component.name} (plugin '{rv.calibrator.plugin}')"):
+                calibration = self._calibrate(rv.calibrator, common)
         if type(quantizer).needs_training and self.inputs.training is None:
             raise QpipeError(f"{v.quantizer} trains the model: add data.training to the pipeline")
 
