@@ -15,6 +15,7 @@ from qpipe.testing import fake_distribution, run_pipeline_file, tiny_project
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "qpipe-prune"
+TRAIN = {"epochs": 2, "learning_rate": 1e-3}
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,8 @@ def results(tmp_path_factory):
         data["training"] = {"path": project.data_path.name, "inputs": "x_train", "labels": "y_train"}
         path = project.write_pipeline([
             {"name": "int8", "quantizer": "tflite.int8"},
-            {"name": "pruned-50", "quantizer": "prune.int8", "options": {"epochs": 2, "sparsity": 0.5, "learning_rate": 1e-3}},
-            {"name": "pruned-80", "quantizer": "prune.int8", "options": {"epochs": 2, "sparsity": 0.8, "learning_rate": 1e-3}},
+            {"name": "pruned-50", "quantizer": "prune.int8", "options": {**TRAIN, "sparsity": 0.5}},
+            {"name": "pruned-80", "quantizer": "prune.int8", "options": {**TRAIN, "sparsity": 0.8}},
         ], cache=False, data=data,
             evaluators=["accuracy", "size", {"name": "top_k", "options": {"k": 2}},
                         {"name": "top_k", "options": {"k": 4}}])
