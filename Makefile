@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.qpipe-installed
 
-.PHONY: run test install clean chromium
+.PHONY: run test lint install clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/qpipe run pipeline.yaml
 
-test: $(STAMP) chromium
+test: $(STAMP) chromium lint
 	$(VENV)/bin/python -m pytest -q
+
+# House rules, run by 'make test' (and so by CI): ruff on everything, mypy on the host (qpipe/).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check qpipe plugins tests examples benchmarks
+	$(VENV)/bin/mypy
 
 # The MLflow UI check (tests/test_mlflow_models.py) drives Debian's headless chromium with
 # Playwright; installed here when missing and running as root (as in CI), else install it yourself.

@@ -300,7 +300,7 @@ def main() -> None:
         mn = {v["name"]: v for v in json.loads((work / "mn-before" / "results.json").read_text())["variants"]}
         converts = [mn[v]["metadata"].get("convert_seconds") for v in variants if v in mn]
         notes.append("MobileNetV2 convert seconds per variant (before): "
-                     + ", ".join(f"{v} {c}" for v, c in zip(variants, converts)))
+                     + ", ".join(f"{v} {c}" for v, c in zip(variants, converts, strict=False)))
         f32, i8 = mn["float32"]["metrics"], mn["int8"]["metrics"]
         row("int8 / float32 latency p50, batch 1 (MobileNetV2)",
             f"{i8['latency_ms_p50'] / f32['latency_ms_p50']:.2f}x "

@@ -40,10 +40,12 @@ from qpipe.data import Dataset, call_function, match_inputs  # noqa: E402
 from qpipe.errors import ConfigError, DataError, PluginError, QpipeError  # noqa: E402
 from qpipe.limits import clamp_threads  # noqa: E402
 from qpipe.selection import unmet  # noqa: E402
+from qpipe.registry import unknown_name_message  # noqa: E402
 
 __all__ = [
     "__version__", "hookimpl", "Artifact", "Backend", "Calibration", "CalibrateContext",
     "Calibrator", "Component", "EvalContext", "Evaluator", "Expects", "LoadedModel", "Options",
     "QuantizeContext", "Quantizer", "Runner", "TensorInfo", "Dataset", "match_inputs", "ConfigError",
     "DataError", "PluginError", "QpipeError", "file_sha256", "call_function", "clamp_threads", "unmet",
+    "unknown_name_message",
 ]

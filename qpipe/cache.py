@@ -91,7 +91,7 @@ def code_fingerprint(module_name: str) -> str:
     if paths:
         for folder in paths:
             files += sorted(Path(folder).rglob("*.py"))
-    elif getattr(module, "__file__", None):
+    elif module is not None and module.__file__:
         files = [Path(module.__file__)]
     for f in files:
         try:
@@ -145,6 +145,7 @@ class KeyMaker:
             "host": code_fingerprint("qpipe"),
             "evaluators": [_component(ev) for ev in resolved.evaluators],
             "constraints": list(resolved.config.constraints),
+            "task": resolved.config.task,
         }
 
     def key(self, rv: Any, baseline_key: str | None) -> str | None:

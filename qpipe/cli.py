@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import typer
 
@@ -52,7 +52,7 @@ class ErrorGuard:
     def __enter__(self) -> "ErrorGuard":
         return self
 
-    def __exit__(self, kind, exc, tb) -> bool:
+    def __exit__(self, kind, exc, tb) -> Literal[False]:
         if exc is None or isinstance(exc, (typer.Exit, typer.Abort, SystemExit)):
             return False
         if self.debug:
@@ -148,8 +148,7 @@ def build_app(pm: Any = None) -> typer.Typer:
                 pm.unregister(name="qpipe-console")
             for warning in warnings:
                 typer.echo(f"warning: {warning}", err=True)
-            headline = [name for ev in resolved.evaluators for name in getattr(ev.component, "headline", ())]
-            print_summary(results, Path(output) if output else None, headline)
+            print_summary(results, Path(output) if output else None)
             if results.gate is not None and not results.gate["passed"]:
                 raise fail(f"gate: {results.gate['reason']} ({', '.join(results.gate['constraints'])}); "
                            "see 'gate' in results.json", EXIT_GATE_FAILED)

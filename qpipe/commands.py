@@ -21,7 +21,7 @@ from qpipe.display import summary_table
 from qpipe.outputs import new_timestamp
 from qpipe.pipeline import load_inputs
 from qpipe.plugins import get_plugin_manager
-from qpipe.registry import Registry, unknown_name_message
+from qpipe.registry import Registry
 
 __all__ = ["ErrorGuard", "load_config", "resolve", "summary_table", "new_timestamp", "load_inputs",
-           "get_plugin_manager", "Registry", "unknown_name_message"]
+           "get_plugin_manager", "Registry"]

@@ -25,6 +25,11 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)  # built on first use: faster start-up
 
 
+#: the base Options class, named so annotations inside components (whose ``Options`` is a
+#: class attribute) can refer to it
+OptionsBase = Options
+
+
 class Component:
     """Base of the four component kinds. Subclasses set ``name`` and may set ``Options``."""
 
@@ -32,7 +37,7 @@ class Component:
     name: ClassVar[str] = ""
     Options: ClassVar[type[Options]] = Options
 
-    def __init__(self, options: Options | None = None):
+    def __init__(self, options: OptionsBase | None = None):
         self.options = options if options is not None else self.Options()
 
     @classmethod
@@ -109,6 +114,7 @@ class LoadedModel:
             import tempfile
 
             folder = Path(tempfile.mkdtemp(prefix="qpipe-savedmodel-"))
+            assert self.exporter is not None  # checked above
             self.exporter(folder / "model")
             return folder / "model"
 
@@ -195,7 +201,7 @@ class Context:
     variant: str
     work_dir: Path
     report: Callable[[str], None] = lambda message: None
-    log_metrics: Callable[[dict[str, float], int | None], None] = lambda m, step=None: None
+    log_metrics: Callable[[dict[str, float], int | None], None] = lambda metrics, step: None
     #: record a warning for this variant: ``warn(message, code="...")`` (kept in the variant's
     #: ``warnings`` in results.json, shown after the run; fails the variant under ``strict``)
     warn: Callable[..., None] = lambda message, code="plugin": None
@@ -263,6 +269,13 @@ class Quantizer(Component):
     default_backend: ClassVar[str] = "litert"
     #: the ``Artifact.format`` this quantizer produces
     output_format: ClassVar[str] = "tflite"
+    #: metric names it may add through ``Artifact.metadata["metrics"]`` (constraints may name them)
+    metrics: ClassVar[tuple[str, ...]] = ()
+
+    def needs_constraints(self) -> bool:
+        """Whether these options make the quantizer search against the pipeline's constraints
+        (validation then refuses a pipeline that declares none)."""
+        return False
 
     def quantize(self, ctx: QuantizeContext) -> Artifact:
         raise NotImplementedError
@@ -314,11 +327,39 @@ class Backend(Component):
 
 
 class Evaluator(Component):
-    """Computes named metrics for one variant."""
+    """Computes named metrics for one variant.
+
+    An evaluator declares what it measures so the host can check a pipeline before running
+    it (constraint and objective names) and show the right columns: ``metrics`` (every name it
+    can produce), ``headline`` (the ones the summary table, summary.md, charts and the MLflow
+    parent show), ``tasks`` (``qpipe.task.TASKS`` it applies to; empty: any),
+    ``lower_is_better`` (headline metrics where smaller wins: errors, sizes, times) and
+    ``role`` (``quality``: how good the variant is; ``cost``: what it takes, e.g. bytes, ms).
+    """
 
     kind: ClassVar[str] = "evaluator"
     #: set when the evaluator cannot run without labels
     needs_labels: ClassVar[bool] = False
+    #: metric names it can produce (``declared_metrics`` may add option-dependent ones)
+    metrics: ClassVar[tuple[str, ...]] = ()
+    #: the metrics to show in the summary table, summary.md, charts and the MLflow parent
+    headline: ClassVar[tuple[str, ...]] = ()
+    #: tasks it applies to ("classification", "binary", "regression"); () = any
+    tasks: ClassVar[tuple[str, ...]] = ()
+    #: metrics where lower is better; every other one: higher is better
+    lower_is_better: ClassVar[tuple[str, ...]] = ()
+    #: "quality" (how good: charted against size, with deltas in the table) or "cost"
+    role: ClassVar[str] = "quality"
+
+    @classmethod
+    def declared_metrics(cls, options: Options | None = None) -> tuple[str, ...]:
+        """The metric names this evaluator produces with ``options`` (default: ``metrics``)."""
+        return cls.metrics
+
+    @classmethod
+    def applies_to(cls, task: str | None) -> bool:
+        """Whether it means something for ``task`` (an unknown task: assume it does)."""
+        return not cls.tasks or task is None or task in cls.tasks
     #: set when its metrics measure the machine, not the artifact (latency): a variant restored
     #: from the cache runs it again instead of replaying the stored numbers
     remeasure: ClassVar[bool] = False

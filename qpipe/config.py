@@ -13,12 +13,12 @@ import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Generic, TypeVar, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from qpipe.components import Component
+from qpipe.components import Backend, Calibrator, Component, Evaluator, Quantizer
 from qpipe.errors import ConfigError, QpipeError
 from qpipe.limits import human_bytes, limit
 from qpipe.registry import Registry, unknown_name_message
@@ -192,7 +192,22 @@ class Objective(Strict):
         return self
 
 
-DEFAULT_EVALUATORS = ["accuracy", "fidelity", "size", "storage", "latency"]
+DEFAULT_EVALUATORS = ["accuracy", "regression", "fidelity", "size", "storage", "latency"]
+
+
+class SelectConfig(Strict):
+    """How ``selected`` and the gate choose among the variants."""
+
+    allow_baseline: bool = Field(False, description="let the baseline be selected (by default it is "
+                                                    "the reference, and only quantized variants can ship)")
+
+
+def _check_task(value: str | None) -> str | None:
+    from qpipe.task import TASKS
+
+    if value is not None and value not in TASKS:
+        raise ValueError(unknown_name_message("task", value, list(TASKS)))
+    return value
 
 
 class PipelineConfig(Strict):
@@ -209,9 +224,12 @@ class PipelineConfig(Strict):
         default_factory=lambda: [ComponentRef(name=n) for n in DEFAULT_EVALUATORS]
     )
     baseline: str | None = None
+    task: Annotated[str | None, AfterValidator(_check_task)] = Field(
+        None, description="classification, binary or regression; default: inferred from the model and labels")
     objective: Objective | None = Field(None, description="{maximize: METRIC} or {minimize: METRIC}")
     constraints: list[ConstraintText] = Field(default_factory=list, description="'METRIC OP NUMBER' strings")
     gate: bool = Field(False, description="exit with code 3 when no variant meets the constraints")
+    select: SelectConfig = Field(default_factory=SelectConfig)
     strict: bool = Field(False, description="a sanity-check warning fails the variant (every variant)")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -318,7 +336,7 @@ def _is_union_tag(part: Any) -> bool:
     return isinstance(part, str) and (part in {"str", "bool", "int", "float"} or "[" in part)
 
 
-def _describe(error: dict, model: type[BaseModel], loc: tuple) -> str:
+def _describe(error: Any, model: type[BaseModel], loc: tuple) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         key = str(loc[-1])
@@ -396,11 +414,14 @@ def _line_of(root: yaml.Node | None, loc: tuple) -> int:
 # --------------------------------------------------------------------------- resolving
 
 
+C = TypeVar("C", bound=Component)
+
+
 @dataclass
-class Bound:
+class Bound(Generic[C]):
     """A component instance with its validated options and where it was declared."""
 
-    component: Component
+    component: C
     plugin: str
     loc: tuple
 
@@ -409,9 +430,9 @@ class Bound:
 class ResolvedVariant:
     config: VariantConfig
     index: int
-    quantizer: Bound
-    backend: Bound
-    calibrator: Bound | None
+    quantizer: Bound[Quantizer]
+    backend: Bound[Backend]
+    calibrator: Bound[Calibrator] | None
 
 
 @dataclass
@@ -421,7 +442,7 @@ class ResolvedPipeline:
     loaded: LoadedConfig
     registry: Registry
     variants: list[ResolvedVariant]
-    evaluators: list[Bound]
+    evaluators: list[Bound[Evaluator]]
     baseline: str
 
     @property
@@ -439,7 +460,7 @@ class ResolvedPipeline:
 
 
 def _bind(loaded: LoadedConfig, registry: Registry, kind: str, name: str, options: dict,
-          name_loc: tuple, options_loc: tuple) -> Bound:
+          name_loc: tuple, options_loc: tuple) -> Bound[Any]:
     try:
         entry = registry.get(kind, name)
     except QpipeError as exc:
@@ -505,7 +526,11 @@ def resolve(loaded: LoadedConfig, registry: Registry, only: list[str] | None = N
     ]
     # the baseline runs first: deltas of every other variant are computed against it
     variants.sort(key=lambda rv: rv.config.name != baseline)
-    return ResolvedPipeline(loaded, registry, variants, evaluators, baseline)
+    resolved = ResolvedPipeline(loaded, registry, variants, evaluators, baseline)
+    from qpipe.metrics import check_pipeline
+
+    check_pipeline(resolved)  # metric names, and what quantizers need from the pipeline
+    return resolved
 
 
 def _check_grid_size(loaded: LoadedConfig, registry: Registry) -> None:

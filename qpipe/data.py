@@ -100,7 +100,7 @@ class LazyArray:
         if rows and self._row_bytes:
             with open(self.path, "rb") as fh:
                 fh.seek(self.offset + start * self._row_bytes)
-                got = fh.readinto(memoryview(out).cast("B"))
+                got = fh.readinto(memoryview(out).cast("B"))  # type: ignore[arg-type]  # ndarray is a buffer
             if got != rows * self._row_bytes:
                 raise DataError(f"{self.path.name}: the file is truncated (rows {start}-{stop} missing)")
         if self.check is not None:
@@ -170,7 +170,7 @@ def load_source(source: Any, base_dir: Path, what: str) -> tuple[dict[str, np.nd
     return _pick(arrays, source.inputs, source.labels, what)
 
 
-def _load_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+def _load_npz(path: Path, what: str) -> dict[str, Any]:  # arrays, or LazyArray for big members
     """Named arrays of an .npz file, a .npy file (as ``x``) or a folder of .npy files (by stem)."""
     if not path.exists():
         raise DataError(f"{what}: file not found: {path}")
@@ -247,7 +247,7 @@ def call_function(ref: str, base_dir: Path, what: str) -> Any:
         sys.path.insert(0, str(base_dir))
     try:
         module = importlib.import_module(module_name)
-        func = module
+        func: Any = module
         for part in attr.split("."):
             func = getattr(func, part)
     except (ImportError, AttributeError) as exc:
@@ -405,7 +405,7 @@ def bind_to_model(raw: tuple, model_inputs: list[TensorInfo], what: str, allow_n
 def _check_shape(arr: np.ndarray, info: TensorInfo, what: str) -> None:
     expected = tuple(info.shape[1:])
     got = tuple(arr.shape[1:])
-    fits = len(expected) == len(got) and all(e is None or e == g for e, g in zip(expected, got))
+    fits = len(expected) == len(got) and all(e is None or e == g for e, g in zip(expected, got, strict=False))
     if not fits:
         fmt = lambda s: "(N, " + ", ".join("?" if d is None else str(d) for d in s) + ")"  # noqa: E731
         raise DataError(f"{what}: input '{info.name}' has shape {fmt(got)} but the model expects "

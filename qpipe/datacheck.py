@@ -142,8 +142,8 @@ def _limits_of(dtype: np.dtype) -> Any:
 
 def _first(mask: np.ndarray, start: int) -> tuple[int, ...] | int:
     flat = int(np.argmax(mask.reshape(-1)))
-    index = np.unravel_index(flat, mask.shape)
-    index = (int(index[0]) + start, *(int(i) for i in index[1:]))
+    where = np.unravel_index(flat, mask.shape)
+    index: tuple[int, ...] = (int(where[0]) + start, *(int(i) for i in where[1:]))
     return index[0] if len(index) == 1 else index
 
 
@@ -194,7 +194,7 @@ def check_class_labels(labels: np.ndarray, classes: int | None, what: str = "lab
         i = int(np.argmax(bad))
         if top is None:
             raise DataError(f"{what} have {flat[i]:g} at index {i}, a negative class id; fix the labels")
-        outputs = f"{classes} outputs" if classes > 1 else "1 output (a binary classifier: classes 0 and 1)"
+        outputs = f"{classes} outputs" if (classes or 0) > 1 else "1 output (a binary classifier: classes 0 and 1)"
         raise DataError(f"{what} have {flat[i]:g} at index {i}, outside [0, {top}) for a model with {outputs}; "
                         "fix the labels, or for regression targets use the regression evaluator, not accuracy")
     return flat.astype(np.int64)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Sequence
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from qpipe import hookimpl
+from qpipe.report import headline_columns
 from qpipe.results import PipelineResults
 
 #: shown after a variant's status when sanity checks warned about it (then the count)
@@ -26,10 +26,11 @@ class ConsoleDisplay:
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                  TimeElapsedColumn(), console=self.console, transient=False,
                                  disable=not self.console.is_terminal and not _force())
-        self.overall = None
-        self.tasks: dict[str, int] = {}
+        self.overall: TaskID | None = None
+        self.tasks: dict[str, TaskID] = {}
         self.total = total
         self.started = False
+        self.headline: list[str] = []  # quality metrics shown as each variant ends
 
     def _start(self) -> None:
         if not self.started:
@@ -41,11 +42,6 @@ class ConsoleDisplay:
         if self.started:
             self.progress.stop()
             self.started = False
-
-    @hookimpl
-    def qpipe_pipeline_started(self, run) -> None:
-        self._start()
-        self.console.print(f"[bold]{run.name}[/bold]: {self.total} variants -> {run.output_dir}")
 
     @hookimpl
     def qpipe_variant_started(self, variant: str) -> None:
@@ -71,9 +67,15 @@ class ConsoleDisplay:
             self.console.print(f"{variant}: {text}", highlight=False)
 
     @hookimpl
+    def qpipe_pipeline_started(self, run) -> None:
+        self._start()
+        self.headline = [h["metric"] for h in run.results.headline if h["role"] == "quality"]
+        self.console.print(f"[bold]{run.name}[/bold]: {self.total} variants -> {run.output_dir}")
+
+    @hookimpl
     def qpipe_variant_finished(self, result) -> None:
-        acc = result.metrics.get("accuracy")
-        extra = f" accuracy {acc:.4f}" if acc is not None else ""
+        shown = [(k, result.metrics[k]) for k in self.headline if result.metrics.get(k) is not None]
+        extra = "".join(f" {k} {value:.4f}" for k, value in shown)
         if result.warnings:
             extra += f" [yellow]({len(result.warnings)} warning(s))[/yellow]"
         self._done(result.name, f"[green]ok[/green]{extra}")
@@ -91,59 +93,35 @@ class ConsoleDisplay:
         self.stop()
 
 
-#: metrics the fixed columns already show
-_SHOWN = {"accuracy", "accuracy_delta", "size_bytes", "size_ratio", "latency_ms_p50", "latency_ms_p95"}
-
-
 def _force() -> bool:
     return False
 
 
-def _fmt(value, spec: str, suffix: str = "") -> str:
-    return "" if value is None else f"{value:{spec}}{suffix}"
-
-
-def _headline_cell(name: str, value) -> str:
-    if value is None:
-        return ""
-    return f"{value / 1024:.1f} KB" if name.endswith("_bytes") else f"{value:.4g}"
-
-
-def summary_table(results: PipelineResults, headline: Sequence[str] = ()) -> Table:
-    """variant, status, accuracy, Δ, size, ratio, latency, then each ``headline`` metric
-    (evaluators' ``headline`` declarations): one row per variant."""
+def summary_table(results: PipelineResults) -> Table:
+    """variant, quantizer, status and the headline columns (``qpipe.report.headline_columns``)."""
+    columns = headline_columns(results)
     table = Table(title=f"{results.pipeline} (baseline: {results.baseline})")
-    extra = [name for name in dict.fromkeys(headline) if name not in _SHOWN]
-    for col in ("variant", "quantizer", "status", "accuracy", "Δ acc", "size", "ratio", "p50 ms", "p95 ms"):
-        table.add_column(col, justify="left" if col in ("variant", "quantizer", "status") else "right")
-    for name in extra:
-        table.add_column(name.removesuffix("_bytes"), justify="right")
+    for col in ("variant", "quantizer", "status"):
+        table.add_column(col, justify="left")
+    for column in columns:
+        table.add_column(column.title, justify="right")
     for v in results.variants:
-        m = v.metrics
         status = "[green]ok[/green]" if v.status == "ok" else "[red]failed[/red]"
         if v.warnings:
             status += f" [yellow]{WARNING_MARK}{len(v.warnings)}[/yellow]"
-        delta = m.get("accuracy_delta")
-        size = m.get("size_bytes")
-        table.add_row(
-            v.name, v.quantizer, status,
-            _fmt(m.get("accuracy"), ".4f"),
-            "" if delta is None else f"{delta * 100:+.2f} pt",
-            "" if size is None else f"{size / 1024:.1f} KB",
-            _fmt(m.get("size_ratio"), ".2f", "x"),
-            _fmt(m.get("latency_ms_p50"), ".3f"),
-            _fmt(m.get("latency_ms_p95"), ".3f"),
-            *(_headline_cell(name, m.get(name)) for name in extra),
-        )
+        table.add_row(v.name, v.quantizer, status, *(c.cell(v.metrics) for c in columns))
     return table
 
 
-def print_summary(results: PipelineResults, output_dir: Path | None = None, headline: Sequence[str] = ()) -> None:
-    """Print the summary table (with the ``headline`` metrics) and where the results are."""
+def print_summary(results: PipelineResults, output_dir: Path | None = None) -> None:
+    """Print the summary table (the headline metrics the evaluators declared) and where the results are."""
     console = Console(file=sys.stdout)
     if not console.is_terminal:
         console.width = max(console.width, 120)
-    console.print(summary_table(results, headline))
+    console.print(summary_table(results))
+    task = results.task or {}
+    if task.get("name"):
+        console.print(f"task: {task['name']} ({task.get('source')}: {task.get('reason')})", highlight=False)
     for v in results.variants:
         if v.status != "ok":
             console.print(f"[red]{v.name} failed:[/red] {v.error}", highlight=False)

@@ -29,7 +29,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Generator, Iterator
 
 import numpy as np
 
@@ -314,7 +314,7 @@ def make_executor(runner: Runner) -> Executor:
 # --------------------------------------------------------------------------- the parent's loop
 
 
-def execute(runner: Runner) -> Iterator[VariantResult]:
+def execute(runner: Runner) -> Generator[VariantResult, None, None]:
     """Run every variant of ``runner`` (baseline first) through the cache and the executor.
 
     Yields each finished VariantResult after its started/progress hooks were called and its
@@ -331,7 +331,7 @@ def execute(runner: Runner) -> Iterator[VariantResult]:
     stats = {"dir": str(root) if root else None, "hits": 0, "misses": 0, "stored": 0}
     if cache is None:
         stats["off"] = "--no-cache" if runner.settings.get("no_cache") else "cache: false"
-    elif keys.reason:
+    elif keys is not None and keys.reason:
         stats["off"] = keys.reason
         cache = keys = None
     results.extra["cache"] = stats
@@ -340,7 +340,7 @@ def execute(runner: Runner) -> Iterator[VariantResult]:
     first, rest = variants[0], variants[1:]  # resolve() puts the baseline first
     base_key = keys.key(first, None) if keys else None
     others = {rv.config.name: keys.key(rv, base_key) if keys else None for rv in rest}
-    to_run = [rv for rv in rest if not (cache and others[rv.config.name] and cache.get(others[rv.config.name]))]
+    to_run = [rv for rv in rest if not (cache and (k := others[rv.config.name]) and cache.get(k))]
     all_cached = bool(cache and base_key and cache.get(base_key) and not to_run)
     # nothing to compute: no worker processes and no Ray connection
     executor = InProcess(runner) if all_cached else make_executor(runner)
@@ -388,6 +388,7 @@ def inputs_if_all_cached(pm: Any, resolved: ResolvedPipeline, settings: dict[str
     from qpipe.cache import KeyMaker, VariantCache, cache_dir
     from qpipe.components import file_sha256
     from qpipe.pipeline import Inputs, load_inputs
+    from qpipe.task import Task
 
     cfg, base = resolved.config, resolved.loaded.base_dir
     root = cache_dir(cfg, base, settings)
@@ -412,16 +413,20 @@ def inputs_if_all_cached(pm: Any, resolved: ResolvedPipeline, settings: dict[str
     base_key = keys.key(resolved.variants[0], None)
     entries = [cache.get(base_key)] if base_key else [None]
     entries += [cache.get(k) if (k := keys.key(rv, base_key)) else None for rv in resolved.variants[1:]]
-    if any(e is None for e in entries) or not entries[0].result.get("model_flavor"):
+    first = entries[0]
+    if any(e is None for e in entries) or first is None or not first.result.get("model_flavor") \
+            or not first.result.get("task"):
         return None
     load = functools.cache(lambda: load_inputs(pm, resolved))
     model = _Deferred(lambda: load().model, sha256=sha, source=str(model_path), path=model_path,
-                      flavor=entries[0].result["model_flavor"])
+                      flavor=first.result["model_flavor"])
     data = {s: (_Deferred(lambda s=s: getattr(load(), s)) if s in files else None) for s in used}
-    if entries[0].result.get("model_inputs") and data["evaluation"] is not None:
+    inputs_seen = first.result.get("model_inputs")
+    if inputs_seen and data["evaluation"] is not None:
         data["evaluation"] = _Deferred(functools.cache(
-            lambda: _evaluation_only(cfg.data.evaluation, base, entries[0].result["model_inputs"])))
-    inputs = Inputs(model=model, **data)
+            lambda: _evaluation_only(cfg.data.evaluation, base, inputs_seen)))
+    # stand-ins that load the model and data on first use (a fully cached run may never)
+    inputs = Inputs(model=model, **data, task=Task(**first.result["task"]))  # type: ignore[arg-type]
     for section in ("evaluation", "calibration", "training", "validation"):
         source = getattr(cfg.data, section)
         if source is not None and source.path:
@@ -528,6 +533,7 @@ def _finish(runner: Runner, rv: ResolvedVariant, outcome: Outcome, cache: Any, k
         record = {k: v for k, v in _result_dict(result).items() if k not in ("metrics",)}
         record["metadata"] = {k: v for k, v in result.metadata.items() if k not in ("cache", "cache_key", "worker")}
         record["model_flavor"] = runner.inputs.model.flavor
+        record["task"] = runner.inputs.task.to_dict()
         # lets a fully cached re-run load the evaluation data alone (latency is re-measured)
         record["model_inputs"] = [[t.name, list(t.shape), t.dtype] for t in runner.inputs.model.inputs]
         stored = cache.put(key, record, outcome.raw_metrics, outcome.outputs, runner.output_dir / result.artifact,

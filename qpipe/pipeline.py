@@ -33,12 +33,14 @@ from qpipe.config import Bound, ResolvedPipeline, ResolvedVariant
 from qpipe.data import Dataset, bind_to_model, load_source
 from qpipe.errors import PluginError, QpipeError, short_error
 from qpipe.isolation import guard_model
+from qpipe.metrics import applicable, check_for_task, headline
 from qpipe.outputs import claim_output
 from qpipe.signals import held_signals
 from qpipe.plugins import HookFailure, QpipePluginManager
 from qpipe.results import PipelineResults, PipelineRun, VariantResult
 from qpipe.sanity import apply_strict, check_variant, warning
 from qpipe.selection import select
+from qpipe.task import Task, decide_task, output_width
 
 
 def call_lifecycle(pm: QpipePluginManager, hook: str, strict: bool = False, **kwargs: Any) -> list[str]:
@@ -85,6 +87,7 @@ class Inputs:
     training: Dataset | None = None
     validation: Dataset | None = None
     data_files: dict[str, Path] = field(default_factory=dict)
+    task: Task = field(default_factory=lambda: Task(None, "inferred", "not judged"))
 
 
 def load_model(pm: QpipePluginManager, resolved: ResolvedPipeline) -> LoadedModel:
@@ -118,11 +121,13 @@ def load_inputs(pm: QpipePluginManager, resolved: ResolvedPipeline) -> Inputs:
     needs_training = any(type(rv.quantizer.component).needs_training for rv in resolved.variants)
     inputs = Inputs(
         model=model,
-        evaluation=load("evaluation"),
+        evaluation=load("evaluation"),  # type: ignore[arg-type]  # data.evaluation is required
         calibration=load("calibration") if needs_calibration else None,
         training=load("training") if needs_training else None,
         validation=load("validation") if needs_training else None,
     )
+    width = output_width(model.outputs[0].shape) if model.outputs else None
+    inputs.task = decide_task(resolved.config.task, width, inputs.evaluation.labels)
     for section in ("evaluation", "calibration", "training", "validation"):
         source = getattr(data_cfg, section)
         if source is not None and source.path:
@@ -151,6 +156,7 @@ class Runner:
         # an unchanged re-run loads the model and data only if a plugin touches them
         inputs = inputs_if_all_cached(self.pm, self.resolved, self.settings) or load_inputs(self.pm, self.resolved)
         self.inputs = inputs
+        evaluators = check_for_task(self.resolved, inputs.task)  # before any variant runs
         self.output_dir.mkdir(parents=True, exist_ok=True)
         results = PipelineResults(
             pipeline=cfg.name,
@@ -160,6 +166,7 @@ class Runner:
             qpipe_version=__version__,
             model={"source": inputs.model.source, "flavor": inputs.model.flavor, "sha256": inputs.model.sha256},
             data={k: {"path": str(p), "sha256": file_sha256(p)} for k, p in inputs.data_files.items()},
+            task=inputs.task.to_dict(), headline=headline(evaluators),
         )
         self.run_info = PipelineRun(
             name=cfg.name, config=cfg, config_path=self.resolved.loaded.path,
@@ -195,7 +202,8 @@ class Runner:
         cfg = self.resolved.config
         constraints = self.resolved.constraints
         if constraints or cfg.objective is not None:
-            results.selected = select(results.variants, constraints, cfg.objective_pair())
+            reference = None if cfg.select.allow_baseline else self.resolved.baseline
+            results.selected = select(results.variants, constraints, cfg.objective_pair(), reference)
         if cfg.gate or self.settings.get("gate"):
             chosen = (results.selected or {}).get("variant")
             if not constraints:
@@ -203,9 +211,9 @@ class Runner:
             elif chosen:
                 results.gate = {"passed": True, "reason": f"{chosen} meets {', '.join(map(str, constraints))}"}
             else:
-                results.gate = {"passed": False, "reason": "no variant meets the constraints",
-                                "constraints": [str(c) for c in constraints],
-                                "failures": (results.selected or {}).get("rejected", {})}
+                selected = results.selected or {}
+                results.gate = {"passed": False, "reason": selected.get("reason", "no variant selected"),
+                                "constraints": [str(c) for c in constraints], "failures": selected.get("rejected", {})}
 
     def _run_variants(self, results: PipelineResults) -> None:
         """Run every variant through the cache and the executor (``qpipe.executor``), baseline
@@ -220,7 +228,7 @@ class Runner:
                 results.variants.append(result)
                 results.write(self.output_dir)
                 hook = "qpipe_variant_finished" if result.status == "ok" else "qpipe_variant_failed"
-                extra = {"error": getattr(result, "_exception", None)} if result.status != "ok" else {}
+                extra: dict[str, Any] = {"error": getattr(result, "_exception", None)} if result.status != "ok" else {}
                 self.warnings += call_lifecycle(self.pm, hook, run=self.run_info, result=result, **extra)
         order = {rv.config.name: i for i, rv in enumerate(self.resolved.variants)}
         results.variants.sort(key=lambda v: order.get(v.name, len(order)))  # parallel runs end in any order
@@ -354,7 +362,7 @@ class Runner:
             ctx = EvalContext(**common, data=self.inputs.evaluation, outputs=outputs, artifact=artifact,
                               runner=runner, baseline_outputs=baseline[0], baseline_artifact=baseline[1],
                               model=self.inputs.model)
-            metrics = self._run_evaluators(self.resolved.evaluators, ctx)
+            metrics = self._run_evaluators(applicable(self.resolved, self.inputs.task), ctx)
         finally:
             runner.close()
         return metrics
@@ -363,7 +371,7 @@ class Runner:
         metrics: dict[str, float] = {}
         owners: dict[str, Bound] = {}
         for ev in evaluators:
-            if type(ev.component).needs_labels and ctx.data.labels is None:
+            if type(ev.component).needs_labels and (ctx.data is None or ctx.data.labels is None):
                 continue
             ctx.report(f"evaluating: {ev.component.name}")
             produced = _call(ev, "evaluate", ctx)
@@ -374,7 +382,7 @@ class Runner:
                   result: VariantResult) -> dict[str, float]:
         """Run the evaluators that measure the machine (``Evaluator.remeasure``, e.g. latency)
         again on a variant restored from the cache; return their fresh metrics."""
-        evaluators = [ev for ev in self.resolved.evaluators if type(ev.component).remeasure]
+        evaluators = [ev for ev in applicable(self.resolved, self.inputs.task) if type(ev.component).remeasure]
         if not evaluators:
             return {}
         report = self._progress(rv.config.name)

@@ -57,6 +57,8 @@ def component_reference(registry: Registry) -> str:
             entry = registry.entries[kind][name]
             cls = entry.cls
             lines.append(f"**`{name}`** (plugin `{entry.plugin}`): {cls.summary()}\n")
+            if kind == "evaluator" and getattr(cls, "metrics", None):
+                lines.append(_measures(cls) + "\n")
             fields = cls.Options.model_fields
             if not fields:
                 lines.append("No options.\n")
@@ -68,6 +70,15 @@ def component_reference(registry: Registry) -> str:
                              f"{field.description or ''} |")
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _measures(cls: Any) -> str:
+    """"Metrics: `mae`, `rmse` (headline: mae, rmse; lower is better: mae, rmse). Tasks: regression."."""
+    notes = [f"headline: {', '.join(cls.headline)}"] if cls.headline else []
+    if cls.lower_is_better:
+        notes.append(f"lower is better: {', '.join(cls.lower_is_better)}")
+    listed = ", ".join(f"`{m}`" for m in cls.metrics) + (f" ({'; '.join(notes)})" if notes else "")
+    return f"Metrics: {listed}. Tasks: {', '.join(cls.tasks) if cls.tasks else 'any'}."
 
 
 def replace_section(text: str, generated: str) -> str:

@@ -50,7 +50,7 @@ def replay(pm: QpipePluginManager, output_dir: Path, settings: dict[str, Any] | 
     for result in results.variants:
         call_lifecycle(pm, "qpipe_variant_started", run=run, variant=result.name)
         hook = "qpipe_variant_finished" if result.status == "ok" else "qpipe_variant_failed"
-        extra = {"error": None} if result.status != "ok" else {}
+        extra: dict[str, Any] = {"error": None} if result.status != "ok" else {}
         warnings += call_lifecycle(pm, hook, run=run, result=result, **extra)
     warnings += call_lifecycle(pm, "qpipe_pipeline_finished", run=run, results=results)
     return warnings

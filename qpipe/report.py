@@ -1,10 +1,12 @@
 """The run's report: a summary table (CSV and Markdown) and two PNG charts, in the output folder.
 
 Written at the end of every run, tracked or not (trackers log these files): ``summary.csv``
-(every metric of every variant), ``summary.md`` (the headline columns), ``accuracy_vs_size.png``
-(accuracy against file size, the Pareto front marked) and ``latency.png`` (median and p95
-latency per variant). matplotlib is imported only when the charts are drawn, without pyplot,
-so no global backend is touched (Agg canvas).
+(every metric of every variant), ``summary.md`` (the headline columns), ``quality_vs_size.png``
+(the first headline quality metric, e.g. accuracy or MAE, against file size, the Pareto front
+marked) and ``latency.png`` (median and p95 latency per variant). The headline metrics and
+which way each is better come from the evaluators' declarations (``results.headline``).
+matplotlib is imported only when the charts are drawn, without pyplot, so no global backend
+is touched (Agg canvas).
 """
 
 from __future__ import annotations
@@ -16,21 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qpipe.metrics import headline_of
 from qpipe.results import PipelineResults, VariantResult, contained
 
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
-ACCURACY_CHART = "accuracy_vs_size.png"
+QUALITY_CHART = "quality_vs_size.png"
 LATENCY_CHART = "latency.png"
-REPORT_FILES = (SUMMARY_CSV, SUMMARY_MD, ACCURACY_CHART, LATENCY_CHART)
-
-#: metrics that stand for "how good": the first one any variant has is charted against size
-QUALITY_METRICS = ("accuracy", "top1_agreement", "cosine_similarity")
+REPORT_FILES = (SUMMARY_CSV, SUMMARY_MD, QUALITY_CHART, LATENCY_CHART)
 
 
 @dataclass(frozen=True)
 class Point:
-    """One variant on the accuracy/size plane."""
+    """One variant on the quality/size plane."""
 
     name: str
     size: float
@@ -44,11 +44,14 @@ def selected_variant(results: PipelineResults) -> tuple[str | None, str | None]:
 
 
 def quality_metric(results: PipelineResults) -> str | None:
-    """The metric charted against size: accuracy if measured, else a fidelity metric."""
-    for key in QUALITY_METRICS:
-        if any(_number(v.metrics.get(key)) is not None for v in _ok(results)):
-            return key
-    return None
+    """The metric charted against size: the first headline quality metric measured."""
+    measured = headline_of(results, "quality")
+    return measured[0]["metric"] if measured else None
+
+
+def lower_is_better(results: PipelineResults, metric: str | None) -> bool:
+    """Whether smaller values of ``metric`` are better (errors), per the evaluators' declarations."""
+    return any(h["metric"] == metric and h["better"] == "lower" for h in results.headline or [])
 
 
 def points(results: PipelineResults, metric: str | None = None) -> list[Point]:
@@ -62,13 +65,20 @@ def points(results: PipelineResults, metric: str | None = None) -> list[Point]:
     return out
 
 
-def pareto_front(candidates: list[Point]) -> list[Point]:
-    """The points no other point beats on both counts (smaller or equal size, higher or equal
-    quality, strictly better on one), sorted by size."""
+def pareto_front(candidates: list[Point], lower: bool = False) -> list[Point]:
+    """The points no other point beats on both counts (smaller or equal size, better or equal
+    quality, strictly better on one), sorted by size. ``lower``: smaller quality is better."""
+    sign = -1.0 if lower else 1.0
     front = [p for p in candidates
-             if not any(q.size <= p.size and q.quality >= p.quality and (q.size < p.size or q.quality > p.quality)
-                        for q in candidates)]
-    return sorted(front, key=lambda p: (p.size, -p.quality))
+             if not any(q.size <= p.size and sign * q.quality >= sign * p.quality
+                        and (q.size < p.size or sign * q.quality > sign * p.quality) for q in candidates)]
+    return sorted(front, key=lambda p: (p.size, -sign * p.quality))
+
+
+def front_of(results: PipelineResults) -> list[Point]:
+    """The run's Pareto front on its chart metric."""
+    metric = quality_metric(results)
+    return pareto_front(points(results, metric), lower_is_better(results, metric))
 
 
 # --------------------------------------------------------------------------- tables
@@ -84,7 +94,7 @@ def metric_columns(results: PipelineResults) -> list[str]:
 
 def summary_csv(results: PipelineResults) -> str:
     """One row per variant: name, quantizer, status, Pareto, selected, every metric, error."""
-    front = {p.name for p in pareto_front(points(results))}
+    front = {p.name for p in front_of(results)}
     chosen, _ = selected_variant(results)
     metrics = metric_columns(results)
     buffer = io.StringIO()
@@ -97,36 +107,71 @@ def summary_csv(results: PipelineResults) -> str:
     return buffer.getvalue()
 
 
+@dataclass(frozen=True)
+class Column:
+    """One headline column of the summary: a metric's value, or its change against the baseline."""
+
+    title: str
+    metric: str
+    style: str  # "number", "bytes", "ratio", "ms", "points" (delta of a fraction x100), "delta"
+
+    def cell(self, metrics: dict[str, Any]) -> str:
+        value = _number(metrics.get(self.metric))
+        if value is None:
+            return ""
+        return {"bytes": f"{value / 1024:.1f} KB", "ratio": f"{value:.2f}x", "ms": f"{value:.3f}",
+                "points": f"{value * 100:+.2f} pt", "delta": f"{value:+.4f}"}.get(self.style, f"{value:.4f}")
+
+
+def headline_columns(results: PipelineResults) -> list[Column]:
+    """The summary's metric columns, from the evaluators' headline declarations: each quality
+    metric with its delta against the baseline (in points when it is a fraction), then costs."""
+    columns = []
+    for h in headline_of(results, "quality") + headline_of(results, "cost"):
+        name = h["metric"]
+        if name.endswith("_bytes"):
+            columns.append(Column(name.removesuffix("_bytes").replace("_", " "), name, "bytes"))
+        elif name.endswith("_ratio"):
+            columns.append(Column("ratio" if name == "size_ratio" else name.replace("_", " "), name, "ratio"))
+        elif "_ms" in name:
+            columns.append(Column(name.replace("latency_ms_", "").replace("_", " ") + " ms", name, "ms"))
+        else:
+            columns.append(Column(name.replace("_", " "), name, "number"))
+        if h["role"] == "quality":
+            values = [_number(v.metrics.get(name)) for v in _ok(results)]
+            fraction = all(x is None or 0.0 <= x <= 1.0 for x in values)
+            columns.append(Column(f"Δ {name}", f"{name}_delta", "points" if fraction else "delta"))
+    return columns
+
+
 def summary_markdown(results: PipelineResults) -> str:
     """The headline columns as a Markdown table, with the selection and the Pareto front."""
-    front = [p.name for p in pareto_front(points(results))]
+    front = [p.name for p in front_of(results)]
     chosen, reason = selected_variant(results)
-    header = ["variant", "quantizer", "status", "accuracy", "Δ acc", "size", "ratio", "p50 ms", "p95 ms", "note"]
+    columns = headline_columns(results)
+    header = ["variant", "quantizer", "status", *(c.title for c in columns), "note"]
     lines = [f"# {results.pipeline} (baseline: {results.baseline})", "",
-             "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 6 + ["---"]) + "|"]
+             "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * len(columns) + ["---"]) + "|"]
     for v in results.variants:
-        m = v.metrics
         notes = [n for n, on in (("selected", v.name == chosen), ("Pareto", v.name in front)) if on]
         if v.warnings:
             notes.append(f"{len(v.warnings)} warning(s)")
         if v.status != "ok":
             notes.append(_cell(v.error or "failed"))
-        delta = _number(m.get("accuracy_delta"))
-        size = _number(m.get("size_bytes"))
-        lines.append("| " + " | ".join([
-            _cell(v.name), _cell(v.quantizer), v.status, _fmt(m.get("accuracy"), ".4f"),
-            "" if delta is None else f"{delta * 100:+.2f} pt",
-            "" if size is None else f"{size / 1024:.1f} KB",
-            _fmt(m.get("size_ratio"), ".2f", "x"), _fmt(m.get("latency_ms_p50"), ".3f"),
-            _fmt(m.get("latency_ms_p95"), ".3f"), ", ".join(notes)]) + " |")
+        lines.append("| " + " | ".join([_cell(v.name), _cell(v.quantizer), v.status,
+                                        *(c.cell(v.metrics) for c in columns), ", ".join(notes)]) + " |")
     lines.append("")
     lines += warning_lines(results)
+    if results.task and results.task.get("name"):
+        lines.append(f"Task: {results.task['name']} ({results.task.get('source')}: {results.task.get('reason')})")
     if chosen:
         lines.append(f"Selected: **{chosen}** ({reason})")
     elif reason:
         lines.append(f"No variant selected: {reason}")
     if front:
-        lines.append(f"Pareto front ({quality_metric(results)} against size): {', '.join(front)}")
+        metric = quality_metric(results)
+        better = "lower" if lower_is_better(results, metric) else "higher"
+        lines.append(f"Pareto front ({metric} against size, {better} is better): {', '.join(front)}")
     note = latency_note(results)
     if note:
         lines += ["", note]
@@ -160,17 +205,31 @@ def latency_note(results: PipelineResults) -> str | None:
 # --------------------------------------------------------------------------- charts
 
 
-def accuracy_chart_data(results: PipelineResults) -> dict[str, Any] | None:
-    """What the accuracy/size chart shows (None if nothing to plot)."""
+def quality_chart_data(results: PipelineResults) -> dict[str, Any] | None:
+    """What the quality/size chart shows (None if nothing to plot)."""
     metric = quality_metric(results)
     pts = points(results, metric)
     if not pts:
         return None
-    return {"pipeline": results.pipeline, "metric": metric, "points": [[p.name, p.size, p.quality] for p in pts],
-            "front": [p.name for p in pareto_front(pts)], "chosen": selected_variant(results)[0]}
+    lower = lower_is_better(results, metric)
+    return {"pipeline": results.pipeline, "metric": metric, "lower_is_better": lower,
+            "points": [[p.name, p.size, p.quality] for p in pts],
+            "front": [p.name for p in pareto_front(pts, lower)], "chosen": selected_variant(results)[0],
+            "sweeps": sweeps(results, pts)}
 
 
-def draw_accuracy_chart(data: dict[str, Any], path: Path) -> Path:
+def sweeps(results: PipelineResults, pts: list[Point]) -> dict[str, list[str]]:
+    """Quantizers with three or more charted variants (a grid of options, e.g. budgets):
+    their variants by size, drawn as one line against the other variants."""
+    charted = {p.name: p for p in pts}
+    groups: dict[str, list[Point]] = {}
+    for v in _ok(results):
+        if v.name in charted:
+            groups.setdefault(v.quantizer, []).append(charted[v.name])
+    return {q: [p.name for p in sorted(group, key=lambda p: p.size)] for q, group in groups.items() if len(group) >= 3}
+
+
+def draw_quality_chart(data: dict[str, Any], path: Path) -> Path:
     """Quality against size (KB), each variant labelled, the Pareto front joined."""
     pts = {name: Point(name, size, quality) for name, size, quality in data["points"]}
     front = [pts[name] for name in data["front"]]
@@ -183,23 +242,27 @@ def draw_accuracy_chart(data: dict[str, Any], path: Path) -> Path:
                label="Pareto front", zorder=4)
     ax.step([p.size / 1024 for p in front], [p.quality for p in front], where="post", color="#d62728",
             linewidth=1, alpha=0.6)
+    for quantizer, names in data.get("sweeps", {}).items():
+        ax.plot([pts[n].size / 1024 for n in names], [pts[n].quality for n in names], linestyle="--",
+                linewidth=1, alpha=0.7, label=f"{quantizer} sweep")
     offsets = ((5, 4), (5, -11), (5, 14), (5, -21))  # neighbours' labels take turns above and below
     for i, p in enumerate(sorted(pts.values(), key=lambda p: p.size)):
         ax.annotate(p.name + (" (selected)" if p.name == data["chosen"] else ""), (p.size / 1024, p.quality),
                     textcoords="offset points", xytext=offsets[i % len(offsets)], fontsize=8)
     ax.set_xlabel("size (KB)")
-    ax.set_ylabel(data["metric"])
+    lower = data.get("lower_is_better", False)
+    ax.set_ylabel(f"{data['metric']} ({'lower' if lower else 'higher'} is better)")
     ax.set_title(f"{data['pipeline']}: {data['metric']} against size")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper right" if lower else "lower right", fontsize=8)
     return _save(fig, path)
 
 
 def latency_chart_data(results: PipelineResults) -> dict[str, Any] | None:
     """What the latency chart shows: (variant, p50, p95) rows (None if no latency was measured)."""
-    rows = [(v.name, _number(v.metrics.get("latency_ms_p50")), _number(v.metrics.get("latency_ms_p95")))
-            for v in _ok(results)]
-    rows = [[n, p50, p95] for n, p50, p95 in rows if p50 is not None]
+    measured = [(v.name, _number(v.metrics.get("latency_ms_p50")), _number(v.metrics.get("latency_ms_p95")))
+                for v in _ok(results)]
+    rows = [[n, p50, p95] for n, p50, p95 in measured if p50 is not None]
     return {"pipeline": results.pipeline, "rows": rows} if rows else None
 
 
@@ -234,7 +297,7 @@ def write_report(results: PipelineResults, output_dir: Path, cache_dir: Path | N
     for name, text in ((SUMMARY_CSV, summary_csv(results)), (SUMMARY_MD, summary_markdown(results))):
         (output_dir / name).write_text(text, encoding="utf-8")
         written.append(output_dir / name)
-    for name, data_of, draw in ((ACCURACY_CHART, accuracy_chart_data, draw_accuracy_chart),
+    for name, data_of, draw in ((QUALITY_CHART, quality_chart_data, draw_quality_chart),
                                 (LATENCY_CHART, latency_chart_data, draw_latency_chart)):
         data = data_of(results)
         if data is None:
@@ -287,11 +350,6 @@ def _number(value: Any) -> float | None:
         return None
     value = float(value)
     return value if value == value and value not in (float("inf"), float("-inf")) else None
-
-
-def _fmt(value: Any, spec: str, suffix: str = "") -> str:
-    number = _number(value)
-    return "" if number is None else f"{number:{spec}}{suffix}"
 
 
 def _cell(text: str) -> str:

@@ -55,6 +55,10 @@ class PipelineResults:
     selected: dict[str, Any] | None = None
     #: the CI gate's verdict (when gating): passed, reason, failures
     gate: dict[str, Any] | None = None
+    #: what the model does: {"name": classification|binary|regression|None, "source", "reason"}
+    task: dict[str, Any] | None = None
+    #: the metrics the summary shows, in order: {"metric", "better": higher|lower, "role": quality|cost}
+    headline: list[dict[str, str]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def variant(self, name: str) -> VariantResult | None:

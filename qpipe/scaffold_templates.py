@@ -104,7 +104,8 @@ class Confidence(qpipe.Evaluator):
 
     name = "$name.confidence"
     Options = ConfidenceOptions
-    metrics = ("confidence_mean", "unsure_rate")
+    metrics = ("confidence_mean", "unsure_rate")  # what constraints and the objective may name
+    tasks = ("classification",)  # applies to classifiers only
 
     def evaluate(self, ctx: qpipe.EvalContext) -> dict[str, float]:
         scores = np.asarray(ctx.outputs, dtype=np.float64).reshape(len(ctx.outputs), -1)

@@ -2,7 +2,9 @@
 
 A constraint is a string ``"<metric> <op> <number>"`` (``accuracy_delta >= -0.01``); the
 objective is ``{maximize: METRIC}`` or ``{minimize: METRIC}``. The selected variant is the
-best one, by the objective, among the variants that finished and meet every constraint.
+best one, by the objective, among the variants that finished and meet every constraint. The
+baseline is the reference the others are measured against, not a candidate, unless the
+pipeline says ``select: {allow_baseline: true}``.
 """
 
 from __future__ import annotations
@@ -53,22 +55,23 @@ def unmet(constraints: list[Constraint], metrics: dict[str, float]) -> list[str]
     return [reason for c in constraints if (reason := c.check(metrics)) is not None]
 
 
-def select(variants: list[Any], constraints: list[Constraint], objective: tuple[str, str] | None) -> dict[str, Any]:
+def select(variants: list[Any], constraints: list[Constraint], objective: tuple[str, str] | None,
+           baseline: str | None = None) -> dict[str, Any]:
     """Choose among VariantResults; returns the ``selected`` record for results.json.
 
     ``objective`` is ``("maximize" | "minimize", metric)``; without one, the smallest
-    variant (by ``size_bytes``) that meets the constraints wins.
+    variant (by ``size_bytes``) that meets the constraints wins. ``baseline``, if given, is
+    the reference and cannot be selected.
     """
     direction, metric = objective or ("minimize", "size_bytes")
     rejected: dict[str, str] = {}
     eligible = []
     for v in variants:
-        if v.status != "ok":
-            rejected[v.name] = f"failed: {v.error}"
-            continue
-        reasons = unmet(constraints, v.metrics)
-        if metric not in v.metrics:
+        reasons = [f"failed: {v.error}"] if v.status != "ok" else unmet(constraints, v.metrics)
+        if v.status == "ok" and metric not in v.metrics:
             reasons.append(f"objective metric {metric} was not measured")
+        if v.name == baseline:  # its own misses are still worth knowing
+            reasons.insert(0, "the baseline is the reference (select.allow_baseline: true lets it ship)")
         if reasons:
             rejected[v.name] = "; ".join(reasons)
         else:
@@ -79,12 +82,13 @@ def select(variants: list[Any], constraints: list[Constraint], objective: tuple[
         "rejected": rejected,
         "variant": None,
     }
+    kind = "quantized variant" if baseline is not None else "variant"
     if not eligible:
-        record["reason"] = "no variant meets the constraints" if constraints else "no variant finished"
+        record["reason"] = f"no {kind} meets the constraints" if constraints else f"no {kind} finished"
         return record
     best = (max if direction == "maximize" else min)(eligible, key=lambda v: v.metrics[metric])
     met = f" and meets {', '.join(str(c) for c in constraints)}" if constraints else ""
     record.update(variant=best.name, value=best.metrics[metric],
                   reason=f"{direction}s {metric} ({best.metrics[metric]:.6g}) among "
-                         f"{len(eligible)} eligible variant(s){met}")
+                         f"{len(eligible)} eligible {kind}(s){met}")
     return record

@@ -42,8 +42,8 @@ def held_signals() -> Iterator[None]:
                 previous[sig] = signal.signal(sig, hold)
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if pending:
             stats["held"] += 1
             _deliver(pending[0], previous.get(pending[0], signal.SIG_DFL), None)

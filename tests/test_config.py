@@ -46,7 +46,8 @@ def test_good_pipeline_resolves_with_defaults(tmp_path, pm):
     assert int8.quantizer.component.options.per_channel is False
     assert int8.calibrator.component.name == "sample"
     assert int8.backend.component.name == "litert"
-    assert [e.component.name for e in resolved.evaluators] == ["accuracy", "fidelity", "size", "storage", "latency"]
+    assert [e.component.name for e in resolved.evaluators] == ["accuracy", "regression", "fidelity", "size", "storage",
+                                                            "latency"]  # those that apply to the task run
     assert resolved.config.tracking.enabled is False
 
 

@@ -95,7 +95,7 @@ def test_latency_reports_its_spread_and_is_remeasured_on_a_cache_hit(tmp_path):
     assert "measured in this run for 2 of 2" in (tmp_path / "one" / "summary.md").read_text()
 
     second = run_pipeline_file(pipeline, output=tmp_path / "two")
-    for old, new in zip(first.variants, second.variants):
+    for old, new in zip(first.variants, second.variants, strict=False):
         assert new.metadata["cache"] == "hit"
         assert "latency_ms_p50" in new.metadata["remeasured"]
         assert new.metrics["accuracy"] == old.metrics["accuracy"]  # the artifact's metrics are replayed

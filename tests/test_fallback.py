@@ -84,16 +84,18 @@ def test_plain_int8_fails_and_fallback_keeps_the_hurt_layer_in_float(fragile):
     assert "accuracy_delta" in results.selected["rejected"]["int8"]
 
 
-def test_fallback_without_constraints_is_a_clear_variant_error(fragile):
+def test_fallback_without_constraints_is_refused_before_any_work(fragile):
+    from qpipe import ConfigError
+
     data = yaml.safe_load((fragile / "fragile.yaml").read_text())
     data.pop("constraints")
     data.pop("objective")
     data["variants"] = data["variants"][:1] + data["variants"][2:]
     (fragile / "noconstraints.yaml").write_text(yaml.safe_dump(data))
-    results = run_pipeline_file(fragile / "noconstraints.yaml", output=fragile / "nc")
-    auto = results.variant("int8-auto")
-    assert auto.status == "failed"
-    assert "fallback: auto needs constraints in the pipeline" in auto.error
+    with pytest.raises(ConfigError, match=r"variants\[1\].options: variant 'int8-auto' \(tflite.int8\) searches "
+                                          r"until the pipeline's constraints hold, but none are declared"):
+        run_pipeline_file(fragile / "noconstraints.yaml", output=fragile / "nc")
+    assert not (fragile / "nc").exists()
 
 
 @pytest.mark.slow

@@ -61,7 +61,7 @@ def test_a_run_over_http_logs_parent_children_and_artifacts(server, tiny, tmp_pa
     (parent,) = parent_runs(server.uri, "tiny-http")
     assert c.get_experiment(parent.info.experiment_id).artifact_location.startswith("mlflow-artifacts:")
     assert parent.info.status == "FINISHED" and parent.info.run_name.startswith("tiny-")
-    assert {"pipeline.yaml", "results.json", "summary.csv", "summary.md", "accuracy_vs_size.png",
+    assert {"pipeline.yaml", "results.json", "summary.csv", "summary.md", "quality_vs_size.png",
             "latency.png"} <= {f.path for f in c.list_artifacts(parent.info.run_id)}
     kids = child_runs(server.uri, parent)
     assert sorted(kids) == ["dynamic", "float32", "int8"]

@@ -84,7 +84,7 @@ def tracked(tiny, store):
 def test_each_run_is_a_parent_with_one_child_per_variant(tracked, store, tiny):
     found = parent_runs(store, "tiny-tracked")
     assert len(found) == 2, "two runs, two parent runs"
-    for i, (parent, results) in enumerate(zip(found, tracked), start=1):
+    for i, (parent, results) in enumerate(zip(found, tracked, strict=False), start=1):
         assert parent.info.status == "FINISHED"
         assert parent.info.run_name == f"tiny-{results.timestamp}"  # the run's one timestamp
         assert Path(parent.data.tags["qpipe.output_dir"]) == (tiny.root / f"run-{i}").resolve()
@@ -199,6 +199,7 @@ def test_compare_prints_the_latest_or_the_given_run(tracked, store):
     for name in ("float32", "dynamic", "int8", "broken"):
         assert name in out.output
     assert "converter exploded" in out.output
+    assert "Δ accuracy" in out.output and "ratio" in out.output  # the headline columns, as in qpipe run
     out = CliRunner().invoke(app, ["compare", "--run", first.info.run_id, "--tracking-uri", store, "--json"])
     assert out.exit_code == 0, out.output
     import json

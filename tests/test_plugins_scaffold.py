@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from qpipe.cli import build_app
 from qpipe.registry import Registry
-from qpipe.testing import overlay_venv, plugin_manager
+from qpipe.testing import plugin_manager
 
 
 def new_plugin(*args: str):

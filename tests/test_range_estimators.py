@@ -73,8 +73,11 @@ def test_quant_params_follow_tflite_conventions():
 
 @pytest.mark.parametrize("estimator, message", [
     ({"name": "percentile", "percentile": 150}, "percentile must be in (50, 100], e.g. 99.99; got 150"),
-    ("kl", "unknown estimator 'kl'; choose one of minmax, percentile, mse, entropy"),
-    ({"name": "mse", "percentile": 99}, "unknown key 'percentile'"),
+    ("kl", "unknown estimator 'kl'; valid: minmax, percentile, mse, entropy"),
+    ("percentil", "unknown estimator 'percentil' (did you mean 'percentile'?)"),
+    ({"name": "mse", "percentile": 99}, "estimator 'mse' has no option 'percentile'; valid: candidates"),
+    ({"name": "percentile", "options": {"pct": 99}}, "estimator 'percentile' has no option 'pct'; valid: percentile"),
+    ({"name": "percentile", "options": {"percentile": 150}}, "percentile must be in (50, 100]"),
 ])
 def test_bad_estimator_options_fail_validation(project, estimator, message):
     from qpipe import ConfigError
@@ -87,6 +90,20 @@ def test_bad_estimator_options_fail_validation(project, estimator, message):
         resolve(load_config(path), Registry.from_plugins(plugin_manager()))
     assert "calibrator.options.estimator" in str(info.value)
     assert message in str(info.value)
+
+
+def test_the_nested_options_form_is_the_flat_form(project):
+    from qpipe.config import load_config, resolve
+    from qpipe.registry import Registry
+
+    estimators = {}
+    for form in ({"name": "percentile", "options": {"percentile": 99}}, {"name": "percentile", "percentile": 99}):
+        path = project.write_pipeline([{"name": "int8", "quantizer": "tflite.int8"}],
+                                      calibrator={"name": "sample", "options": {"count": 10, "estimator": form}})
+        resolved = resolve(load_config(path), Registry.from_plugins(plugin_manager()))
+        estimators[str(form)] = resolved.variants[1].calibrator.component.options.estimator
+    nested, flat = estimators.values()
+    assert nested == flat and nested.percentile == 99
 
 
 # --------------------------------------------------------------------------- inside the .tflite

@@ -24,7 +24,7 @@ def test_every_builtin_component_and_option_is_documented():
 
     registry = Registry.from_plugins(get_plugin_manager())
     section = README.read_text().split(START)[1].split(END)[0]
-    for kind, entries in registry.entries.items():
+    for entries in registry.entries.values():
         for name, entry in entries.items():
             assert f"**`{name}`**" in section, name
             for option in entry.cls.Options.model_fields:

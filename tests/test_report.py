@@ -8,7 +8,7 @@ import io
 import pytest
 
 from qpipe.report import (
-    ACCURACY_CHART,
+    QUALITY_CHART,
     LATENCY_CHART,
     SUMMARY_CSV,
     SUMMARY_MD,
@@ -46,7 +46,15 @@ def results() -> PipelineResults:
         variant("int8", 0.93, 25_000, p50=0.05, p95=0.09),
         variant("int16x8", 0.92, 27_000, p50=0.4, p95=0.6),  # bigger and worse than dynamic: dominated
         variant("broken", None, 0, status="failed", error="converter | exploded\non two lines"),
-    ], selected={"variant": "dynamic", "reason": "smallest within 1 point"})
+    ], selected={"variant": "dynamic", "reason": "smallest within 1 point"}, headline=HEADLINE)
+
+
+#: what the accuracy, size and latency evaluators declare (the runner writes this into results.json)
+HEADLINE = [{"metric": "accuracy", "better": "higher", "role": "quality"},
+            {"metric": "size_bytes", "better": "lower", "role": "cost"},
+            {"metric": "size_ratio", "better": "higher", "role": "cost"},
+            {"metric": "latency_ms_p50", "better": "lower", "role": "cost"},
+            {"metric": "latency_ms_p95", "better": "lower", "role": "cost"}]
 
 
 def test_pareto_front_keeps_only_undominated_points():
@@ -62,12 +70,20 @@ def test_front_of_a_run_ignores_failed_variants(results):
     assert [p.name for p in pareto_front(points(results))] == ["int8", "dynamic", "float16"]
 
 
-def test_quality_falls_back_to_fidelity_without_labels(results):
+def test_a_lower_is_better_metric_flips_the_front():
+    pts = [Point("a", 10, 5.0), Point("b", 5, 5.0), Point("c", 5, 9.0), Point("d", 20, 1.0), Point("e", 30, 1.0)]
+    assert [p.name for p in pareto_front(pts, lower=True)] == ["b", "d"]
+    assert [p.name for p in pareto_front(pts)] == ["c"]  # read as higher-is-better: the worst error wins
+
+
+def test_without_a_measured_quality_metric_there_is_no_quality_column_or_chart(results, tmp_path):
     for v in results.variants:
         v.metrics.pop("accuracy", None)
-        if v.status == "ok":
-            v.metrics["top1_agreement"] = 1.0
-    assert quality_metric(results) == "top1_agreement"
+        v.metrics.pop("accuracy_delta", None)
+    assert quality_metric(results) is None
+    header = next(line for line in summary_markdown(results).splitlines() if line.startswith("| variant"))
+    assert "accuracy" not in header and "size" in header
+    assert QUALITY_CHART not in {p.name for p in write_report(results, tmp_path)}
 
 
 def test_csv_has_every_metric_and_marks_front_and_selection(results):
@@ -89,16 +105,16 @@ def test_markdown_table_is_well_formed(results):
     assert widths == {11}, "every row has the header's 10 columns (escaped pipes in errors)"
     assert "| dynamic | tflite.dynamic | ok | 0.9400 | -1.00 pt | 25.4 KB |" in text
     assert "Selected: **dynamic**" in text
-    assert "Pareto front (accuracy against size): int8, dynamic, float16" in text
+    assert "Pareto front (accuracy against size, higher is better): int8, dynamic, float16" in text
 
 
 def test_write_report_writes_tables_and_png_charts(results, tmp_path):
     written = write_report(results, tmp_path)
-    assert {p.name for p in written} == {SUMMARY_CSV, SUMMARY_MD, ACCURACY_CHART, LATENCY_CHART}
-    for name in (ACCURACY_CHART, LATENCY_CHART):
+    assert {p.name for p in written} == {SUMMARY_CSV, SUMMARY_MD, QUALITY_CHART, LATENCY_CHART}
+    for name in (QUALITY_CHART, LATENCY_CHART):
         data = (tmp_path / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5_000
-    assert report_files(tmp_path) == [tmp_path / n for n in (SUMMARY_CSV, SUMMARY_MD, ACCURACY_CHART, LATENCY_CHART)]
+    assert report_files(tmp_path) == [tmp_path / n for n in (SUMMARY_CSV, SUMMARY_MD, QUALITY_CHART, LATENCY_CHART)]
 
 
 def test_charts_drawn_before_are_copied_from_the_cache(results, tmp_path, monkeypatch):
@@ -109,13 +125,13 @@ def test_charts_drawn_before_are_copied_from_the_cache(results, tmp_path, monkey
     (tmp_path / "one").mkdir()
     write_report(results, tmp_path / "one", cache)
     drawn = []
-    for name in ("draw_accuracy_chart", "draw_latency_chart"):
+    for name in ("draw_quality_chart", "draw_latency_chart"):
         real = getattr(report, name)
         monkeypatch.setattr(report, name, lambda data, path, real=real: drawn.append(path.name) or real(data, path))
     (tmp_path / "two").mkdir()
     write_report(results, tmp_path / "two", cache)
     assert drawn == []  # same data: both charts copied, matplotlib not needed
-    for name in (ACCURACY_CHART, LATENCY_CHART):
+    for name in (QUALITY_CHART, LATENCY_CHART):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
     results.variants[0].metrics["latency_ms_p50"] = 0.05  # a changed measurement is drawn anew
     (tmp_path / "three").mkdir()

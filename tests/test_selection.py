@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from qpipe.config import load_config, resolve
@@ -92,7 +93,67 @@ def test_grid_selection_and_gate_exit_codes(project):
     assert proc.returncode == 0, proc.stderr  # without --gate a miss is reported, not fatal
     proc = qpipe_run(failing, "--output", project.root / "fail-gated", "--gate")
     assert proc.returncode == 3, proc.stderr
-    assert "error: gate: no variant meets the constraints (accuracy_delta >= 0.5)" in proc.stderr
+    assert "error: gate: no quantized variant meets the constraints (accuracy_delta >= 0.5)" in proc.stderr
     gate = json.loads((project.root / "fail-gated" / "results.json").read_text())["gate"]
     assert gate["passed"] is False and set(gate["failures"]) == {"float32", "int8-per_channel-true",
                                                                  "int8-per_channel-false", "dynamic"}
+
+
+def test_the_baseline_is_the_reference_not_a_candidate():
+    variants = [v("float32", accuracy_delta=0.0, size_ratio=1.0), v("int8", accuracy_delta=-0.2, size_ratio=3.6)]
+    constraints = [Constraint.parse("accuracy_delta >= -0.01")]
+    record = select(variants, constraints, ("maximize", "size_ratio"), baseline="float32")
+    assert record["variant"] is None and record["reason"] == "no quantized variant meets the constraints"
+    assert "reference" in record["rejected"]["float32"] and "needs >= -0.01" in record["rejected"]["int8"]
+    allowed = select(variants, constraints, ("maximize", "size_ratio"))  # select.allow_baseline: true
+    assert allowed["variant"] == "float32"
+
+
+def outlier_model(project):
+    """The tiny classifier plus one hidden unit that sees every input with weight 200 and feeds
+    nothing: float outputs are unchanged, but that unit stretches the layer's activation range
+    to ~15,000, so a per-tensor int8 scale (~57 per step) wipes out the units that matter (< 3)."""
+    from qpipe.tfenv import tf_keras
+
+    keras = tf_keras()
+    model = keras.models.load_model(project.model_path)
+    layers = keras.layers
+    wide = keras.Sequential([layers.Input((8, 8, 1), name="image"), layers.Conv2D(8, 3, padding="same", use_bias=False),
+                             layers.BatchNormalization(), layers.ReLU(), layers.MaxPooling2D(), layers.Flatten(),
+                             layers.Dense(33, activation="relu"), layers.Dense(4, activation="softmax")])
+    for source, target in zip(model.layers[:5], wide.layers[:5], strict=False):
+        target.set_weights(source.get_weights())
+    kernel, bias = model.layers[5].get_weights()
+    wide.layers[5].set_weights([np.concatenate([kernel, np.full((len(kernel), 1), 200.0, np.float32)], axis=1),
+                                np.append(bias, 0.0)])
+    kernel, bias = model.layers[6].get_weights()
+    wide.layers[6].set_weights([np.concatenate([kernel, np.zeros((1, kernel.shape[1]), np.float32)]), bias])
+    wide.save(project.root / "outlier.keras")
+    return wide
+
+
+@pytest.mark.slow
+def test_the_gate_fails_with_exit_3_when_every_quantized_variant_misses(project):
+    from typer.testing import CliRunner
+
+    from qpipe.cli import build_app
+    from qpipe.testing import plugin_manager, run_pipeline_file
+
+    outlier_model(project)
+    sections = dict(model={"path": "outlier.keras"}, constraints=["accuracy_delta >= -0.05"], gate=True,
+                    evaluators=["accuracy", "size"], cache=False)
+    gated = project.write_pipeline([{"name": "int8", "quantizer": "tflite.int8"}], name="gate.yaml", **sections)
+    proc = CliRunner().invoke(build_app(plugin_manager()), ["run", str(gated), "--output", str(project.root / "gated")])
+    assert proc.exit_code == 3, proc.output
+    assert "error: gate: no quantized variant meets the constraints (accuracy_delta >= -0.05)" in proc.output
+    results = json.loads((project.root / "gated" / "results.json").read_text())
+    by_name = {v["name"]: v for v in results["variants"]}
+    assert by_name["float32"]["metrics"]["accuracy"] > 0.9  # the float model is fine ...
+    assert by_name["int8"]["metrics"]["accuracy_delta"] < -0.3  # ... its int8 version is not
+    assert results["gate"]["passed"] is False and "int8" in results["gate"]["failures"]
+    assert results["selected"]["variant"] is None
+
+    allowed = project.write_pipeline([{"name": "int8", "quantizer": "tflite.int8"}], name="allowed.yaml",
+                                     select={"allow_baseline": True}, **sections)
+    results = run_pipeline_file(allowed, output=project.root / "allowed")
+    assert results.gate["passed"] is True and results.selected["variant"] == "float32"

@@ -69,13 +69,12 @@ def run(project, variants, model=None, training=True):
     return run_pipeline_file(path, plugin_manager(entry_points=["tfmot"]))
 
 
-def test_training_variant_without_training_data_fails_alone(project):
-    results = run(project, [{"name": "qat", "quantizer": "tfmot.qat"},
-                            {"name": "ternary", "quantizer": "tfmot.ternary"}], training=False)
-    assert results.variant("float32").status == "ok"
-    for name in ("qat", "ternary"):
-        assert results.variant(name).status == "failed"
-        assert "add data.training" in results.variant(name).error
+def test_training_variant_without_training_data_is_refused_before_any_work(project):
+    from qpipe import ConfigError
+
+    for quantizer in ("tfmot.qat", "tfmot.ternary", "tfmot.binary"):
+        with pytest.raises(ConfigError, match=rf"data: variant 'v' \({quantizer}\) trains the model: add data.training"):
+            run(project, [{"name": "v", "quantizer": quantizer}], training=False)
 
 
 def test_unsupported_layer_and_uninferable_loss(project):
@@ -151,7 +150,7 @@ def test_keras3_functional_rebuild_reproduces_outputs():
     rebuilt = rebuild_keras3(model, "test")
     x = np.random.default_rng(0).normal(size=(16, 6)).astype(np.float32)
     assert check_same_outputs(model, rebuilt, x, "test") < 1e-5
-    assert [l.name for l in rebuilt.layers[1:]] == [l.name for l in model.layers[1:]]
+    assert [layer.name for layer in rebuilt.layers[1:]] == [layer.name for layer in model.layers[1:]]
 
 
 def test_loss_inference_rules():

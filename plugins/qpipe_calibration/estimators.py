@@ -74,19 +74,31 @@ EstimatorOptions = Annotated[
     Union[MinMaxOptions, PercentileOptions, MseOptions, EntropyOptions], Field(discriminator="name")]
 
 NAMES = ("minmax", "percentile", "mse", "entropy")
+OPTIONS: dict[str, type[qpipe.Options]] = {"minmax": MinMaxOptions, "percentile": PercentileOptions,
+                                           "mse": MseOptions, "entropy": EntropyOptions}
 
 
 def parse_estimator(value: Any) -> Any:
-    """Accept ``percentile`` as shorthand for ``{name: percentile}``; name unknown names clearly."""
+    """Accept ``percentile`` as shorthand for ``{name: percentile}`` and the nested form
+    ``{name: percentile, options: {percentile: 99}}``; name unknown names and keys clearly."""
     if isinstance(value, str):
         value = {"name": value}
-    if isinstance(value, dict):
-        name = value.get("name")
-        if name is None:
-            raise ValueError(f"estimator needs a 'name': one of {', '.join(NAMES)}")
-        if name not in NAMES:
-            raise ValueError(f"unknown estimator '{name}'; choose one of {', '.join(NAMES)}")
-    return value
+    if not isinstance(value, dict):
+        return value
+    name = value.get("name")
+    if name is None:
+        raise ValueError(f"estimator needs a 'name': one of {', '.join(NAMES)}")
+    if name not in NAMES:
+        raise ValueError(qpipe.unknown_name_message("estimator", str(name), list(NAMES)))
+    nested = value.get("options", {})
+    if not isinstance(nested, dict):
+        raise ValueError(f"estimator '{name}': 'options' must be a mapping of option to value")
+    flat = {**{k: v for k, v in value.items() if k != "options"}, **nested}
+    valid = [k for k in OPTIONS[name].model_fields if k != "name"]
+    for key in flat:
+        if key != "name" and key not in valid:
+            raise ValueError(f"estimator '{name}' has no option '{key}'; valid: {', '.join(valid) or 'none'}")
+    return flat
 
 
 # --------------------------------------------------------------------------- quantization grid

@@ -84,8 +84,8 @@ def keras_tensors(model: Any, flavor: str) -> tuple[list[TensorInfo], list[Tenso
     else:
         in_names = [t.name for t in model.inputs]
         out_names = [getattr(t, "name", f"output_{i}") for i, t in enumerate(model.outputs)]
-    inputs = [TensorInfo(n, _shape(t.shape), _dtype(t.dtype)) for n, t in zip(in_names, model.inputs)]
-    outputs = [TensorInfo(n, _shape(t.shape), _dtype(t.dtype)) for n, t in zip(out_names, model.outputs)]
+    inputs = [TensorInfo(n, _shape(t.shape), _dtype(t.dtype)) for n, t in zip(in_names, model.inputs, strict=False)]
+    outputs = [TensorInfo(n, _shape(t.shape), _dtype(t.dtype)) for n, t in zip(out_names, model.outputs, strict=False)]
     return inputs, outputs
 
 
@@ -215,9 +215,15 @@ class KerasBackend(Backend):
 
 @qpipe.hookimpl
 def qpipe_register_quantizers(register) -> None:
+    from qpipe_keras.bfloat16 import KerasBfloat16
+
     register(KerasOriginal)
+    register(KerasBfloat16)
 
 
 @qpipe.hookimpl
 def qpipe_register_backends(register) -> None:
+    from qpipe_keras.bfloat16 import KerasBfloat16Backend
+
     register(KerasBackend)
+    register(KerasBfloat16Backend)

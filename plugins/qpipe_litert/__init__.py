@@ -101,8 +101,10 @@ def qpipe_register_backends(register: Any) -> None:
 @qpipe.hookimpl
 def qpipe_register_quantizers(register: Any) -> None:
     from qpipe_litert.aiq import Int4
+    from qpipe_litert.mixed import Mixed
 
     register(Int4)
+    register(Mixed)
 
 
 @qpipe.hookimpl

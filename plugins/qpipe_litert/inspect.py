@@ -41,6 +41,8 @@ class Weight:
     count: int
     shape: tuple[int, ...]
     scale: np.ndarray | None = None
+    #: the name of the op's first output tensor (ties the weight to its op)
+    output: str = ""
 
 
 @dataclass
@@ -113,7 +115,8 @@ class TFLiteModel:
             q = tensor.quantization
             scale = None if q is None or q.scale is None or len(q.scale) == 0 else np.asarray(q.scale)
             out.append(Weight(op=name, tensor=self.tensor_name(index), dtype=dtype, bits=BITS.get(dtype, 32),
-                              count=int(np.prod(shape)) if shape else 1, shape=shape, scale=scale))
+                              count=int(np.prod(shape)) if shape else 1, shape=shape, scale=scale,
+                              output=self.tensor_name(int(op.outputs[0])) if op.outputs is not None else ""))
         return out
 
     def weight_values(self, tensor_name: str) -> np.ndarray:
@@ -213,6 +216,9 @@ class Storage(qpipe.Evaluator):
     """Stored weight width (bits_per_weight) and, for integer models, ops left in float (float_ops)."""
 
     name = "storage"
+    metrics = ("bits_per_weight", "float_ops")
+    lower_is_better = metrics
+    role = "cost"
 
     def evaluate(self, ctx: qpipe.EvalContext) -> dict[str, float]:
         artifact = ctx.artifact

@@ -30,11 +30,21 @@ class AccuracyOptions(qpipe.Options):
 
 
 class Accuracy(Evaluator):
-    """Top-1 (and optional top-k) classification accuracy against the labels."""
+    """Top-1 (and optional top-k) classification accuracy against the labels.
+
+    Also ``top<k>_accuracy`` for each k in ``top_k``. Refuses labels that are not class ids.
+    """
 
     name = "accuracy"
     needs_labels = True
     Options = AccuracyOptions
+    metrics = ("accuracy",)
+    headline = ("accuracy",)
+    tasks = ("classification", "binary")
+
+    @classmethod
+    def declared_metrics(cls, options: AccuracyOptions | None = None) -> tuple[str, ...]:
+        return cls.metrics + tuple(f"top{k}_accuracy" for k in (options.top_k if options else []))
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         scores = _flat(ctx.outputs)
@@ -55,18 +65,33 @@ class Regression(Evaluator):
 
     name = "regression"
     needs_labels = True
+    metrics = ("mae", "rmse")
+    headline = ("mae", "rmse")
+    lower_is_better = ("mae", "rmse")
+    tasks = ("regression",)
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         predicted = _flat(ctx.outputs)
-        target = np.asarray(ctx.data.labels, dtype=np.float64).reshape(predicted.shape)
+        target = np.asarray(ctx.data.labels, dtype=np.float64)
+        if target.size != predicted.size:
+            raise QpipeError(f"regression: {target.size // max(len(target), 1)} target value(s) per sample but "
+                             f"the model outputs {predicted.shape[1]}; check data.evaluation.labels")
+        target = target.reshape(predicted.shape)
         error = predicted - target
         return {"mae": float(np.mean(np.abs(error))), "rmse": float(np.sqrt(np.mean(error ** 2)))}
 
 
 class Fidelity(Evaluator):
-    """Agreement with the baseline's outputs: top-1 agreement, abs. error, cosine similarity."""
+    """Agreement with the baseline's outputs: abs. and relative error, R²; cosine and top-1 for vectors.
+
+    ``relative_error`` is the mean absolute difference over the baseline outputs' mean
+    absolute deviation and ``r2`` is 1 - SS(difference) / SS(baseline about its mean): both
+    0 / 1 for a perfect copy, about 1 / 0 for an output stuck at the baseline's mean.
+    ``cosine_similarity`` and ``top1_agreement`` only for outputs of more than one value.
+    """
 
     name = "fidelity"
+    metrics = ("max_abs_error", "mean_abs_error", "relative_error", "r2", "cosine_similarity", "top1_agreement")
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         if ctx.baseline_outputs is None:
@@ -75,11 +100,15 @@ class Fidelity(Evaluator):
         if ours.shape != theirs.shape:
             raise QpipeError(f"fidelity: output shape {ours.shape} differs from the baseline's {theirs.shape}")
         error = np.abs(ours - theirs)
-        norms = np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1)
-        cosine = np.sum(ours * theirs, axis=1) / np.where(norms == 0, 1, norms)
-        metrics = {"max_abs_error": float(error.max()), "mean_abs_error": float(error.mean()),
-                   "cosine_similarity": float(cosine.mean())}
-        if ours.shape[1] > 1:
+        metrics = {"max_abs_error": float(error.max()), "mean_abs_error": float(error.mean())}
+        spread = np.abs(theirs - theirs.mean(axis=0))
+        if spread.mean() > 0:  # a constant baseline gives nothing to be relative to
+            metrics["relative_error"] = float(error.mean() / spread.mean())
+            metrics["r2"] = float(1.0 - np.sum(error ** 2) / np.sum(spread ** 2))
+        if ours.shape[1] > 1:  # cosine of one number is its sign: only vectors
+            norms = np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1)
+            cosine = np.sum(ours * theirs, axis=1) / np.where(norms == 0, 1, norms)
+            metrics["cosine_similarity"] = float(cosine.mean())
             metrics["top1_agreement"] = float(np.mean(ours.argmax(1) == theirs.argmax(1)))
         return metrics
 
@@ -94,6 +123,10 @@ class Size(Evaluator):
     """Bytes on disk, gzip bytes, and the baseline's size divided by this variant's."""
 
     name = "size"
+    metrics = ("size_bytes", "size_gzip_bytes", "size_ratio")
+    headline = ("size_bytes", "size_ratio")
+    lower_is_better = ("size_bytes", "size_gzip_bytes")
+    role = "cost"
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         size = ctx.artifact.size_bytes()
@@ -135,6 +168,8 @@ class Latency(Evaluator):
     metrics = ("latency_ms_p50", "latency_ms_p95", "latency_ms_per_sample_p50", "latency_ms_per_sample_p95",
                "latency_spread", "latency_noisy")
     headline = ("latency_ms_p50",)
+    lower_is_better = metrics
+    role = "cost"
     #: the host runs it again on a cache hit instead of replaying the stored numbers
     remeasure = True
 

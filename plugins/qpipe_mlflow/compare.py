@@ -89,7 +89,9 @@ def read_run(target: Target, run_id: str | None, by_experiment: bool) -> tuple[A
     results = PipelineResults(pipeline=tags.get("qpipe.pipeline", parent.info.run_name),
                               baseline=tags.get("qpipe.baseline", ""), variants=variants,
                               status=tags.get("qpipe.status", parent.info.status.lower()),
-                              qpipe_version=tags.get("qpipe.version"), selected=selected)
+                              qpipe_version=tags.get("qpipe.version"), selected=selected,
+                              headline=json.loads(tags.get("qpipe.headline_spec") or "[]"),
+                              task={"name": tags["qpipe.task"]} if tags.get("qpipe.task") else None)
     return parent, results
 
 

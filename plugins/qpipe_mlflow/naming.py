@@ -42,7 +42,7 @@ def short_names(config: Any) -> dict[str, str]:
             short = [abbreviation(k) for k in keys]
             if len(set(short)) < len(short):
                 short = keys
-            rules[v.name] = list(zip([f"{k}-" for k in keys], short))
+            rules[v.name] = list(zip([f"{k}-" for k in keys], short, strict=False))
     return rules
 
 

@@ -123,5 +123,5 @@ def quiet_logs() -> Iterator[None]:
     try:
         yield
     finally:
-        for lg, level in zip(loggers, saved):
+        for lg, level in zip(loggers, saved, strict=False):
             lg.setLevel(level)

@@ -175,8 +175,9 @@ class Tracker:
         if self.registered:
             tags["qpipe.registered_model"] = self.registered
         ok = sum(v.status == "ok" for v in results.variants)
-        self.log(self.parent_id, tags=tags, params={"variants": len(results.variants)},
-                 metrics={"variants_ok": ok, "variants_failed": len(results.variants) - ok})
+        metrics = {"variants_ok": ok, "variants_failed": len(results.variants) - ok}
+        self.log(self.parent_id, tags={**tags, **headline_tags(results)}, params={"variants": len(results.variants)},
+                 metrics={**metrics, **selected_headline(results, selected.get("variant"))})
         self.log_parent_files(run, results)
         self.client.set_terminated(self.parent_id, END_STATUS.get(results.status, "FINISHED"),
                                    end_time=ms(parse_time(results.finished)) if run.replay else None)
@@ -424,6 +425,24 @@ def artifact_path(run: Any, result: VariantResult) -> Path | None:
         return None
     path = Path(run.output_dir) / result.artifact
     return path if path.exists() else None
+
+
+def headline_tags(results: PipelineResults) -> dict[str, str]:
+    """The task and the headline metrics, as parent tags (``qpipe.headline_spec``: for ``qpipe compare``)."""
+    tags = {"qpipe.headline": ", ".join(h["metric"] for h in results.headline or []),
+            "qpipe.headline_spec": json.dumps(results.headline or [])}
+    if results.task and results.task.get("name"):
+        tags["qpipe.task"] = results.task["name"]
+    return tags
+
+
+def selected_headline(results: PipelineResults, chosen: str | None) -> dict[str, float]:
+    """The selected variant's headline metrics (and deltas), as ``selected.<metric>`` parent metrics."""
+    variant = results.variant(chosen) if chosen else None
+    if variant is None:
+        return {}
+    names = [n for h in results.headline or [] for n in (h["metric"], h["metric"] + "_delta")]
+    return {f"selected.{n}": variant.metrics[n] for n in names if number(variant.metrics.get(n)) is not None}
 
 
 def _plain(result: VariantResult) -> dict[str, Any]:

@@ -299,6 +299,10 @@ class Int8(EngineChoice, FullInteger):
     #: ``qpipe analyze`` and ``fallback: auto`` can rank this quantizer's layers
     supports_sensitivity = True
     aeq_kind = "int8"
+    metrics = ("fallback_float_layers", "fallback_size_cost_bytes", "fallback_latency_cost_ms")
+
+    def needs_constraints(self) -> bool:
+        return self.options.fallback == "auto"
 
     def quantize(self, ctx: QuantizeContext) -> Artifact:
         """Plain int8 (the engine as chosen for any int8 variant); then, when asked, rank its

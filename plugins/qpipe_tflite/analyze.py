@@ -27,15 +27,19 @@ def analyze_variant(pm: Any, pipeline: Path, variant: str, output: Path | None) 
     resolved = resolve(load_config(pipeline), Registry.from_plugins(pm), only=[variant])
     chosen = next((rv for rv in resolved.variants if rv.config.name == variant), None)
     quantizer = chosen.quantizer.component if chosen else None
-    if chosen is None or not getattr(quantizer, "supports_sensitivity", False):
+    by_width = getattr(quantizer, "sensitivity_by_width", None)  # e.g. litert.mixed: every width
+    if chosen is None or not (by_width or getattr(quantizer, "supports_sensitivity", False)):
         raise QpipeError(f"variant '{variant}' ({chosen.config.quantizer if chosen else '?'}) is not a "
-                         "full-integer int8 converter variant; analyze works on tflite.int8 variants")
+                         "full-integer int8 converter variant; analyze works on tflite.int8 (and litert.mixed) variants")
     inputs = load_inputs(pm, resolved)
     folder = output or resolved.loaded.base_dir / "runs" / f"{resolved.config.name}-analyze-{variant}-{timestamp()}"
     folder.mkdir(parents=True, exist_ok=True)
     calibration = chosen.calibrator.component.calibrate(
         CalibrateContext(variant=variant, work_dir=folder, model=inputs.model, data=inputs.calibration))
     ctx = QuantizeContext(variant=variant, work_dir=folder, model=inputs.model, calibration=calibration)
+    if by_width:
+        rows, written = by_width(ctx)
+        return rows, {"csv": written[0], "png": ", ".join(str(p) for p in written[1:])}
     layers = layer_sensitivity(quantizer.make_converter(ctx), lambda: representative_dataset(calibration))
     files = write_report(layers, folder, f"{variant}.sensitivity")
     return layers, files
@@ -62,6 +66,9 @@ def register_command(app: typer.Typer) -> None:
         prepare_environment()
         with ErrorGuard(debug):
             layers, files = analyze_variant(get_plugin_manager(), pipeline, variant, output)
+            if layers and isinstance(layers[0], dict):
+                _print_widths(layers, files)
+                return
             table = Table(title=f"int8 sensitivity of {variant} (worst first)")
             for column in ("rank", "op", "tensor", "RMSE/step", "max abs error"):
                 table.add_column(column, justify="right" if column in ("rank", "RMSE/step", "max abs error") else "left")
@@ -71,3 +78,21 @@ def register_command(app: typer.Typer) -> None:
             console = Console(width=140) if not Console().is_terminal else Console()
             console.print(table)
             console.print(f"wrote {files['csv']} and {files['png']}", highlight=False)
+
+
+def _print_widths(rows: list[dict], files: dict) -> None:
+    """Print per-layer, per-width costs (``sensitivity_by_width`` rows)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="per-layer sensitivity by weight width (each layer quantized alone)")
+    for column in ("layer", "op", "width", "runs", "output error", "Δ accuracy", "bytes saved", "note"):
+        table.add_column(column)
+    for r in rows:
+        delta = r["accuracy_delta"]
+        table.add_row(str(r["layer"]), r["op"], r["width"], "yes" if r["runs"] else "no",
+                      f"{r['error']:.3g}", "" if delta is None else f"{100 * delta:+.2f} pt",
+                      str(r["bytes_saved"]), r["note"])
+    console = Console(width=160) if not Console().is_terminal else Console()
+    console.print(table)
+    console.print(f"wrote {files['csv']} and {files['png']}", highlight=False)

@@ -31,8 +31,8 @@ def analyze(quantizer: Any, ctx: QuantizeContext, write: bool) -> list[LayerErro
     """Rank the variant's layers by int8 error; with ``write``, save the table and chart."""
     ctx.report("ranking layers by int8 error")
     layers = layer_sensitivity(quantizer.make_converter(ctx), _samples(ctx))
-    ctx.record("sensitivity", [{"rank": l.rank, "op": l.op, "tensor": l.tensor,
-                                "rmse_over_scale": round(l.rmse_over_scale, 6)} for l in layers[:10]])
+    ctx.record("sensitivity", [{"rank": layer.rank, "op": layer.op, "tensor": layer.tensor,
+                                "rmse_over_scale": round(layer.rmse_over_scale, 6)} for layer in layers[:10]])
     if write:
         files = write_report(layers, ctx.work_dir, f"{ctx.variant}.sensitivity")
         ctx.record("files", sorted(p.name for p in files.values()))

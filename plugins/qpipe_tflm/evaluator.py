@@ -91,6 +91,8 @@ class Micro(Evaluator):
     metrics = ("micro_compatible", "arena_bytes", "flash_bytes", "micro_ops",
                "micro_max_abs_diff", "micro_max_diff_steps")
     headline = ("arena_bytes", "flash_bytes")
+    lower_is_better = ("arena_bytes", "flash_bytes", "micro_max_abs_diff", "micro_max_diff_steps")
+    role = "cost"
 
     def __init__(self, options: MicroOptions | None = None):
         super().__init__(options)

@@ -51,6 +51,8 @@ class TrainingQuantizer(Quantizer):
     """Shared steps: the tf_keras model, the loss, the annotated model, training."""
 
     needs_training = True
+    #: the last epoch's loss and (for classifiers) accuracy, and the training time
+    metrics = ("train_seconds", "train_loss", "val_loss", "train_accuracy", "val_accuracy")
 
     def prepare(self, ctx: QuantizeContext) -> tuple[Any, Any]:
         """(tf_keras model, loss choice)."""

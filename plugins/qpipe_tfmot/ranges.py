@@ -66,6 +66,6 @@ def calibrate_ranges(qat_model: Any, data: Dataset, batch_size: int) -> dict[str
             for batch in sample.batches(batch_size):
                 qat_model(next(iter(batch.values())) if len(batch) == 1 else batch, training=True)
     finally:
-        for variable, value in zip(others, saved):
+        for variable, value in zip(others, saved, strict=False):
             variable.assign(value)
     return {"ranges": len(ranges) // 2, "samples": len(sample)}

@@ -145,7 +145,7 @@ def rebuild_keras3(model: Any, what: str) -> Any:
         kwargs = _map_tensors(node.arguments.kwargs, produce)
         outputs = layers[op.name](*args, **kwargs)
         flat = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        for original, new in zip(node.output_tensors, flat):
+        for original, new in zip(node.output_tensors, flat, strict=False):
             built[id(original)] = new
         return built[id(tensor)]
 
@@ -181,7 +181,7 @@ def check_same_outputs(original: Any, rebuilt: Any, sample: Any, what: str, tole
     got = rebuilt(args, training=False)
     want = [np.asarray(w) for w in (want if isinstance(want, (list, tuple)) else [want])]
     got = [np.asarray(g) for g in (got if isinstance(got, (list, tuple)) else [got])]
-    diff = max(float(np.max(np.abs(w - g))) for w, g in zip(want, got))
+    diff = max(float(np.max(np.abs(w - g))) for w, g in zip(want, got, strict=False))
     scale = max(1.0, max(float(np.max(np.abs(w))) for w in want))
     if not np.isfinite(diff) or diff > tolerance * scale:
         raise QpipeError(f"{what}: {label} does not reproduce the model's outputs "

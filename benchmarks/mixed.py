@@ -1,0 +1,75 @@
+"""Print the mixed-precision table of docs/mixed-precision.md, measured now.
+
+Runs ``examples/mixed/pipeline.yaml``, ``pipeline-narrow.yaml`` and ``pipeline-mobilenetv2.yaml``
+(uniform int8 and int4, float fallback, litert.mixed at three size budgets and under the
+accuracy constraint, bfloat16) without tracking or cache and prints, per model, one row per
+variant: accuracy, its delta to float32, file size, ratio to float32, the ratio as a multiple
+of uniform int8's, bits per weight and the quantize time.
+
+    .venv/bin/python benchmarks/mixed.py [--work DIR] [--only wide|narrow|mobilenetv2]   # 2.5-4 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PIPELINES = {"wide": ROOT / "examples" / "mixed" / "pipeline.yaml",
+             "narrow": ROOT / "examples" / "mixed" / "pipeline-narrow.yaml",
+             "mobilenetv2": ROOT / "examples" / "mixed" / "pipeline-mobilenetv2.yaml"}
+
+
+def run(pipeline: Path, work: Path) -> dict:
+    """Run ``pipeline`` into ``work``; return results.json."""
+    qpipe = Path(sys.executable).parent / "qpipe"
+    started = time.perf_counter()
+    subprocess.run([str(qpipe), "run", str(pipeline), "--no-tracking", "--no-cache", "--output", str(work)],
+                   check=True, stdout=subprocess.DEVNULL)
+    results = json.loads((work / "results.json").read_text())
+    results["_seconds"] = time.perf_counter() - started
+    return results
+
+
+def table(results: dict) -> str:
+    """The markdown table, one row per variant."""
+    variants = {v["name"]: v for v in results["variants"]}
+    int8 = variants["int8"]["metrics"].get("size_ratio") or float("nan")
+    header = ("| variant | quantizer | accuracy | Δ acc (pt) | size (KB) | × float32 | × int8's ratio "
+              "| bits/weight | quantize s |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+    for name, v in variants.items():
+        m = v.get("metrics", {})
+        if v.get("status") != "ok":
+            lines.append(f"| {name} | {v['quantizer']} | failed: {v.get('error', '')[:60]} |||||||")
+            continue
+        ratio = m.get("size_ratio", float("nan"))
+        bits = m.get("bits_per_weight")
+        lines.append(f"| {name} | {v['quantizer']} | {m['accuracy']:.4f} | {100 * m.get('accuracy_delta', 0):+.2f} "
+                     f"| {m['size_bytes'] / 1024:.1f} | {ratio:.2f} | {ratio / int8:.2f} "
+                     f"| {'' if bits is None else f'{bits:.2f}'} | {m.get('quantize_seconds', 0):.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("--only", choices=sorted(PIPELINES), help="run one of the models")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, pipeline in PIPELINES.items():
+            if args.only and name != args.only:
+                continue
+            results = run(pipeline, (args.work or Path(scratch)) / name)
+            print(f"## {results['pipeline']} ({pipeline.relative_to(ROOT)})\n")
+            print(table(results))
+            print(f"\nwhole run: {results['_seconds']:.0f} s\n")
+
+
+if __name__ == "__main__":
+    main()
