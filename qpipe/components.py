@@ -99,7 +99,10 @@ class LoadedModel:
         if self.flavor not in ("keras3", "tf_keras"):
             raise NotImplementedError(f"a {self.flavor} model cannot be copied; only Keras models can")
         keras = keras3() if self.flavor == "keras3" else tf_keras()
-        clone = keras.models.clone_model(self.model)
+        try:  # from the config keeps the layer names (tf_keras' clone_model renames layers)
+            clone = type(self.model).from_config(self.model.get_config())
+        except Exception:  # e.g. a subclassed model without get_config
+            clone = keras.models.clone_model(self.model)
         clone.set_weights(self.model.get_weights())
         return clone
 

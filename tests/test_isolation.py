@@ -8,7 +8,7 @@ import pytest
 
 import qpipe
 from qpipe.isolation import fingerprint, weight_arrays
-from qpipe.testing import plugin_manager, run_pipeline_file, tiny_project
+from qpipe.testing import plugin_manager, run_pipeline_file
 
 
 class Mutating(qpipe.Quantizer):
@@ -40,8 +40,8 @@ EVALUATORS = ["accuracy", "fidelity"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    project = tiny_project(tmp_path_factory.mktemp("isolation"))
+def runs(tmp_path_factory, _tiny_session):
+    project = _tiny_session.copy_to(tmp_path_factory.mktemp("isolation"))
     pm = plugin_manager(Plugin())
     clean = project.write_pipeline(list(VARIANTS), name="clean.yaml", evaluators=EVALUATORS, cache=False)
     mutated = project.write_pipeline([{"name": "mutant", "quantizer": "mutating.prune"}, *VARIANTS],
@@ -67,15 +67,16 @@ def test_a_mutating_quantizer_cannot_change_the_other_variants_results(runs):
         assert {k: mutated.variant(name).metrics[k] for k in same} == same, name
 
 
-@pytest.mark.parametrize("flavor", ["tf_keras", "keras3"])
-def test_copy_is_a_clone_with_the_same_outputs_and_its_own_weights(tmp_path, flavor):
+@pytest.mark.parametrize("fixture", ["project", "keras3_project"])
+def test_copy_is_a_clone_with_the_same_outputs_and_its_own_weights(request, fixture):
     from qpipe.config import ModelSource
     from qpipe_keras import qpipe_load_model
 
-    project = tiny_project(tmp_path, flavor)
+    project = request.getfixturevalue(fixture)
     loaded = qpipe_load_model(ModelSource(path=project.model_path.name), project.root)
     before = fingerprint(weight_arrays(loaded.model))
     clone = loaded.copy()
+    assert [layer.name for layer in clone.layers] == [layer.name for layer in loaded.model.layers]
     x = np.load(project.data_path)["x_test"][:16]
     np.testing.assert_allclose(np.asarray(clone(x)), np.asarray(loaded.model(x)), atol=1e-6)
     clone.set_weights([w + 1.0 for w in clone.get_weights()])

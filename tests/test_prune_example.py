@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qpipe.testing import fake_distribution, run_pipeline_file, tiny_project
+from qpipe.testing import fake_distribution, run_pipeline_file
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "qpipe-prune"
@@ -19,7 +19,7 @@ TRAIN = {"epochs": 2, "learning_rate": 1e-3}
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, _tiny_session):
     """One pipeline: float32 baseline, tflite.int8, and prune.int8 at 50% and 80% sparsity."""
     entry_points = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]["entry-points"]["qpipe"]
     site = tmp_path_factory.mktemp("site")
@@ -31,7 +31,7 @@ def results(tmp_path_factory):
         from qpipe.testing import plugin_manager
 
         pm = plugin_manager(entry_points=["prune"])
-        project = tiny_project(tmp_path_factory.mktemp("prune"))
+        project = _tiny_session.copy_to(tmp_path_factory.mktemp("prune"))
         data = project.pipeline_dict([])["data"]
         data["training"] = {"path": project.data_path.name, "inputs": "x_train", "labels": "y_train"}
         path = project.write_pipeline([

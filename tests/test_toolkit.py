@@ -9,7 +9,7 @@ import pytest
 from qpipe import Dataset, QpipeError
 from qpipe.conversion import predict_tflite
 from qpipe.keras import choose_loss, tf_keras_copy
-from qpipe.testing import synthetic_digits, tiny_project, train_tiny_model
+from qpipe.testing import synthetic_digits
 from qpipe.tflite import convert_keras
 
 
@@ -20,13 +20,13 @@ def data():
     return Dataset({"x": x_train}, y_train), Dataset({"x": x_test}, y_test)
 
 
-@pytest.mark.parametrize("flavor", ["tf_keras", "keras3"])
-def test_the_tf_keras_copy_converts_to_int8_that_agrees_with_the_float_model(flavor, data, tmp_path):
+@pytest.mark.parametrize("fixture", ["project", "keras3_project"])
+def test_the_tf_keras_copy_converts_to_int8_that_agrees_with_the_float_model(request, fixture, data):
     from qpipe.config import ModelSource
     from qpipe_keras import qpipe_load_model
 
     train, test = data
-    project = tiny_project(tmp_path, flavor)
+    project = request.getfixturevalue(fixture)
     loaded = qpipe_load_model(ModelSource(path=project.model_path.name), project.root)
     sample = train.inputs["x"][:32]
     copy = tf_keras_copy(loaded, sample, "test")
@@ -43,7 +43,10 @@ def test_the_tf_keras_copy_converts_to_int8_that_agrees_with_the_float_model(fla
         "sparse_categorical_crossentropy", "SparseCategoricalCrossentropy")
 
 
-def test_full_integer_conversion_without_samples_says_what_to_give():
-    model = train_tiny_model("tf_keras", epochs=1)
+def test_full_integer_conversion_without_samples_says_what_to_give(project):
+    from qpipe.config import ModelSource
+    from qpipe_keras import qpipe_load_model
+
+    loaded = qpipe_load_model(ModelSource(path=project.model_path.name), project.root)
     with pytest.raises(QpipeError, match="needs calibration samples"):
-        convert_keras(model, "int8")
+        convert_keras(loaded.model, "int8")
