@@ -73,19 +73,12 @@ def test_pruning_worked_on_a_copy_so_the_other_variants_are_unchanged(results):
 def test_installed_into_a_venv_it_is_listed_and_passes_its_own_tests(tmp_path):
     """pip install -e the example into a venv that sees this one's packages, as a team would."""
     import json
-    import os
-    import shutil
     import subprocess
 
-    from qpipe.testing import overlay_venv
+    from qpipe.testing import install_editable, overlay_venv
 
     python = overlay_venv(tmp_path / "venv")
-    env = {k: v for k, v in os.environ.items() if k not in ("QPIPE_DISABLE_PLUGINS", "PYTHONPATH")}
-    pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                          "-e", str(EXAMPLE)], capture_output=True, text=True, env=env)
-    assert pip.returncode == 0, pip.stderr
-    for leftover in EXAMPLE.rglob("*.egg-info"):  # keep the source tree clean
-        shutil.rmtree(leftover)
+    env = install_editable(python, EXAMPLE)
     listing = json.loads(subprocess.run([str(python), "-m", "qpipe", "plugins", "--json"], capture_output=True,
                                         text=True, env=env, check=True).stdout)
     assert listing["plugins"]["prune"]["components"]["quantizer"] == ["prune.int8"]
