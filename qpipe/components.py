@@ -65,6 +65,7 @@ class LoadedModel:
     ``model`` is the framework object (a Keras 3 or tf_keras model, or a loaded SavedModel);
     ``flavor`` says which (``keras3``, ``tf_keras``, ``saved_model``, or a plugin's own).
     ``path`` is the file or folder it came from (``None`` for ``module:function`` models).
+    ``model`` is shared by all variants and must not be changed: use ``copy()`` for a clone.
     """
 
     model: Any
@@ -84,6 +85,26 @@ class LoadedModel:
         if key not in self._memo:
             self._memo[key] = make()
         return self._memo[key]
+
+    def copy(self) -> Any:
+        """A private clone of ``model`` with copied weights, free to train, prune or change.
+
+        ``model`` itself is shared by every variant of the run: a quantizer must not change it
+        (the host checks its weights after each call and fails a variant that did). Works for
+        ``keras3`` and ``tf_keras`` models (Sequential, Functional, and subclassed models that
+        support ``clone_model``).
+        """
+        from qpipe.tfenv import keras3, tf_keras
+
+        if self.flavor not in ("keras3", "tf_keras"):
+            raise NotImplementedError(f"a {self.flavor} model cannot be copied; only Keras models can")
+        keras = keras3() if self.flavor == "keras3" else tf_keras()
+        try:  # from the config keeps the layer names (tf_keras' clone_model renames layers)
+            clone = type(self.model).from_config(self.model.get_config())
+        except Exception:  # e.g. a subclassed model without get_config
+            clone = keras.models.clone_model(self.model)
+        clone.set_weights(self.model.get_weights())
+        return clone
 
     def saved_model_dir(self) -> Path:
         """The model as a TF SavedModel folder, exported once per run and shared by variants."""

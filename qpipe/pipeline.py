@@ -32,6 +32,7 @@ from qpipe.components import (
 from qpipe.config import Bound, ResolvedPipeline, ResolvedVariant
 from qpipe.data import Dataset, bind_to_model, load_source
 from qpipe.errors import PluginError, QpipeError, short_error
+from qpipe.isolation import guard_model
 from qpipe.metrics import applicable, check_for_task, headline
 from qpipe.outputs import claim_output
 from qpipe.signals import held_signals
@@ -306,16 +307,18 @@ class Runner:
         calibration = None
         if rv.calibrator is not None:
             report("calibrating")
-            calibration = self._calibrate(rv.calibrator, common)
+            with guard_model(self.inputs.model, f"{rv.calibrator.component.name} (plugin '{rv.calibrator.plugin}')"):
+                calibration = self._calibrate(rv.calibrator, common)
         if type(quantizer).needs_training and self.inputs.training is None:
             raise QpipeError(f"{v.quantizer} trains the model: add data.training to the pipeline")
 
         report("quantizing")
         t0 = time.perf_counter()
-        artifact = _call(rv.quantizer, "quantize", QuantizeContext(
-            **common, model=self.inputs.model, calibration=calibration,
-            training=self.inputs.training, validation=self.inputs.validation,
-            constraints=self.resolved.constraints, evaluate=self._trial_evaluator(rv, common)))
+        with guard_model(self.inputs.model, f"{v.quantizer} (plugin '{rv.quantizer.plugin}')"):
+            artifact = _call(rv.quantizer, "quantize", QuantizeContext(
+                **common, model=self.inputs.model, calibration=calibration,
+                training=self.inputs.training, validation=self.inputs.validation,
+                constraints=self.resolved.constraints, evaluate=self._trial_evaluator(rv, common)))
         if not isinstance(artifact, Artifact):
             raise PluginError(f"plugin '{rv.quantizer.plugin}': {v.quantizer}.quantize returned "
                               f"{type(artifact).__name__}, expected qpipe.Artifact")

@@ -312,3 +312,19 @@ def overlay_venv(folder: Path) -> Path:
         script.write_text(f"#!{python.absolute()}\nimport sys\nfrom qpipe.cli import main\nsys.exit(main())\n")
         script.chmod(0o755)
     return python
+
+
+def install_editable(python: Path, package: Path) -> dict[str, str]:
+    """``pip install -e package`` into the venv of ``python`` (from ``overlay_venv``), without
+    dependencies or build isolation; returns the environment to run that venv with (plugins
+    enabled, no PYTHONPATH). The ``*.egg-info`` left in the source tree is removed."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("QPIPE_DISABLE_PLUGINS", "PYTHONPATH")}
+    pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                          "-e", str(package)], capture_output=True, text=True, env=env)
+    if pip.returncode != 0:
+        raise QpipeError(f"pip install -e {package} failed: {pip.stderr.strip()[-500:]}")
+    for leftover in Path(package).rglob("*.egg-info"):  # keep the source tree clean
+        shutil.rmtree(leftover)
+    return env

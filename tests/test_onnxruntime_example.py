@@ -8,7 +8,6 @@ environment, where its components would leak into every other test's plugin mana
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from qpipe import ConfigError
 from qpipe.config import load_config, resolve
 from qpipe.plugins import get_plugin_manager
 from qpipe.registry import Registry
-from qpipe.testing import TinyProject, fake_distribution, overlay_venv, run_pipeline_file
+from qpipe.testing import TinyProject, fake_distribution, install_editable, overlay_venv, run_pipeline_file
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "qpipe-onnxruntime"
@@ -181,12 +180,7 @@ def test_installed_into_a_venv_it_runs_from_the_cli_and_passes_its_own_tests(pro
     """pip install -e the example into a fresh venv (seeing this one's packages), then use it
     the way a team would: qpipe plugins, qpipe run, and the package's own pytest suite."""
     python = overlay_venv(tmp_path / "venv")
-    env = {k: v for k, v in os.environ.items() if k not in ("QPIPE_DISABLE_PLUGINS", "PYTHONPATH")}
-    pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                          "-e", str(EXAMPLE)], capture_output=True, text=True, env=env)
-    assert pip.returncode == 0, pip.stderr
-    for leftover in EXAMPLE.rglob("*.egg-info"):  # keep the source tree clean
-        shutil.rmtree(leftover)
+    env = install_editable(python, EXAMPLE)
 
     qpipe = [str(python), "-m", "qpipe.cli"]
     listing = json.loads(subprocess.run(qpipe + ["plugins", "--json"], capture_output=True, text=True,

@@ -123,7 +123,7 @@ def test_subclassed_keras3_model_is_named(project):
 
 def test_custom_keras3_layer_is_named():
     from qpipe.tfenv import keras3
-    from qpipe_tfmot.rebuild import rebuild_keras3
+    from qpipe.keras.rebuild import rebuild_keras3
 
     keras = keras3()
 
@@ -139,7 +139,7 @@ def test_custom_keras3_layer_is_named():
 
 def test_keras3_functional_rebuild_reproduces_outputs():
     from qpipe.tfenv import keras3
-    from qpipe_tfmot.rebuild import check_same_outputs, rebuild_keras3
+    from qpipe.keras.rebuild import check_same_outputs, rebuild_keras3
 
     keras = keras3()
     inputs = keras.Input((6,), name="x")
@@ -155,7 +155,7 @@ def test_keras3_functional_rebuild_reproduces_outputs():
 
 def test_loss_inference_rules():
     from qpipe.tfenv import tf_keras
-    from qpipe_tfmot.loss import infer_loss
+    from qpipe.keras.loss import infer_loss
 
     k = tf_keras()
 

@@ -104,7 +104,7 @@ def test_dense_batchnorm_is_folded_into_a_full_integer_model(tmp_path):
 def test_a_regressor_with_integral_targets_trains_with_mse():
     """scikit-learn's diabetes targets are whole numbers stored as floats: still a regression."""
     from qpipe.tfenv import tf_keras
-    from qpipe_tfmot.loss import infer_loss
+    from qpipe.keras.loss import infer_loss
 
     k2 = tf_keras()
     regressor = k2.Sequential([k2.layers.Input((10,)), k2.layers.Dense(1)])

@@ -16,9 +16,8 @@ import numpy as np
 from pydantic import Field
 
 import qpipe
-from qpipe import Artifact, Backend, LoadedModel, QpipeError, Quantizer, Runner, TensorInfo
-from qpipe.components import file_sha256
-from qpipe.data import call_function
+from qpipe import (Artifact, Backend, LoadedModel, QpipeError, Quantizer, Runner, TensorInfo, call_function,
+                   file_sha256)
 from qpipe.tfenv import keras3, quiet, tensorflow, tf_keras
 from qpipe_keras.safety import check_keras_file, check_saved_model, stored_configs
 

@@ -15,9 +15,8 @@ import numpy as np
 from pydantic import Field, field_validator
 
 import qpipe
-from qpipe import Artifact, Backend, LoadedModel, QpipeError, Runner, match_inputs
+from qpipe import Artifact, Backend, LoadedModel, QpipeError, Runner, clamp_threads, match_inputs
 from qpipe.conversion import dequantize_array, quantize_array, tensors_by_name
-from qpipe.limits import clamp_threads
 from qpipe.tfenv import quiet
 
 

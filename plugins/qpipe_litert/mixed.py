@@ -18,9 +18,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 import qpipe
-from qpipe import Artifact, QpipeError, QuantizeContext, Quantizer
+from qpipe import Artifact, QpipeError, QuantizeContext, Quantizer, unmet
 from qpipe.conversion import float_tflite
-from qpipe.selection import unmet
 
 from qpipe_litert.search import CostTable, assignment_after, bits_per_weight, greedy_steps, steps_for_size
 from qpipe_litert.widths import (ACTIVATION_WIDTHS, FLOAT, Cost, Layer, Probe, apply, layers_of, measure,

@@ -10,8 +10,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 import qpipe
-from qpipe import EvalContext, Evaluator, QpipeError
-from qpipe.limits import clamp_threads
+from qpipe import EvalContext, Evaluator, QpipeError, clamp_threads
 
 
 def _flat(outputs: np.ndarray) -> np.ndarray:

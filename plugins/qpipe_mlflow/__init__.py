@@ -112,10 +112,8 @@ def qpipe_add_commands(app: Any) -> None:
 
 def _check_register(run: Any, register: Any) -> None:
     """``tracking.register.variant`` must name a variant of the pipeline (or one of its grid)."""
-    from qpipe.registry import unknown_name_message
-
     names = [v.name for v in run.config.variants]
     wanted = register.variant
     if wanted in names or any(wanted.startswith(f"{n}-") for n in names):
         return
-    raise qpipe.ConfigError("tracking.register.variant: " + unknown_name_message("variant", wanted, names))
+    raise qpipe.ConfigError("tracking.register.variant: " + qpipe.unknown_name_message("variant", wanted, names))

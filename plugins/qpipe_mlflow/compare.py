@@ -35,7 +35,7 @@ def add_compare_command(app: Any) -> None:
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     ) -> None:
         """Show a tracked run's variants side by side, read back from MLflow."""
-        from qpipe.cli import ErrorGuard
+        from qpipe.commands import ErrorGuard
 
         with ErrorGuard(debug):
             target = find_target(pipeline, experiment, tracking_uri)
@@ -52,7 +52,7 @@ def find_target(pipeline: Path | None, experiment: str | None, cli_uri: str | No
     """The store and experiment to read, by the same precedence as ``qpipe run``."""
     yaml_uri, base_dir, default_experiment = None, Path.cwd(), ""
     if pipeline is not None:
-        from qpipe.config import load_config
+        from qpipe.commands import load_config
 
         loaded = load_config(pipeline)
         yaml_uri, base_dir = loaded.config.tracking.uri, loaded.base_dir
@@ -131,7 +131,7 @@ def print_comparison(parent: Any, results: PipelineResults, target: Target) -> N
 
     from rich.console import Console
 
-    from qpipe.display import summary_table
+    from qpipe.commands import summary_table
 
     console = Console(file=sys.stdout)
     if not console.is_terminal:

@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import qpipe
-from qpipe import QpipeError
-from qpipe.components import file_sha256
+from qpipe import QpipeError, file_sha256
 from qpipe.results import RESULTS_FILE, PipelineResults, VariantResult
 
 from qpipe_mlflow import datasets as data_inputs

@@ -12,38 +12,15 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Any, ClassVar, Literal
 
-import numpy as np
 from pydantic import Field
 
 import qpipe
-from qpipe import Artifact, Calibration, Expects, QpipeError, QuantizeContext, Quantizer
+from qpipe import Artifact, Expects, QpipeError, QuantizeContext, Quantizer
 from qpipe.errors import short_error
 from qpipe.tfenv import quiet, tensorflow
-
-
-def representative_dataset(calibration: Calibration) -> Iterator[Any]:
-    """One sample at a time, as the converter wants it (a list, or a dict for several inputs)."""
-    data = calibration.samples
-    names = list(data.inputs)
-    for i in range(len(data)):
-        if len(names) == 1:
-            yield [data.inputs[names[0]][i:i + 1].astype(np.float32)]
-        else:
-            yield {name: data.inputs[name][i:i + 1].astype(np.float32) for name in names}
-
-
-def set_per_tensor(converter: Any) -> None:
-    """Ask the converter for one weight scale per tensor instead of per output channel.
-
-    These are private converter flags (there is no public switch): check they still exist.
-    """
-    if not hasattr(converter, "_experimental_disable_per_channel"):
-        raise QpipeError("this TensorFlow's converter has no per-tensor switch; use per_channel: true")
-    converter._experimental_disable_per_channel = True
-    if hasattr(converter, "_experimental_disable_per_channel_quantization_for_dense_layers"):
-        converter._experimental_disable_per_channel_quantization_for_dense_layers = True
+from qpipe.tflite import representative_dataset, set_per_tensor
 
 
 class ConverterQuantizer(Quantizer):

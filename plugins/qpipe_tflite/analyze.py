@@ -17,13 +17,11 @@ from qpipe import QpipeError
 
 def analyze_variant(pm: Any, pipeline: Path, variant: str, output: Path | None) -> tuple[list, dict]:
     """Rank the layers of ``variant`` by int8 error; returns (layers, written files)."""
-    from qpipe.components import CalibrateContext, QuantizeContext
-    from qpipe.config import load_config, resolve
-    from qpipe.outputs import new_timestamp as timestamp
-    from qpipe.pipeline import load_inputs
-    from qpipe.registry import Registry
+    from qpipe import CalibrateContext, QuantizeContext
+    from qpipe.commands import Registry, load_config, load_inputs, resolve
+    from qpipe.commands import new_timestamp as timestamp
 
-    from qpipe_tflite import representative_dataset
+    from qpipe.tflite import representative_dataset
     from qpipe_tflite.sensitivity import layer_sensitivity, write_report
 
     resolved = resolve(load_config(pipeline), Registry.from_plugins(pm), only=[variant])
@@ -62,8 +60,7 @@ def register_command(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from qpipe.cli import ErrorGuard
-        from qpipe.plugins import get_plugin_manager
+        from qpipe.commands import ErrorGuard, get_plugin_manager
         from qpipe.tfenv import prepare_environment
 
         prepare_environment()

@@ -13,8 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from qpipe import Artifact, QpipeError, QuantizeContext
-from qpipe.selection import unmet
+from qpipe import Artifact, QpipeError, QuantizeContext, unmet
 
 from qpipe_tflite.sensitivity import LayerError, convert_keeping_float, layer_sensitivity, write_report
 
@@ -23,7 +22,7 @@ PASS_THROUGH = {"RESHAPE", "MAX_POOL_2D", "SQUEEZE", "CONCATENATION", "QUANTIZE"
 
 
 def _samples(ctx: QuantizeContext):
-    from qpipe_tflite import representative_dataset
+    from qpipe.tflite import representative_dataset
 
     return lambda: representative_dataset(ctx.calibration)
 

@@ -4,7 +4,7 @@
 full-integer .tflite; ``tfmot.ternary`` and ``tfmot.binary`` train weights constrained to
 three or two values per output channel and store them as 2-bit (or, with int8 activations,
 4-bit) tensors. All three need ``data.training``. Keras 3 models are rebuilt in tf_keras
-(``qpipe_tfmot.rebuild``); TensorFlow and TF-MOT are imported at first use.
+(``qpipe.keras``); TensorFlow and TF-MOT are imported at first use.
 """
 
 from __future__ import annotations

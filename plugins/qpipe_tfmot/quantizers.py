@@ -12,21 +12,29 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from qpipe import Artifact, Expects, QuantizeContext, Quantizer
+from qpipe.keras import (TrainingOptions, check_same_outputs, choose_loss, final_metrics, fit, labels_of,
+                         model_inputs, tf_keras_copy)
 from qpipe.tfenv import quiet
 
 from qpipe_tfmot.annotate import match_layers, quantize_model
-from qpipe_tfmot.loss import choose_loss
 from qpipe_tfmot.fold import fold_dense_batchnorm
-from qpipe_tfmot.rebuild import check_same_outputs, tf_keras_model
-from qpipe_tfmot.training import TrainingOptions, final_metrics, fit, labels_of, model_inputs
 
 
-class QATOptions(TrainingOptions):
+class TFMOTOptions(TrainingOptions):
+    """The toolkit's training options plus what TF-MOT quantizers choose."""
+
+    keep_float: list[str] = Field(default_factory=list,
+                                  description="layers kept in float, by name or class name (e.g. Dense)")
+    unsupported: Literal["error", "float"] = Field(
+        "error", description="a layer TF-MOT cannot quantize: fail, or keep it in float with a warning")
+
+
+class QATOptions(TFMOTOptions):
     io: Literal["int8", "float32"] = Field("int8", description="type of the model's input and output tensors")
     per_channel: bool = Field(True, description="one weight scale per output channel (else per tensor)")
 
 
-class LowBitOptions(TrainingOptions):
+class LowBitOptions(TFMOTOptions):
     epochs: int = Field(10, ge=1, description="fine-tuning epochs")
     learning_rate: float = Field(1e-3, gt=0, description="optimizer learning rate")
     activations: Literal["float", "int8"] = Field(
@@ -54,7 +62,7 @@ class TrainingQuantizer(Quantizer):
         if ctx.model.flavor == "keras3":
             ctx.report("rebuilding the Keras 3 model in tf_keras")
         with quiet():
-            base = tf_keras_model(ctx.model, sample, what)
+            base = tf_keras_copy(ctx.model, sample, what)
             folded, batchnorms = fold_dense_batchnorm(base, what, keep=self.options.keep_float)
             if batchnorms:
                 check_same_outputs(base, folded, sample, what, label="folding BatchNormalization into Dense")

@@ -1,4 +1,5 @@
-"""Give TF-MOT a tf_keras model: Keras 3 Sequential/Functional models are rebuilt layer by layer.
+"""A private tf_keras copy of the model for TF-MOT: Keras 3 Sequential/Functional models are
+rebuilt layer by layer.
 
 TF-MOT 0.8 works only with Keras 2 (``tf_keras``). A Keras 3 model made of standard layers
 is rebuilt in tf_keras from the same layer configurations, its weights are copied, and the
@@ -20,11 +21,16 @@ from qpipe.tfenv import keras3, tf_keras
 _BASE_KEYS = {"name", "trainable", "dtype"}
 
 
-def tf_keras_model(loaded: LoadedModel, sample: np.ndarray | dict[str, np.ndarray], what: str) -> Any:
-    """The model as a tf_keras Sequential/Functional model TF-MOT can quantize."""
+def tf_keras_copy(loaded: LoadedModel, sample: np.ndarray | dict[str, np.ndarray], what: str) -> Any:
+    """A private copy of the model as a tf_keras Sequential/Functional model TF-MOT can train.
+
+    ``sample`` (model inputs) checks that a Keras 3 rebuild gives the original's outputs;
+    ``what`` starts every error message (e.g. the quantizer's name). The copy is the caller's
+    to train or prune: the shared ``loaded.model`` is never changed.
+    """
     if loaded.flavor == "tf_keras":
         check_graph_model(loaded.model, "tf_keras", what)
-        return loaded.model
+        return loaded.copy()
     if loaded.flavor == "keras3":
         check_graph_model(loaded.model, "keras3", what)
         rebuilt = rebuild_keras3(loaded.model, what)

@@ -1,4 +1,4 @@
-"""Fine-tune a TF-MOT model: compile from the options, fit, report every epoch.
+"""Fine-tune a tf_keras model for a quantizer: compile from the options, fit, report every epoch.
 
 Each epoch's loss and metrics go to ``ctx.report`` (progress), ``ctx.log_metrics`` (trackers
 record them as step metrics) and the returned history (kept with the variant's results).
@@ -16,11 +16,11 @@ import qpipe
 from qpipe import Dataset, QpipeError, QuantizeContext
 from qpipe.tfenv import tf_keras
 
-from qpipe_tfmot.loss import LossChoice
+from qpipe.keras.loss import LossChoice
 
 
 class TrainingOptions(qpipe.Options):
-    """Options shared by every training quantizer."""
+    """Options shared by every training quantizer (subclass it to add your own)."""
 
     epochs: int = Field(3, ge=1, description="fine-tuning epochs")
     batch_size: int = Field(32, ge=1, description="samples per training step")
@@ -28,10 +28,6 @@ class TrainingOptions(qpipe.Options):
     optimizer: Literal["adam", "sgd", "rmsprop"] = Field("adam", description="optimizer")
     loss: str | None = Field(None, description="Keras loss name; default: the saved compile config, "
                                                 "else inferred for classifiers and regressors")
-    keep_float: list[str] = Field(default_factory=list,
-                                  description="layers kept in float, by name or class name (e.g. Dense)")
-    unsupported: Literal["error", "float"] = Field(
-        "error", description="a layer TF-MOT cannot quantize: fail, or keep it in float with a warning")
     seed: int = Field(0, description="random seed for weight shuffling and initial state")
 
 
@@ -41,6 +37,7 @@ def model_inputs(data: Dataset) -> Any:
 
 
 def labels_of(data: Dataset, section: str, what: str) -> np.ndarray:
+    """The labels of ``data`` (from ``data.<section>``); an error naming the section if it has none."""
     if data.labels is None:
         raise QpipeError(f"{what}: data.{section} has no labels; add 'labels:' to data.{section}")
     return np.asarray(data.labels)
@@ -52,16 +49,22 @@ def _optimizer(options: TrainingOptions) -> Any:
     return cls[options.optimizer](learning_rate=options.learning_rate)
 
 
-def fit(model: Any, choice: LossChoice, options: TrainingOptions, ctx: QuantizeContext, what: str) -> dict[str, Any]:
-    """Compile and fit ``model`` on ``ctx.training`` (validating on ``ctx.validation``); the history."""
+def fit(model: Any, choice: LossChoice, options: TrainingOptions, ctx: QuantizeContext, what: str,
+        callbacks: list[Any] | tuple[Any, ...] = ()) -> dict[str, Any]:
+    """Compile and fit ``model`` on ``ctx.training`` (validating on ``ctx.validation``); the history.
+
+    ``callbacks`` are extra tf_keras callbacks (e.g. TF-MOT's ``UpdatePruningStep``).
+    """
     k2 = tf_keras()
+    if ctx.training is None:
+        raise QpipeError(f"{what} trains the model: add data.training to the pipeline (and needs_training = True)")
     x, y = model_inputs(ctx.training), labels_of(ctx.training, "training", what)
     validation = None
     if ctx.validation is not None:
         validation = (model_inputs(ctx.validation), labels_of(ctx.validation, "validation", what))
     model.compile(optimizer=_optimizer(options), loss=choice.loss, metrics=choice.metrics)
 
-    class Progress(k2.callbacks.Callback):
+    class Progress(k2.callbacks.Callback):  # type: ignore[name-defined]  # a module known at run time
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
             self.started = time.perf_counter()
 
@@ -75,7 +78,7 @@ def fit(model: Any, choice: LossChoice, options: TrainingOptions, ctx: QuantizeC
     k2.utils.set_random_seed(options.seed)
     try:
         history = model.fit(x, y, epochs=options.epochs, batch_size=options.batch_size, shuffle=True,
-                            validation_data=validation, verbose=0, callbacks=[Progress()])
+                            validation_data=validation, verbose=0, callbacks=[Progress(), *callbacks])
     except (ValueError, TypeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
         raise QpipeError(f"{what}: training failed with loss '{choice.name}': {first[:300]}") from exc

@@ -1,0 +1,96 @@
+"""Toolkit for quantizers that write TFLite flatbuffers, public API.
+
+- ``representative_dataset(samples)``: the calibration samples one at a time, as the TFLite
+  converter's ``representative_dataset`` wants them (pass ``ctx.calibration`` or a Dataset).
+- ``configure(converter, mode, samples, io, per_channel)``: set up a converter for ``float32``,
+  ``dynamic``, ``float16``, ``int8`` or ``int16x8`` (full-integer modes take samples).
+- ``convert_keras(model, mode, ...)``: a Keras model (tf_keras, or Keras 3 through a SavedModel
+  export) to .tflite bytes; a converter failure is one ``QpipeError`` line.
+
+TensorFlow is imported when a function is called.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import numpy as np
+
+from qpipe.components import Calibration
+from qpipe.data import Dataset
+from qpipe.errors import QpipeError
+
+Mode = Literal["float32", "dynamic", "float16", "int8", "int16x8"]
+FULL_INTEGER = {"int8": 8, "int16x8": 16}
+
+
+def representative_dataset(samples: Calibration | Dataset) -> Iterator[Any]:
+    """One sample at a time, as the converter wants it (a list, or a dict for several inputs)."""
+    data = samples.samples if isinstance(samples, Calibration) else samples
+    names = list(data.inputs)
+    for i in range(len(data)):
+        if len(names) == 1:
+            yield [data.inputs[names[0]][i:i + 1].astype(np.float32)]
+        else:
+            yield {name: data.inputs[name][i:i + 1].astype(np.float32) for name in names}
+
+
+def set_per_tensor(converter: Any) -> None:
+    """Ask the converter for one weight scale per tensor instead of per output channel.
+
+    These are private converter flags (there is no public switch): check they still exist.
+    """
+    if not hasattr(converter, "_experimental_disable_per_channel"):
+        raise QpipeError("this TensorFlow's converter has no per-tensor switch; use per_channel: true")
+    converter._experimental_disable_per_channel = True
+    if hasattr(converter, "_experimental_disable_per_channel_quantization_for_dense_layers"):
+        converter._experimental_disable_per_channel_quantization_for_dense_layers = True
+
+
+def configure(converter: Any, mode: Mode, samples: Calibration | Dataset | None = None,
+              io: str = "float32", per_channel: bool = True) -> None:
+    """Set ``converter`` up for ``mode``; ``io`` (int8, uint8, int16) types a full-integer model's I/O."""
+    from qpipe.tfenv import tensorflow
+
+    tf = tensorflow()
+    if mode == "float32":
+        return
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if mode in FULL_INTEGER:
+        if samples is None:
+            raise QpipeError(f"{mode} conversion needs calibration samples (give the variant a calibrator)")
+        converter.representative_dataset = lambda: representative_dataset(samples)
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.TFLITE_BUILTINS_INT8 if mode == "int8"
+            else tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+        if io != "float32":
+            converter.inference_input_type = converter.inference_output_type = getattr(tf, io)
+    if not per_channel:
+        set_per_tensor(converter)
+
+
+def convert_keras(model: Any, mode: Mode = "float32", samples: Calibration | Dataset | None = None,
+                  io: str = "float32", per_channel: bool = True) -> bytes:
+    """A tf_keras or Keras 3 model as .tflite bytes, converted for ``mode`` (see ``configure``)."""
+    from qpipe.tfenv import quiet, tensorflow
+
+    tf = tensorflow()
+    with tempfile.TemporaryDirectory(prefix="qpipe-convert-") as tmp, quiet():
+        if type(model).__module__.startswith("keras."):  # Keras 3: only through a SavedModel (NOTES.md)
+            model.export(str(Path(tmp) / "model"), verbose=False)
+            converter = tf.lite.TFLiteConverter.from_saved_model(str(Path(tmp) / "model"))
+        else:
+            converter = tf.lite.TFLiteConverter.from_keras_model(model)
+        configure(converter, mode, samples, io, per_channel)
+        try:
+            return bytes(converter.convert())
+        except Exception as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            errors = [line for line in lines if "error" in line.lower()]
+            raise QpipeError(f"TFLite {mode} conversion failed: "
+                             f"{(errors or lines or [type(exc).__name__])[0][:300]}") from exc
