@@ -36,7 +36,7 @@ import numpy as np
 
 from qpipe import hookimpl
 from qpipe.components import Artifact
-from qpipe.errors import QpipeError
+from qpipe.errors import QpipeError, short_error
 from qpipe.limits import clamp_jobs
 from qpipe.results import VariantResult
 from qpipe.sanity import warning
@@ -496,12 +496,8 @@ def failed_outcome(rv: ResolvedVariant, message: str, error: BaseException | Non
     from qpipe.pipeline import _plain
 
     result = VariantResult(name=rv.config.name, quantizer=rv.config.quantizer, status="failed",
-                           error=_one_line(message), options=_plain(rv.quantizer.component.options))
-    return Outcome(result=result, error=error or WorkerError(_one_line(message)))
-
-
-def _one_line(value: Any) -> str:
-    return " ".join(str(value).split()) or type(value).__name__
+                           error=short_error(message), options=_plain(rv.quantizer.component.options))
+    return Outcome(result=result, error=error or WorkerError(short_error(message)))
 
 
 def _collect(path: Path, base: Path) -> dict[str, bytes]:
@@ -610,9 +606,9 @@ def run_task(spec: WorkerSpec, name: str, baseline: Baseline | None, load: Any =
     try:
         runner, recorder = _worker(spec, load)
     except QpipeError as exc:
-        raise WorkerError(f"the worker could not load the pipeline's inputs: {_one_line(exc)}") from None
+        raise WorkerError(f"the worker could not load the pipeline's inputs: {short_error(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - sent back as one line (it may not pickle)
-        raise WorkerError(f"the worker could not start: {type(exc).__name__}: {_one_line(exc)}") from None
+        raise WorkerError(f"the worker could not start: {short_error(exc)}") from None
     rv = next(r for r in runner.resolved.variants if r.config.name == name)
     if baseline is not None and name != baseline.name and runner._adopted != baseline.name:
         folder = Path(tempfile.mkdtemp(prefix="qpipe-baseline-"))

@@ -6,7 +6,7 @@ others keep working. ``QPIPE_DISABLE_PLUGINS=a,b`` blocks plugins by entry-point
 ``QPIPE_TRACE=1`` prints every hook call.
 
 Every hook is called through pluggy (``pm.hook.<name>(...)``), so hookwrappers, default
-arguments and tracing work for all of them. Register and lifecycle hooks are *isolated*:
+arguments and tracing work for all of them. Register, lifecycle and artifact-check hooks are *isolated*:
 when a plugin registers, each of its implementations of those hooks is wrapped so that an
 exception is returned as a ``HookFailure`` naming the plugin instead of propagating, and
 the other plugins' implementations still run. The caller (``qpipe.pipeline.call_lifecycle``,
@@ -31,7 +31,7 @@ from qpipe.errors import PluginError, short_error
 
 ENTRY_POINT_GROUP = "qpipe"
 #: hooks whose implementations are isolated per plugin (see the module docstring)
-ISOLATED_PREFIXES = ("qpipe_register_", "qpipe_pipeline_", "qpipe_variant_")
+ISOLATED_PREFIXES = ("qpipe_register_", "qpipe_pipeline_", "qpipe_variant_", "qpipe_check_")
 
 _calling: contextvars.ContextVar[str | None] = contextvars.ContextVar("qpipe_calling_plugin", default=None)
 

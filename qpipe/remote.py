@@ -27,10 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qpipe.errors import QpipeError
+from qpipe.errors import QpipeError, short_error
 from qpipe.executor import (
     Executor,
-    _one_line,
     failed_outcome,
     run_task,
     warm_task,
@@ -199,7 +198,7 @@ class RayExecutor(Executor):
             ray.init(**kwargs)
         except Exception as exc:  # noqa: BLE001 - Ray raises several kinds here
             where = f"at {address}" if address else "locally"
-            raise QpipeError(f"executor: cannot start or reach Ray {where}: {_one_line(exc)}") from None
+            raise QpipeError(f"executor: cannot start or reach Ray {where}: {short_error(exc)}") from None
         self.started = True
 
     def warm(self, count: int) -> None:
@@ -259,7 +258,7 @@ def node_error(exc: BaseException) -> str:
     """One line for a failed task: the error raised on the node, and which node and process."""
     cause = getattr(exc, "cause", None) or exc
     where = [f"{k} {v}" for k, v in (("node", getattr(exc, "ip", None)), ("pid", getattr(exc, "pid", None))) if v]
-    text = f"{type(cause).__name__}: {_one_line(cause)}"
+    text = short_error(cause)
     return f"{text} (on {', '.join(where)})" if where else text
 
 

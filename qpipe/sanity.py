@@ -91,23 +91,23 @@ def size_warnings(artifact: Artifact, baseline: Artifact | None, is_baseline: bo
 
 
 def plugin_warnings(pm: Any, artifact: Artifact) -> list[dict[str, str]]:
-    """What every ``qpipe_check_artifact`` implementation finds; a plugin that raises is named."""
+    """What every ``qpipe_check_artifact`` implementation finds (called through pluggy, each
+    plugin isolated: one that raises becomes a ``check-failed`` warning naming it)."""
+    from qpipe.errors import short_error
+    from qpipe.plugins import HookFailure
+
     found: list[dict[str, str]] = []
-    for impl in reversed(pm.hook.qpipe_check_artifact.get_hookimpls()):
-        name = pm.get_name(impl.plugin) or repr(impl.plugin)
-        kwargs = {"artifact": artifact, "expects": artifact.expects}
-        try:
-            produced = impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
-        except Exception as exc:  # noqa: BLE001 - a check that fails must not fail the variant silently
-            found.append(warning("check-failed", f"plugin '{name}' could not check the artifact: "
-                                                 f"{type(exc).__name__}: {exc}"))
+    for produced in pm.hook.qpipe_check_artifact(artifact=artifact, expects=artifact.expects):
+        if isinstance(produced, HookFailure):
+            found.append(warning("check-failed", f"plugin '{produced.plugin}' could not check the artifact: "
+                                                 f"{short_error(produced.error)}"))
             continue
         for item in produced or []:
             if isinstance(item, dict) and item.get("code") and item.get("message"):
                 found.append(warning(str(item["code"]), str(item["message"])))
             else:
-                found.append(warning("check-failed", f"plugin '{name}' returned {item!r}, not "
-                                                     "{'code': ..., 'message': ...}"))
+                found.append(warning("check-failed", f"a qpipe_check_artifact implementation returned "
+                                                     f"{item!r}, not {{'code': ..., 'message': ...}}"))
     return found
 
 

@@ -183,6 +183,7 @@ import numpy as np
 from pydantic import Field
 
 import qpipe
+from qpipe.conversion import dequantize_array, quantize_array  # (de)quantize with a tensor's scale/zero point
 
 
 class ReferenceOptions(qpipe.Options):
@@ -208,30 +209,13 @@ class ReferenceRunner(qpipe.Runner):
         for i in range(len(next(iter(inputs.values())))):
             for detail in self.inputs:
                 value = np.asarray(inputs[feeds[detail["name"]]][i:i + 1], dtype=np.float32)
-                self.interpreter.set_tensor(detail["index"], _to_tensor(value, detail))
+                self.interpreter.set_tensor(detail["index"], quantize_array(value, detail))
             self.interpreter.invoke()
-            rows.append(_from_tensor(self.interpreter.get_tensor(self.output["index"]), self.output))
+            rows.append(dequantize_array(self.interpreter.get_tensor(self.output["index"]), self.output))
         return np.concatenate(rows, axis=0)
 
     def with_threads(self, threads: int) -> "ReferenceRunner":
         return self if threads == self.threads else ReferenceRunner(self.path, threads)
-
-
-def _to_tensor(value: np.ndarray, detail: dict) -> np.ndarray:
-    """Quantize a float input with the tensor's (scale, zero point) when it is an integer tensor."""
-    scale, zero = detail["quantization"]
-    if np.issubdtype(detail["dtype"], np.floating) or not scale:
-        return value.astype(detail["dtype"])
-    info = np.iinfo(detail["dtype"])
-    return np.clip(np.round(value / scale + zero), info.min, info.max).astype(detail["dtype"])
-
-
-def _from_tensor(value: np.ndarray, detail: dict) -> np.ndarray:
-    """Dequantize an integer output to float."""
-    scale, zero = detail["quantization"]
-    if np.issubdtype(detail["dtype"], np.floating) or not scale:
-        return value.astype(np.float32)
-    return ((value.astype(np.float32) - zero) * scale).astype(np.float32)
 
 
 class Reference(qpipe.Backend):

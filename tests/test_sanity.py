@@ -12,7 +12,7 @@ import qpipe
 from qpipe import Artifact, Expects
 from qpipe.results import read_results
 from qpipe.sanity import COLLAPSE_RATIO, output_warnings
-from qpipe.testing import make_tiny_project, plugin_manager, run_pipeline_file
+from qpipe.testing import make_tiny_project, plugin_manager, run_pipeline_file, run_variant, tiny_project
 
 
 class CraftedOptions(qpipe.Options):
@@ -188,3 +188,22 @@ def test_qpipe_log_tags_the_mlflow_child_with_its_warnings(checked, tmp_path):
     assert tag.startswith("[not-smaller]") and "[float-weights]" in tag and "[float-ops]" in tag
     assert "qpipe.warnings" not in kids["int8"].data.tags
     assert kids["strict_nan"].data.tags["qpipe.status"] == "failed"
+
+
+class RaisingCheck:
+    """A plugin whose artifact check raises: its failure is a named warning, the others still run."""
+
+    @qpipe.hookimpl
+    def qpipe_check_artifact(self, artifact, expects):
+        raise RuntimeError("cannot parse\n  a long multi-line dump that must not reach results.json")
+
+
+def test_a_raising_artifact_check_is_a_named_warning_and_the_builtin_check_still_runs(tmp_path):
+    project = tiny_project(tmp_path)
+    result = run_variant(project, "tflite.int8", pm=plugin_manager(RaisingCheck()), baseline=True, name="int8")
+    assert result.status == "ok", result.error
+    failed = [w for w in result.warnings if w["code"] == "check-failed"]
+    assert len(failed) == 1, result.warnings
+    assert failed[0]["message"] == ("plugin 'RaisingCheck-0' could not check the artifact: "
+                                    "RuntimeError: cannot parse ...")
+    assert not [w for w in result.warnings if w["code"] != "check-failed"]  # the healthy int8 passes litert's check

@@ -18,6 +18,7 @@ from pydantic import Field
 import qpipe
 from qpipe import (Artifact, Backend, LoadedModel, QpipeError, Quantizer, Runner, TensorInfo, call_function,
                    file_sha256)
+from qpipe.errors import short_error
 from qpipe.tfenv import keras3, quiet, tensorflow, tf_keras
 from qpipe_keras.safety import check_keras_file, check_saved_model, stored_configs
 
@@ -44,16 +45,12 @@ def load_keras_file(path: Path, safe_mode: bool) -> tuple[Any, str]:
             return keras.saving.load_model(path, safe_mode=safe_mode), "keras3"
         except ValueError as exc:
             if "safe_mode" in str(exc) or "unsafe" in str(exc).lower():
-                raise QpipeError(f"model: {path.name} needs unsafe deserialization ({_first_line(exc)}); "
+                raise QpipeError(f"model: {path.name} needs unsafe deserialization ({short_error(exc)}); "
                                  "set model.safe_mode: false only if you trust the file") from None
             raise
     keras2 = tf_keras()
     kwargs = {"safe_mode": safe_mode} if path.suffix == ".keras" else {}
     return keras2.models.load_model(path, **kwargs), "tf_keras"
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _flavor_of(model: Any) -> str:

@@ -97,11 +97,6 @@ def number(value: Any) -> float | None:
     return value if value == value and abs(value) != float("inf") else None
 
 
-def one_line(exc: BaseException) -> str:
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    return message if len(message) <= 400 else message[:397] + "..."
-
-
 def parse_time(text_value: str | None) -> _dt.datetime | None:
     try:
         return _dt.datetime.fromisoformat(text_value) if text_value else None

@@ -26,10 +26,11 @@ from typing import Any, Callable
 
 import qpipe
 from qpipe import QpipeError, file_sha256
+from qpipe.errors import short_error
 from qpipe.results import RESULTS_FILE, PipelineResults, VariantResult
 
 from qpipe_mlflow import datasets as data_inputs
-from qpipe_mlflow.store import (KIND, PARENT_TAG, experiment, flatten, metric_key, ms, number, one_line,
+from qpipe_mlflow.store import (KIND, PARENT_TAG, experiment, flatten, metric_key, ms, number,
                                 parse_time, probe, quiet_logs, text, with_context)
 from qpipe_mlflow.naming import (curve_key, history_curves, input_tags, parent_name, run_name, short_names, tidy,
                                  version_tags)
@@ -116,7 +117,7 @@ class Tracker:
             raise
         except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds here
             raise QpipeError(f"MLflow tracking at {target.uri} (from {target.source}) is not usable: "
-                             f"{one_line(exc)}; fix the URI or run with --no-tracking") from None
+                             f"{short_error(exc)}; fix the URI or run with --no-tracking") from None
         return cls(target, client, experiment_id)
 
     def info(self) -> dict[str, Any]:
@@ -155,7 +156,7 @@ class Tracker:
                     self.client.log_inputs(self.parent_id, data_inputs.inputs(self.datasets, list(self.datasets)))
         except Exception as exc:  # noqa: BLE001
             raise QpipeError(f"MLflow: cannot start a run in experiment '{self.target.experiment}' at "
-                             f"{self.target.uri}: {one_line(exc)}; fix it or run with --no-tracking") from None
+                             f"{self.target.uri}: {short_error(exc)}; fix it or run with --no-tracking") from None
         self.recorded = (run.results.extra.get("mlflow") or {}).get("run_id")
         run.results.extra["mlflow"] = self.info()
 
@@ -215,7 +216,7 @@ class Tracker:
     def fail(self, run: Any, error: BaseException, interrupted: bool) -> None:
         """End every open run KILLED (Ctrl-C) or FAILED (a crash); keep what is known."""
         status = "KILLED" if interrupted else "FAILED"
-        why = "interrupted" if interrupted else f"{type(error).__name__}: {one_line(error)}"
+        why = "interrupted" if interrupted else short_error(error)
         for variant in list(self.children):
             run_id = self.children.pop(variant)
             self.log(run_id, tags={"qpipe.status": "interrupted" if interrupted else "crashed",
@@ -373,12 +374,12 @@ class Tracker:
             try:
                 probe(self.target, timeout=3.0)
             except QpipeError:
-                self.lost = one_line(exc)
+                self.lost = short_error(exc)
                 folder = f" {self.output_dir}" if self.output_dir else " OUTPUT_DIR"
                 return (f"MLflow server {self.target.uri} stopped answering ({where}); tracking is off for the "
                         f"rest of this run. results.json keeps everything: send it later with "
                         f"'qpipe log{folder}'")
-        return f"MLflow ({where}): {type(exc).__name__}: {one_line(exc)}"
+        return f"MLflow ({where}): {short_error(exc)}"
 
 
 # --------------------------------------------------------------------------- free functions
