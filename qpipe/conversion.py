@@ -16,7 +16,7 @@ import numpy as np
 
 from qpipe.components import LoadedModel
 from qpipe.data import Dataset, match_inputs
-from qpipe.errors import QpipeError
+from qpipe.errors import QpipeError, short_error
 
 MEMO_KEY = "qpipe.float_tflite"
 
@@ -34,8 +34,7 @@ def float_tflite(model: LoadedModel, report: Callable[[str], None] | None = None
             try:
                 return bytes(tf.lite.TFLiteConverter.from_saved_model(str(saved_model)).convert())
             except Exception as exc:
-                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-                raise QpipeError(f"TFLite conversion failed: {(lines or [type(exc).__name__])[0][:300]}") from exc
+                raise QpipeError(f"TFLite conversion failed: {short_error(exc)}") from exc
 
     return model.memo(MEMO_KEY, convert)
 

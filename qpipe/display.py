@@ -13,6 +13,7 @@ from rich.table import Table
 from qpipe import hookimpl
 from qpipe.report import headline_columns
 from qpipe.results import PipelineResults
+from qpipe.task import Task
 
 #: shown after a variant's status when sanity checks warned about it (then the count)
 WARNING_MARK = "!"
@@ -119,9 +120,8 @@ def print_summary(results: PipelineResults, output_dir: Path | None = None) -> N
     if not console.is_terminal:
         console.width = max(console.width, 120)
     console.print(summary_table(results))
-    task = results.task or {}
-    if task.get("name"):
-        console.print(f"task: {task['name']} ({task.get('source')}: {task.get('reason')})", highlight=False)
+    if results.task and results.task.get("name"):
+        console.print(f"task: {Task(**results.task).describe()}", highlight=False)
     for v in results.variants:
         if v.status != "ok":
             console.print(f"[red]{v.name} failed:[/red] {v.error}", highlight=False)

@@ -415,7 +415,7 @@ def _from_cache(runner: Runner, rv: ResolvedVariant, entry: Any) -> VariantResul
         fresh = runner.remeasure(rv, artifact, entry.outputs(), result)
     except Exception as exc:  # the cached numbers stand, said to be cached (see report.latency_note)
         fresh = {}
-        result.warnings.append(warning("remeasure-failed", f"could not re-measure on this machine: {exc}"))
+        result.warnings.append(warning("remeasure-failed", f"could not re-measure on this machine: {short_error(exc)}"))
     if fresh:  # latency measures this machine now, not the run that filled the cache
         raw.update(fresh)
         result.metadata["remeasured"] = sorted(fresh)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from qpipe.task import Task
+from qpipe.task import Task, decide_task
 
 #: measured by the host for every variant
 HOST_METRICS = ("quantize_seconds",)
@@ -111,7 +111,7 @@ def check_pipeline(resolved: Any) -> None:
     check_variants(resolved)
     task = resolved.config.task
     if task is not None:
-        check_for_task(resolved, Task(task, "pipeline", "set by 'task:' in the pipeline"))
+        check_for_task(resolved, decide_task(task, None, None))
     else:
         check_metric_names(resolved, resolved.evaluators)
 

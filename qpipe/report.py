@@ -20,6 +20,7 @@ from typing import Any
 
 from qpipe.metrics import headline_of
 from qpipe.results import PipelineResults, VariantResult, contained
+from qpipe.task import Task
 
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
@@ -163,7 +164,7 @@ def summary_markdown(results: PipelineResults) -> str:
     lines.append("")
     lines += warning_lines(results)
     if results.task and results.task.get("name"):
-        lines.append(f"Task: {results.task['name']} ({results.task.get('source')}: {results.task.get('reason')})")
+        lines.append(f"Task: {Task(**results.task).describe()}")
     if chosen:
         lines.append(f"Selected: **{chosen}** ({reason})")
     elif reason:

@@ -21,7 +21,7 @@ import numpy as np
 
 from qpipe.components import Calibration
 from qpipe.data import Dataset
-from qpipe.errors import QpipeError
+from qpipe.errors import QpipeError, short_error
 
 Mode = Literal["float32", "dynamic", "float16", "int8", "int16x8"]
 FULL_INTEGER = {"int8": 8, "int16x8": 16}
@@ -90,7 +90,4 @@ def convert_keras(model: Any, mode: Mode = "float32", samples: Calibration | Dat
         try:
             return bytes(converter.convert())
         except Exception as exc:
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            errors = [line for line in lines if "error" in line.lower()]
-            raise QpipeError(f"TFLite {mode} conversion failed: "
-                             f"{(errors or lines or [type(exc).__name__])[0][:300]}") from exc
+            raise QpipeError(f"TFLite {mode} conversion failed: {short_error(exc)}") from exc

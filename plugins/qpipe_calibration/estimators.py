@@ -73,9 +73,9 @@ class EntropyOptions(qpipe.Options):
 EstimatorOptions = Annotated[
     Union[MinMaxOptions, PercentileOptions, MseOptions, EntropyOptions], Field(discriminator="name")]
 
-NAMES = ("minmax", "percentile", "mse", "entropy")
 OPTIONS: dict[str, type[qpipe.Options]] = {"minmax": MinMaxOptions, "percentile": PercentileOptions,
                                            "mse": MseOptions, "entropy": EntropyOptions}
+NAMES = tuple(OPTIONS)
 
 
 def parse_estimator(value: Any) -> Any:

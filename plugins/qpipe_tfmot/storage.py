@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from qpipe import Dataset, QpipeError
+from qpipe.errors import short_error
 from qpipe.conversion import calibrate_ai_edge_quantizer
 from qpipe.tfenv import quiet, tensorflow
 
@@ -43,9 +44,7 @@ def _convert(converter: Any) -> bytes:
         with quiet():
             return bytes(converter.convert())
     except Exception as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        errors = [line for line in lines if "error" in line.lower()]
-        raise QpipeError(f"TFLite conversion failed: {(errors or lines or [type(exc).__name__])[0][:300]}") from exc
+        raise QpipeError(f"TFLite conversion failed: {short_error(exc)}") from exc
 
 
 #: TFLite op -> weight bits (float activations, dynamic-range kernels). LiteRT's CONV_2D returns
