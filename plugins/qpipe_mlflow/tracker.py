@@ -296,7 +296,7 @@ class Tracker:
         path = artifact_path(run, result)
         tags = {"qpipe.variant": result.name, "qpipe.quantizer": result.quantizer, "qpipe.pipeline": run.name}
         if path is not None and path.is_file():
-            tags["qpipe.artifact_sha256"] = file_sha256(path)
+            tags["qpipe.artifact_sha256"] = artifact_sha256(path)
         if self.folders is None:
             from qpipe_mlflow.pyfunc import ModelFolders
 
@@ -339,7 +339,7 @@ class Tracker:
             raise QpipeError(f"tracking.register: variant '{result.name}' has no .tflite model to register "
                              "(tracking.log_models must be on)")
         tags = {"qpipe.variant": result.name, "qpipe.quantizer": result.quantizer,
-                "qpipe.artifact_sha256": file_sha256(path), "qpipe.pipeline": run.name}
+                "qpipe.artifact_sha256": artifact_sha256(path), "qpipe.pipeline": run.name}
         self.registered = register(self.target.uri, model_id, name, tags)
         self.log(run_id, tags={"qpipe.registered_model": self.registered})
 
@@ -417,8 +417,19 @@ def variant_tags(run: Any, result: VariantResult) -> dict[str, Any]:
         tags["qpipe.engine_reason"] = str(result.metadata["engine_reason"])
     path = artifact_path(run, result)
     if path is not None:
-        tags["qpipe.artifact_sha256"] = file_sha256(path)
+        tags["qpipe.artifact_sha256"] = artifact_sha256(path)
     return tags
+
+
+def artifact_sha256(path: Path) -> str:
+    """The artifact's digest, hashed once per file version (tags, logged model and registry share it)."""
+    stat = path.stat()
+    return _digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(Path(path))
 
 
 def artifact_path(run: Any, result: VariantResult) -> Path | None:
