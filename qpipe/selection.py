@@ -61,7 +61,7 @@ def select(variants: list[Any], constraints: list[Constraint], objective: tuple[
 
     ``objective`` is ``("maximize" | "minimize", metric)``; without one, the smallest
     variant (by ``size_bytes``) that meets the constraints wins. ``baseline``, if given, is
-    the reference and cannot be selected.
+    the reference and cannot be selected; nor can a simulated variant (``metadata.simulated``).
     """
     direction, metric = objective or ("minimize", "size_bytes")
     rejected: dict[str, str] = {}
@@ -70,6 +70,8 @@ def select(variants: list[Any], constraints: list[Constraint], objective: tuple[
         reasons = [f"failed: {v.error}"] if v.status != "ok" else unmet(constraints, v.metrics)
         if v.status == "ok" and metric not in v.metrics:
             reasons.append(f"objective metric {metric} was not measured")
+        if v.metadata.get("simulated"):  # e.g. keras.bfloat16: measures a number format, ships nothing
+            reasons.insert(0, "simulated, not a deployable artifact")
         if v.name == baseline:  # its own misses are still worth knowing
             reasons.insert(0, "the baseline is the reference (select.allow_baseline: true lets it ship)")
         if reasons:

@@ -29,7 +29,7 @@ def test_bfloat16_variant_reports_accuracy_size_and_says_simulated(tmp_path, ker
         {"name": "float32", "quantizer": "tflite.float32"},
         {"name": "bf16", "quantizer": "keras.bfloat16"},
         {"name": "bf16_act", "quantizer": "keras.bfloat16", "options": {"activations": True}},
-    ], evaluators=["accuracy", "size"])
+    ], evaluators=["accuracy", "size"], constraints=["accuracy_delta >= -0.05"])
     results = run_pipeline_file(path, plugin_manager(), output=tmp_path / "out")
     assert {v.name: v.error for v in results.variants if v.status != "ok"} == {}
     params = keras3().saving.load_model(keras3_project.model_path).count_params()
@@ -40,6 +40,9 @@ def test_bfloat16_variant_reports_accuracy_size_and_says_simulated(tmp_path, ker
         assert variant.metadata["simulated"] is True and "not a deployable .tflite" in variant.metadata["note"]
         assert "simulated" in KerasBfloat16.summary() and variant.quantizer == "keras.bfloat16"
     assert results.variant("bf16_act").metadata["activations"] == "bfloat16"
+    # the smallest "size", but nothing to ship: never the selected variant
+    assert results.selected["variant"] is None
+    assert results.selected["rejected"]["bf16"].startswith("simulated, not a deployable artifact")
 
 
 def test_mixed_bfloat16_clone_computes_in_bfloat16(keras3_project):
