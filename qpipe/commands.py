@@ -1,4 +1,4 @@
-"""What a plugin adding CLI commands (``qpipe_register_commands``) may use, public API.
+"""What a plugin adding CLI commands (``qpipe_add_commands``) may use, public API.
 
 A command that loads a pipeline, resolves it against the installed plugins, loads its model
 and data, and prints a results table, the way qpipe's own commands do:
@@ -19,7 +19,7 @@ from qpipe.cli import ErrorGuard
 from qpipe.config import load_config, resolve
 from qpipe.display import summary_table
 from qpipe.outputs import new_timestamp
-from qpipe.pipeline import load_inputs
+from qpipe.inputs import load_inputs
 from qpipe.plugins import get_plugin_manager
 from qpipe.registry import Registry
 

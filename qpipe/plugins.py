@@ -9,7 +9,7 @@ Every hook is called through pluggy (``pm.hook.<name>(...)``), so hookwrappers, 
 arguments and tracing work for all of them. Register, lifecycle and artifact-check hooks are *isolated*:
 when a plugin registers, each of its implementations of those hooks is wrapped so that an
 exception is returned as a ``HookFailure`` naming the plugin instead of propagating, and
-the other plugins' implementations still run. The caller (``qpipe.pipeline.call_lifecycle``,
+the other plugins' implementations still run. The caller (``qpipe.lifecycle.Lifecycle``,
 ``qpipe.registry.Registry.from_plugins``) decides what a failure means.
 """
 

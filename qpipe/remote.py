@@ -28,21 +28,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qpipe.errors import QpipeError, short_error
-from qpipe.executor import (
-    Executor,
-    failed_outcome,
-    run_task,
-    warm_task,
-    worker_spec,
-)
+from qpipe.executors import Executor, RunSetup
+from qpipe.inputs import SECTIONS, Inputs
+from qpipe.outcome import failed_outcome
+from qpipe.workers import run_task, warm_task, worker_spec
 
 if TYPE_CHECKING:
     from qpipe.config import ResolvedVariant
-    from qpipe.pipeline import Inputs, Runner
 
 #: memory a task of a quantizer that trains reserves unless the quantizer declares its own
 TRAINING_MEMORY = 1 << 30
-SECTIONS = ("evaluation", "calibration", "training", "validation")
 
 
 @dataclass
@@ -90,7 +85,6 @@ def _arrays(ds: Any, convert: Any = np.asarray) -> Any:
 def unship_inputs(pm: Any, shipped: ShippedInputs) -> Inputs:
     """The worker's Inputs, rebuilt from ``shipped`` in a private folder."""
     from qpipe.config import ModelSource
-    from qpipe.pipeline import Inputs
 
     folder = Path(tempfile.mkdtemp(prefix="qpipe-model-"))
     target = folder / shipped.model_name
@@ -166,7 +160,7 @@ class RayExecutor(Executor):
     name = "ray"
     remote = True
 
-    def __init__(self, runner: Runner, config: Any):
+    def __init__(self, setup: RunSetup, config: Any):
         try:
             import ray
         except ImportError:
@@ -175,15 +169,16 @@ class RayExecutor(Executor):
         self.config = config
         self.started = False
         if not ray.is_initialized():
-            check_reachable(config, runner.settings)
-            self._connect(ray, ray_address(config, runner.settings))
+            check_reachable(config, setup.settings)
+            self._connect(ray, ray_address(config, setup.settings))
         self.jobs = config.jobs if "jobs" in config.model_fields_set else 0  # 0: all in flight
         self.task = ray.remote(max_retries=1)(ray_run)
         self.warmer = ray.remote(ray_warm)
-        self.spec_ref = ray.put(worker_spec(runner))
+        self.spec_ref = ray.put(worker_spec(setup.pm, setup.resolved, setup.settings))
         # the shipped inputs travel nested in a list: a worker fetches them once, not with every task
-        self.refs = [ray.put(ship_inputs(runner.inputs, runner.resolved.config.model.safe_mode))]
-        self.options = {rv.config.name: task_options(rv, config) for rv in runner.resolved.variants}
+        self.refs = [ray.put(ship_inputs(setup.inputs, setup.resolved.config.model.safe_mode))]
+        self.options = {rv.config.name: task_options(rv, config) for rv in setup.resolved.variants}
+        self.output_dir = setup.output_dir
         self.inflight: dict[Any, Any] = {}
 
     def _connect(self, ray: Any, address: str | None) -> None:
@@ -210,7 +205,7 @@ class RayExecutor(Executor):
 
     def run(self, variants, baseline):
         ray = self.ray
-        base_ref = ray.put(baseline)
+        base_ref = ray.put(baseline.shipped(self.output_dir) if baseline else None)
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
         pending = deque()
         for rv in variants:  # Ray would keep a task no node can take waiting forever

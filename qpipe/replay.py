@@ -16,7 +16,7 @@ from typing import Any
 
 from qpipe.config import load_config
 from qpipe.errors import QpipeError
-from qpipe.pipeline import call_lifecycle
+from qpipe.lifecycle import Lifecycle
 from qpipe.plugins import QpipePluginManager
 from qpipe.results import PipelineResults, PipelineRun, contained, read_results
 
@@ -46,13 +46,15 @@ def replay(pm: QpipePluginManager, output_dir: Path, settings: dict[str, Any] | 
     run = PipelineRun(name=results.pipeline, config=loaded.config, config_path=loaded.path,
                       config_text=loaded.text, output_dir=output_dir, results=results,
                       settings=dict(settings or {}), replay=True)
-    call_lifecycle(pm, "qpipe_pipeline_started", strict=True, run=run)
+    lifecycle = Lifecycle(pm, run, warnings)
+    lifecycle.fire("qpipe_pipeline_started")
     for result in results.variants:
-        call_lifecycle(pm, "qpipe_variant_started", run=run, variant=result.name)
-        hook = "qpipe_variant_finished" if result.status == "ok" else "qpipe_variant_failed"
-        extra: dict[str, Any] = {"error": None} if result.status != "ok" else {}
-        warnings += call_lifecycle(pm, hook, run=run, result=result, **extra)
-    warnings += call_lifecycle(pm, "qpipe_pipeline_finished", run=run, results=results)
+        lifecycle.fire("qpipe_variant_started", variant=result.name)
+        if result.status == "ok":
+            lifecycle.fire("qpipe_variant_finished", result=result)
+        else:
+            lifecycle.fire("qpipe_variant_failed", result=result, error=None)
+    lifecycle.fire("qpipe_pipeline_finished", results=results)
     return warnings
 
 

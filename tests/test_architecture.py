@@ -81,3 +81,41 @@ allow_indirect_imports = true
 """)
     run = lint(config, *(p.parent for p in examples.values()))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+
+
+def test_no_qpipe_module_imports_one_that_imports_it_back():
+    import grimp
+
+    graph = grimp.build_graph("qpipe", exclude_type_checking_imports=True)
+    modules = {m for m in graph.modules if m.startswith("qpipe.")}
+    cycles = {tuple(sorted((a, b))): graph.find_shortest_chain(importer=b, imported=a)
+              for a in modules for b in graph.find_modules_directly_imported_by(a)
+              if b in modules and b != a and graph.find_shortest_chain(importer=b, imported=a)}
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join((a, *chain)) for (a, _), chain in cycles.items())
+
+
+def test_the_host_keeps_modules_and_functions_short():
+    """The house rule behind docs/architecture.md: no qpipe module over ~400 lines, no function over ~60."""
+    import ast
+
+    long_files, long_functions = [], []
+    for path in sorted((ROOT / "qpipe").rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > 420:
+            long_files.append(f"{path.relative_to(ROOT)} ({text.count(chr(10))} lines)")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 65:
+                long_functions.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not long_files, long_files
+    assert not long_functions, long_functions
+
+
+def test_the_run_core_modules_are_each_described_in_docs_architecture():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    for module in ("pipeline", "schedule", "variant", "executors", "workers", "remote", "cached", "cache",
+                   "inputs", "outcome", "lifecycle"):
+        assert f"`qpipe.{module}`" in text, f"docs/architecture.md does not describe qpipe.{module}"
+    modules = {p.stem for p in (ROOT / "qpipe").glob("*.py") if p.stem not in ("__init__", "__main__")}
+    modules |= {p.parent.name for p in (ROOT / "qpipe").glob("*/__init__.py")}
+    missing = sorted(m for m in modules if f"`qpipe.{m}`" not in text)
+    assert not missing, f"docs/architecture.md does not mention: {missing}"

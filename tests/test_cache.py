@@ -13,7 +13,7 @@ import qpipe
 from qpipe.cache import KeyMaker, cache_dir, code_fingerprint, stack_versions
 from qpipe.components import LoadedModel, file_sha256
 from qpipe.config import load_config, resolve
-from qpipe.pipeline import load_inputs
+from qpipe.inputs import load_inputs
 from qpipe.registry import Registry
 from qpipe.testing import Broken, plugin_manager, run_pipeline_file, train_tiny_model
 from qpipe.tfenv import tf_keras

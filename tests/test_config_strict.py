@@ -12,7 +12,7 @@ import pytest
 
 from qpipe.config import load_config, resolve
 from qpipe.errors import ConfigError, QpipeError
-from qpipe.pipeline import load_model
+from qpipe.inputs import load_model
 from qpipe.registry import Registry
 
 BASE = """\

@@ -13,7 +13,7 @@ from qpipe.components import TensorInfo
 from qpipe.config import DataSource, load_config, resolve
 from qpipe.data import Dataset, LazyArray, bind_to_model, load_source
 from qpipe.errors import DataError
-from qpipe.pipeline import load_inputs
+from qpipe.inputs import load_inputs
 from qpipe.registry import Registry
 from qpipe.testing import run_pipeline_file, run_variant
 

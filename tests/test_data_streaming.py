@@ -16,7 +16,7 @@ import qpipe.data
 from qpipe.components import TensorInfo
 from qpipe.config import DataSource, load_config, resolve
 from qpipe.data import LazyArray, bind_to_model, load_source
-from qpipe.pipeline import load_inputs
+from qpipe.inputs import load_inputs
 from qpipe.registry import Registry
 from qpipe.testing import plugin_manager, run_pipeline_file
 

@@ -217,16 +217,18 @@ def test_threads_are_capped_at_the_cpu_count_with_a_warning(tmp_path, pm, capsys
 
 
 def test_jobs_are_capped_at_the_variants_and_cpus(project, pm):
-    from qpipe.executor import make_executor
-    from qpipe.pipeline import Runner
+    from qpipe.executors import RunSetup
+    from qpipe.schedule import make_executor
 
     path = project.write_pipeline([{"name": "dynamic", "quantizer": "tflite.dynamic"}])
     resolved = resolve(load_config(path), Registry.from_plugins(pm))
-    runner = Runner(pm, resolved, project.root / "out", {"jobs": 5, "no_tracking": True})
-    executor = make_executor(runner)
+    warnings: list[str] = []
+    setup = RunSetup(pm, resolved, None, {"jobs": 5, "no_tracking": True}, project.root / "out",  # type: ignore[arg-type]
+                     None, warnings.append)  # type: ignore[arg-type]
+    executor = make_executor(setup)
     try:
         assert executor.jobs == min(2, cpu_count())
-        assert runner.warnings == [f"--jobs/executor.jobs 5 is more than the "
+        assert warnings == [f"--jobs/executor.jobs 5 is more than the "
                                    f"{'2 variants' if cpu_count() >= 2 else '1 CPUs'}; "
                                    f"running {executor.jobs} at once"]
     finally:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from qpipe.config import load_config, resolve
-from qpipe.pipeline import load_inputs
+from qpipe.inputs import load_inputs
 from qpipe.registry import Registry
 from qpipe.remote import SECTIONS, ship_inputs, unship_inputs
 from qpipe.tfenv import tensorflow

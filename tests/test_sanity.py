@@ -150,12 +150,11 @@ def test_int4_names_the_depthwise_weights_it_leaves_in_float(tmp_path):
     assert strict.status == "failed" and "[float-weights]" in strict.error
     # --jobs workers get the plugins that check artifacts, so they warn like this process
     from qpipe.config import load_config, resolve
-    from qpipe.executor import worker_spec
-    from qpipe.pipeline import Runner
     from qpipe.registry import Registry
+    from qpipe.workers import worker_spec
 
-    runner = Runner(pm, resolve(load_config(path), Registry.from_plugins(pm)), tmp_path / "unused")
-    assert "litert" in {name for name, _, _ in worker_spec(runner).plugins}
+    spec = worker_spec(pm, resolve(load_config(path), Registry.from_plugins(pm)), {})
+    assert "litert" in {name for name, _, _ in spec.plugins}
 
 
 def test_collapse_threshold_is_relative_to_the_baseline():
