@@ -10,12 +10,13 @@ import pytest
 import qpipe.datacheck
 import qpipe.lazyarray
 from qpipe.components import TensorInfo
-from qpipe.config import DataSource, load_config, resolve
+from qpipe.config import load_config, resolve
 from qpipe.data import Dataset, bind_to_model, load_source
 from qpipe.errors import DataError
 from qpipe.lazyarray import LazyArray
 from qpipe.pipeline import load_inputs
 from qpipe.registry import Registry
+from qpipe.schema import DataSource
 from qpipe.testing import run_pipeline_file, run_variant
 
 IMAGE = [TensorInfo("image", (None, 8, 8, 1), "float32")]

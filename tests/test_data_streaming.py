@@ -14,11 +14,12 @@ import pytest
 
 import qpipe.lazyarray
 from qpipe.components import TensorInfo
-from qpipe.config import DataSource, load_config, resolve
+from qpipe.config import load_config, resolve
 from qpipe.data import bind_to_model, load_source
 from qpipe.lazyarray import LazyArray
 from qpipe.pipeline import load_inputs
 from qpipe.registry import Registry
+from qpipe.schema import DataSource
 from qpipe.testing import plugin_manager, run_pipeline_file
 
 
@@ -116,7 +117,7 @@ def test_batches_stream_a_large_file_in_bounded_memory(tmp_path):
         import numpy as np
         from pathlib import Path
         from qpipe.components import TensorInfo
-        from qpipe.config import DataSource
+        from qpipe.schema import DataSource
         from qpipe.data import bind_to_model, load_source
 
         def peak():
