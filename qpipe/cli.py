@@ -96,22 +96,44 @@ def build_app(pm: Any = None) -> typer.Typer:
     """The typer app; ``pm`` (a plugin manager) is created on first need when not given."""
     app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                       help="Quantize a trained model into every variant, evaluate each, track them side by side.")
-    state: dict[str, Any] = {"pm": pm}
+    commands = _Commands(pm)
+    app.callback()(_main)
+    app.command()(commands.run)
+    app.command()(commands.validate)
+    app.command()(commands.plugins)
+    app.command(name="cache")(cache_cmd)
+    app.command(name="new-plugin")(new_plugin_cmd)
+    app.command(name="plugin-venv")(plugin_venv_cmd)
+    app.command(name="log")(commands.log)
+    if pm is not None or os.environ.get("QPIPE_NO_PLUGIN_COMMANDS") is None:
+        try:
+            commands.pm().hook.qpipe_add_commands(app=app)
+        except Exception as exc:  # a broken command plugin must not break the CLI
+            typer.echo(f"warning: a plugin failed to add its commands: {exc}", err=True)
+    return app
 
-    def get_pm():
-        if state["pm"] is None:
+
+def _main(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                       help="Show the version and exit.")) -> None:
+    """qpipe: quantization pipelines for TensorFlow/LiteRT models."""
+
+
+class _Commands:
+    """qpipe's sub-commands that need the plugin manager, one method each."""
+
+    def __init__(self, pm: Any = None):
+        self._pm = pm
+
+    def pm(self) -> Any:
+        """The plugin manager given to ``build_app``, else the installed plugins (loaded once)."""
+        if self._pm is None:
             from qpipe.plugins import get_plugin_manager
 
-            state["pm"] = get_plugin_manager()
-        return state["pm"]
+            self._pm = get_plugin_manager()
+        return self._pm
 
-    @app.callback()
-    def _main(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
-                                           help="Show the version and exit.")) -> None:
-        """qpipe: quantization pipelines for TensorFlow/LiteRT models."""
-
-    @app.command()
     def run(
+        self,
         pipeline: Path = typer.Argument(..., help="The pipeline YAML file."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (default: runs/<name>-<timestamp>)."),
         only: Optional[list[str]] = typer.Option(None, "--only", help="Run only this variant (repeatable); the baseline always runs."),
@@ -133,41 +155,19 @@ def build_app(pm: Any = None) -> typer.Typer:
         prepare_environment()
         with ErrorGuard(debug), sigterm_stops_like_ctrl_c():
             from qpipe.config import load_config, resolve
-            from qpipe.display import ConsoleDisplay, print_summary
-            from qpipe.pipeline import run_pipeline
             from qpipe.registry import Registry
 
             if executor not in (None, "local", "ray"):
                 raise QpipeError(f"--executor {executor}: unknown executor; use local or ray")
-            pm = get_pm()
+            pm = self.pm()
             resolved = resolve(load_config(pipeline), Registry.from_plugins(pm), only)
-            display = ConsoleDisplay(total=len(resolved.variants))
-            pm.register(display, name="qpipe-console")
-            try:
-                settings = {"tracking_uri": tracking_uri, "no_tracking": no_tracking, "debug": debug,
-                            "gate": gate, "jobs": jobs, "no_cache": no_cache, "force": force,
-                            "executor": executor, "address": address}
-                if (executor or ("ray" if address else resolved.config.executor.name)) == "ray":
-                    from qpipe.remote import check_reachable
+            settings = {"tracking_uri": tracking_uri, "no_tracking": no_tracking, "debug": debug,
+                        "gate": gate, "jobs": jobs, "no_cache": no_cache, "force": force,
+                        "executor": executor, "address": address}
+            _run_and_report(pm, resolved, output, settings)
 
-                    check_reachable(resolved.config.executor, settings)  # before the output folder exists
-                results, warnings = run_pipeline(pm, resolved, output, settings)
-            finally:
-                display.stop()
-                pm.unregister(name="qpipe-console")
-            for warning in warnings:
-                typer.echo(f"warning: {warning}", err=True)
-            print_summary(results, Path(output) if output else None)
-            if results.gate is not None and not results.gate["passed"]:
-                raise fail(f"gate: {results.gate['reason']} ({', '.join(results.gate['constraints'])}); "
-                           "see 'gate' in results.json", EXIT_GATE_FAILED)
-            failed = [v.name for v in results.variants if v.status != "ok"]
-            if failed:
-                raise fail(f"{len(failed)} variant(s) failed: {', '.join(failed)} (see results.json)",
-                           EXIT_VARIANT_FAILED)
-
-    @app.command()
     def validate(
+        self,
         pipeline: Path = typer.Argument(..., help="The pipeline YAML file."),
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     ) -> None:
@@ -176,107 +176,26 @@ def build_app(pm: Any = None) -> typer.Typer:
             from qpipe.config import load_config, resolve
             from qpipe.registry import Registry
 
-            resolved = resolve(load_config(pipeline), Registry.from_plugins(get_pm()))
+            resolved = resolve(load_config(pipeline), Registry.from_plugins(self.pm()))
             names = ", ".join(f"{rv.config.name} ({rv.config.quantizer})" for rv in resolved.variants)
             typer.echo(f"{pipeline}: ok; {len(resolved.variants)} variants: {names}; baseline: {resolved.baseline}")
 
-    @app.command()
-    def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    def plugins(self, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
         """List installed plugins, their versions and the components each registers."""
         with ErrorGuard(False):
             from qpipe.registry import Registry
 
-            pm = get_pm()
+            pm = self.pm()
             registry = Registry.from_plugins(pm)
-            listing: dict[str, Any] = {}
-            for name, info in sorted(pm.infos.items()):
-                listing[name] = {"distribution": info.distribution, "version": info.version,
-                                 "module": info.module, "components": {}, "hooks": []}
-            for kind, entries in registry.entries.items():
-                for cname, entry in sorted(entries.items()):
-                    plugin = listing.setdefault(entry.plugin, {"components": {}, "hooks": []})
-                    plugin["components"].setdefault(kind, []).append(cname)
-            for name in listing:
-                plugin_obj = pm.get_plugin(name)
-                if plugin_obj is not None:
-                    listing[name]["hooks"] = sorted(h.name for h in pm.get_hookcallers(plugin_obj) or [])
-            failures = {**pm.load_failures, **registry.problems()}
+            listing = _plugin_listing(pm, registry)
             if as_json:
+                failures = {**pm.load_failures, **registry.problems()}
                 typer.echo(json.dumps({"plugins": listing, "load_failures": failures}, indent=2))
                 return
-            from rich.console import Console
-            from rich.table import Table
+            _print_plugins(listing, pm.load_failures, registry.problems())
 
-            table = Table(title="qpipe plugins")
-            for col in ("plugin", "version", "components"):
-                table.add_column(col)
-            for name, item in listing.items():
-                comps = "\n".join(f"{kind}: {', '.join(names)}" for kind, names in item["components"].items())
-                table.add_row(name, item.get("version") or "", comps or "(hooks: " + ", ".join(item["hooks"]) + ")")
-            console = Console()
-            console.print(table)
-            for name, error in pm.load_failures.items():
-                console.print(f"[red]failed to load plugin '{name}':[/red] {error}")
-            for name, error in registry.problems().items():
-                console.print(f"[red]not usable: {name}:[/red] {error}")
-
-    @app.command(name="cache")
-    def cache_cmd(
-        pipeline: Path = typer.Argument(Path("pipeline.yaml"), help="The pipeline whose cache to show."),
-        clear: bool = typer.Option(False, "--clear", help="Remove the cached variants."),
-        older_than: Optional[float] = typer.Option(None, "--older-than", min=0,
-                                                   help="With --clear: only entries stored more than DAYS ago."),
-    ) -> None:
-        """Show where PIPELINE's variant cache is and its size; --clear empties it."""
-        with ErrorGuard(False):
-            from qpipe.cache import cache_dir, prune, usage
-            from qpipe.config import load_config
-
-            loaded = load_config(pipeline)
-            root = cache_dir(loaded.config, loaded.path.parent, {})
-            if root is None:
-                typer.echo(f"{pipeline}: the cache is off (cache: {{enabled: false}})")
-                return
-            if older_than is not None and not clear:
-                raise fail("--older-than only applies with --clear")
-            if clear:
-                gone = prune(root, older_than)
-                typer.echo(f"removed {gone.entries} cached variant(s), {gone.bytes / 2**20:.1f} MiB, from {root}")
-            held = usage(root)
-            typer.echo(f"cache {root}: {held.entries} cached variant(s), {held.bytes / 2**20:.1f} MiB")
-
-    @app.command(name="new-plugin")
-    def new_plugin_cmd(
-        name: str = typer.Argument(..., help="Plugin name: lower-case letters, digits, '_' (e.g. my_metrics)."),
-        kind: str = typer.Option("evaluator", "--kind", help="What the plugin adds: evaluator, quantizer, calibrator or backend."),
-        directory: Path = typer.Option(Path("."), "--dir", help="Where to create the qpipe-NAME folder."),
-    ) -> None:
-        """Create a plugin package (pyproject entry point, one component of KIND, passing tests)."""
-        with ErrorGuard(False):
-            from qpipe.scaffold import new_plugin
-
-            root = new_plugin(name, directory, kind)
-            typer.echo(f"created {root}\nnext: cd {root}\n"
-                       "      python -m qpipe plugin-venv .venv   # reuses this qpipe; nothing downloaded\n"
-                       "      .venv/bin/python -m pip install --no-deps -e .\n"
-                       "      .venv/bin/python -m pytest")
-
-    @app.command(name="plugin-venv")
-    def plugin_venv_cmd(
-        folder: Path = typer.Argument(Path(".venv"), help="The virtual environment to create."),
-    ) -> None:
-        """Create a venv that reuses this qpipe and its packages (for developing a plugin)."""
-        with ErrorGuard(False):
-            from qpipe.testing import overlay_venv
-
-            if folder.exists() and any(folder.iterdir()):
-                raise fail(f"{folder} already exists and is not empty; choose another folder")
-            python = overlay_venv(folder)
-            typer.echo(f"created {folder}: {python} sees qpipe {__version__}; "
-                       f"{python.parent / 'qpipe'} runs the CLI")
-
-    @app.command(name="log")
-    def log_cmd(
+    def log(
+        self,
         output_dir: Path = typer.Argument(..., help="Output folder of a finished 'qpipe run'."),
         tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Tracking URI (overrides the YAML)."),
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
@@ -285,17 +204,136 @@ def build_app(pm: Any = None) -> typer.Typer:
         with ErrorGuard(debug):
             from qpipe.replay import replay
 
-            warnings = replay(get_pm(), output_dir, {"tracking_uri": tracking_uri})
+            warnings = replay(self.pm(), output_dir, {"tracking_uri": tracking_uri})
             for warning in warnings:
                 typer.echo(f"warning: {warning}", err=True)
             typer.echo(f"logged {output_dir}")
 
-    if pm is not None or os.environ.get("QPIPE_NO_PLUGIN_COMMANDS") is None:
-        try:
-            get_pm().hook.qpipe_add_commands(app=app)
-        except Exception as exc:  # a broken command plugin must not break the CLI
-            typer.echo(f"warning: a plugin failed to add its commands: {exc}", err=True)
-    return app
+
+def _uses_ray(executor: str | None, address: str | None, configured: str) -> bool:
+    """Whether a run goes to Ray: ``--executor``, else ray when ``--address`` is given, else the
+    pipeline's ``executor.name``."""
+    return (executor or ("ray" if address else configured)) == "ray"
+
+
+def _run_and_report(pm: Any, resolved: Any, output: Path | None, settings: dict[str, Any]) -> None:
+    """Run ``resolved`` with the console display, print the summary and raise the exit code:
+    3 when the gate failed, 1 when a variant failed."""
+    from qpipe.display import ConsoleDisplay, print_summary
+    from qpipe.pipeline import run_pipeline
+
+    display = ConsoleDisplay(total=len(resolved.variants))
+    pm.register(display, name="qpipe-console")
+    try:
+        if _uses_ray(settings["executor"], settings["address"], resolved.config.executor.name):
+            from qpipe.remote import check_reachable
+
+            check_reachable(resolved.config.executor, settings)  # before the output folder exists
+        results, warnings = run_pipeline(pm, resolved, output, settings)
+    finally:
+        display.stop()
+        pm.unregister(name="qpipe-console")
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    print_summary(results, Path(output) if output else None)
+    if results.gate is not None and not results.gate["passed"]:
+        raise fail(f"gate: {results.gate['reason']} ({', '.join(results.gate['constraints'])}); "
+                   "see 'gate' in results.json", EXIT_GATE_FAILED)
+    failed = [v.name for v in results.variants if v.status != "ok"]
+    if failed:
+        raise fail(f"{len(failed)} variant(s) failed: {', '.join(failed)} (see results.json)",
+                   EXIT_VARIANT_FAILED)
+
+
+def _plugin_listing(pm: Any, registry: Any) -> dict[str, Any]:
+    """{plugin name: distribution, version, module, components by kind, hooks it implements}."""
+    listing: dict[str, Any] = {}
+    for name, info in sorted(pm.infos.items()):
+        listing[name] = {"distribution": info.distribution, "version": info.version,
+                         "module": info.module, "components": {}, "hooks": []}
+    for kind, entries in registry.entries.items():
+        for cname, entry in sorted(entries.items()):
+            plugin = listing.setdefault(entry.plugin, {"components": {}, "hooks": []})
+            plugin["components"].setdefault(kind, []).append(cname)
+    for name in listing:
+        plugin_obj = pm.get_plugin(name)
+        if plugin_obj is not None:
+            listing[name]["hooks"] = sorted(h.name for h in pm.get_hookcallers(plugin_obj) or [])
+    return listing
+
+
+def _print_plugins(listing: dict[str, Any], load_failures: dict[str, str], problems: dict[str, str]) -> None:
+    """The plugin listing as a table, then the plugins that failed to load or are not usable."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="qpipe plugins")
+    for col in ("plugin", "version", "components"):
+        table.add_column(col)
+    for name, item in listing.items():
+        comps = "\n".join(f"{kind}: {', '.join(names)}" for kind, names in item["components"].items())
+        table.add_row(name, item.get("version") or "", comps or "(hooks: " + ", ".join(item["hooks"]) + ")")
+    console = Console()
+    console.print(table)
+    for name, error in load_failures.items():
+        console.print(f"[red]failed to load plugin '{name}':[/red] {error}")
+    for name, error in problems.items():
+        console.print(f"[red]not usable: {name}:[/red] {error}")
+
+
+def cache_cmd(
+    pipeline: Path = typer.Argument(Path("pipeline.yaml"), help="The pipeline whose cache to show."),
+    clear: bool = typer.Option(False, "--clear", help="Remove the cached variants."),
+    older_than: Optional[float] = typer.Option(None, "--older-than", min=0,
+                                               help="With --clear: only entries stored more than DAYS ago."),
+) -> None:
+    """Show where PIPELINE's variant cache is and its size; --clear empties it."""
+    with ErrorGuard(False):
+        from qpipe.cache import cache_dir, prune, usage
+        from qpipe.config import load_config
+
+        loaded = load_config(pipeline)
+        root = cache_dir(loaded.config, loaded.path.parent, {})
+        if root is None:
+            typer.echo(f"{pipeline}: the cache is off (cache: {{enabled: false}})")
+            return
+        if older_than is not None and not clear:
+            raise fail("--older-than only applies with --clear")
+        if clear:
+            gone = prune(root, older_than)
+            typer.echo(f"removed {gone.entries} cached variant(s), {gone.bytes / 2**20:.1f} MiB, from {root}")
+        held = usage(root)
+        typer.echo(f"cache {root}: {held.entries} cached variant(s), {held.bytes / 2**20:.1f} MiB")
+
+
+def new_plugin_cmd(
+    name: str = typer.Argument(..., help="Plugin name: lower-case letters, digits, '_' (e.g. my_metrics)."),
+    kind: str = typer.Option("evaluator", "--kind", help="What the plugin adds: evaluator, quantizer, calibrator or backend."),
+    directory: Path = typer.Option(Path("."), "--dir", help="Where to create the qpipe-NAME folder."),
+) -> None:
+    """Create a plugin package (pyproject entry point, one component of KIND, passing tests)."""
+    with ErrorGuard(False):
+        from qpipe.scaffold import new_plugin
+
+        root = new_plugin(name, directory, kind)
+        typer.echo(f"created {root}\nnext: cd {root}\n"
+                   "      python -m qpipe plugin-venv .venv   # reuses this qpipe; nothing downloaded\n"
+                   "      .venv/bin/python -m pip install --no-deps -e .\n"
+                   "      .venv/bin/python -m pytest")
+
+
+def plugin_venv_cmd(
+    folder: Path = typer.Argument(Path(".venv"), help="The virtual environment to create."),
+) -> None:
+    """Create a venv that reuses this qpipe and its packages (for developing a plugin)."""
+    with ErrorGuard(False):
+        from qpipe.testing import overlay_venv
+
+        if folder.exists() and any(folder.iterdir()):
+            raise fail(f"{folder} already exists and is not empty; choose another folder")
+        python = overlay_venv(folder)
+        typer.echo(f"created {folder}: {python} sees qpipe {__version__}; "
+                   f"{python.parent / 'qpipe'} runs the CLI")
 
 
 def main(argv: list[str] | None = None) -> None:

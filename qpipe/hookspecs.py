@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import typer
 
     from qpipe.components import Artifact, Backend, Calibrator, Evaluator, Expects, LoadedModel, Quantizer
-    from qpipe.config import ModelSource
+    from qpipe.schema import ModelSource
     from qpipe.results import PipelineResults, PipelineRun, VariantResult
 
 hookspec = pluggy.HookspecMarker("qpipe")

@@ -84,7 +84,7 @@ def _arrays(ds: Any, convert: Any = np.asarray) -> Any:
 
 def unship_inputs(pm: Any, shipped: ShippedInputs) -> Inputs:
     """The worker's Inputs, rebuilt from ``shipped`` in a private folder."""
-    from qpipe.config import ModelSource
+    from qpipe.schema import ModelSource
 
     folder = Path(tempfile.mkdtemp(prefix="qpipe-model-"))
     target = folder / shipped.model_name

@@ -161,7 +161,7 @@ class PipelineRun:
     """
 
     name: str
-    config: Any  # qpipe.config.PipelineConfig
+    config: Any  # qpipe.schema.PipelineConfig
     config_path: Path
     config_text: str
     output_dir: Path

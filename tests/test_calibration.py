@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from qpipe import CalibrateContext, ConfigError, Dataset, QpipeError
-from qpipe.config import ModelSource, load_config, resolve
+from qpipe.config import load_config, resolve
 from qpipe.registry import Registry
+from qpipe.schema import ModelSource
 from qpipe.testing import plugin_manager, run_pipeline_file
 from qpipe_calibration import Sample, SampleOptions
 

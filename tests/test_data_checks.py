@@ -7,14 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import qpipe.data
 import qpipe.datacheck
+import qpipe.lazyarray
 from qpipe.components import TensorInfo
-from qpipe.config import DataSource, load_config, resolve
-from qpipe.data import Dataset, LazyArray, bind_to_model, load_source
+from qpipe.config import load_config, resolve
+from qpipe.data import Dataset, bind_to_model, load_source
 from qpipe.errors import DataError
 from qpipe.inputs import load_inputs
+from qpipe.lazyarray import LazyArray
 from qpipe.registry import Registry
+from qpipe.schema import DataSource
 from qpipe.testing import run_pipeline_file, run_variant
 
 IMAGE = [TensorInfo("image", (None, 8, 8, 1), "float32")]
@@ -84,7 +86,7 @@ def test_nan_labels_and_float64_overflow_are_errors(monkeypatch):
 
 
 def test_streamed_arrays_are_checked_as_they_are_read(tmp_path, monkeypatch):
-    monkeypatch.setattr(qpipe.data, "LAZY_MIN_BYTES", 0)
+    monkeypatch.setattr(qpipe.lazyarray, "LAZY_MIN_BYTES", 0)
     x = np.zeros((50, 8, 8, 1), np.float64)
     x[41, 0, 5, 0] = np.nan
     np.savez(tmp_path / "d.npz", x=x)

@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import qpipe.data
+import qpipe.lazyarray
 from qpipe.components import TensorInfo
-from qpipe.config import DataSource, load_config, resolve
-from qpipe.data import LazyArray, bind_to_model, load_source
+from qpipe.config import load_config, resolve
+from qpipe.data import bind_to_model, load_source
 from qpipe.inputs import load_inputs
+from qpipe.lazyarray import LazyArray
 from qpipe.registry import Registry
+from qpipe.schema import DataSource
 from qpipe.testing import plugin_manager, run_pipeline_file
 
 
@@ -34,7 +36,7 @@ def write_stored_npz(path: Path, chunks: dict[str, tuple[tuple[int, ...], str, o
 
 @pytest.fixture
 def lazy_everything(monkeypatch):
-    monkeypatch.setattr(qpipe.data, "LAZY_MIN_BYTES", 0)
+    monkeypatch.setattr(qpipe.lazyarray, "LAZY_MIN_BYTES", 0)
 
 
 def test_lazy_array_indexes_like_an_ndarray(tmp_path, lazy_everything):
@@ -59,7 +61,7 @@ def test_lazy_array_indexes_like_an_ndarray(tmp_path, lazy_everything):
 
 
 def test_what_is_read_lazily_and_what_is_loaded(tmp_path, monkeypatch):
-    monkeypatch.setattr(qpipe.data, "LAZY_MIN_BYTES", 1000)
+    monkeypatch.setattr(qpipe.lazyarray, "LAZY_MIN_BYTES", 1000)
     big = np.arange(2000, dtype=np.float32).reshape(500, 4)
     small = np.arange(500, dtype=np.int64) % 3
     np.savez(tmp_path / "stored.npz", x=big, y=small[:100])
@@ -98,7 +100,7 @@ def test_a_pipeline_on_lazy_data_gives_the_same_results(project, lazy_everything
     assert isinstance(inputs.calibration.single_input(), LazyArray)
     settings = {"no_tracking": True, "no_cache": True}
     lazy = run_pipeline_file(pipeline, pm, output=project.root / "lazy", settings=settings)
-    monkeypatch.setattr(qpipe.data, "LAZY_MIN_BYTES", 1 << 40)
+    monkeypatch.setattr(qpipe.lazyarray, "LAZY_MIN_BYTES", 1 << 40)
     eager = run_pipeline_file(pipeline, output=project.root / "eager", settings=settings)
     for name in ("float32", "int8"):
         assert lazy.variant(name).status == "ok", lazy.variant(name).error
@@ -115,7 +117,7 @@ def test_batches_stream_a_large_file_in_bounded_memory(tmp_path):
         import numpy as np
         from pathlib import Path
         from qpipe.components import TensorInfo
-        from qpipe.config import DataSource
+        from qpipe.schema import DataSource
         from qpipe.data import bind_to_model, load_source
 
         def peak():

@@ -69,7 +69,7 @@ def test_a_mutating_quantizer_cannot_change_the_other_variants_results(runs):
 
 @pytest.mark.parametrize("fixture", ["project", "keras3_project"])
 def test_copy_is_a_clone_with_the_same_outputs_and_its_own_weights(request, fixture):
-    from qpipe.config import ModelSource
+    from qpipe.schema import ModelSource
     from qpipe_keras import qpipe_load_model
 
     project = request.getfixturevalue(fixture)

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import yaml
 
-from qpipe.config import DataSource, load_config, resolve
+from qpipe.config import load_config, resolve
 from qpipe.data import load_source
 from qpipe.errors import ConfigError, DataError
 from qpipe.limits import cpu_count
 from qpipe.registry import Registry
+from qpipe.schema import DataSource
 
 # Runs a command under a 3 GB address-space limit (so today's unbounded code fails fast instead
 # of eating the machine) and reports its exit code, stderr, wall time and peak RSS.
@@ -118,7 +119,7 @@ def zip_bomb(path: Path, rows: int = 700_000_000) -> Path:
     return path
 
 
-LOAD = "import sys; from pathlib import Path; from qpipe.config import DataSource; " \
+LOAD = "import sys; from pathlib import Path; from qpipe.schema import DataSource; " \
        "from qpipe.data import load_source; from qpipe.errors import QpipeError\n" \
        "try:\n    load_source(DataSource(path=sys.argv[1]), Path('.'), 'data.evaluation')\n" \
        "except QpipeError as exc:\n    print(f'error: {exc}', file=sys.stderr); sys.exit(2)\n"

@@ -157,7 +157,7 @@ def test_two_nodes_share_nothing_but_ray(_tiny_session, monkeypatch):
     """The worker node cannot see the pipeline's folder; every variant still matches an in-process
     run, and reaches a proxied-artifact MLflow server byte for byte."""
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.setattr("qpipe.data.LAZY_MIN_BYTES", 0)  # the driver reads every array lazily from its file
+    monkeypatch.setattr("qpipe.lazyarray.LAZY_MIN_BYTES", 0)  # the driver reads every array lazily from its file
     from mlflow import MlflowClient
     from qpipe_mlflow.testing import MlflowServer, child_runs, parent_runs
 

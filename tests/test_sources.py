@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from qpipe.data import DataError, bind_to_model, load_source
-from qpipe.config import DataSource
 from qpipe.components import TensorInfo
 from qpipe.errors import QpipeError
+from qpipe.schema import DataSource
 from qpipe.testing import run_pipeline_file, synthetic_digits
 
 

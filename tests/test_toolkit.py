@@ -22,7 +22,7 @@ def data():
 
 @pytest.mark.parametrize("fixture", ["project", "keras3_project"])
 def test_the_tf_keras_copy_converts_to_int8_that_agrees_with_the_float_model(request, fixture, data):
-    from qpipe.config import ModelSource
+    from qpipe.schema import ModelSource
     from qpipe_keras import qpipe_load_model
 
     train, test = data
@@ -44,7 +44,7 @@ def test_the_tf_keras_copy_converts_to_int8_that_agrees_with_the_float_model(req
 
 
 def test_full_integer_conversion_without_samples_says_what_to_give(project):
-    from qpipe.config import ModelSource
+    from qpipe.schema import ModelSource
     from qpipe_keras import qpipe_load_model
 
     loaded = qpipe_load_model(ModelSource(path=project.model_path.name), project.root)
