@@ -210,22 +210,17 @@ class _Commands:
             typer.echo(f"logged {output_dir}")
 
 
-def _uses_ray(executor: str | None, address: str | None, configured: str) -> bool:
-    """Whether a run goes to Ray: ``--executor``, else ray when ``--address`` is given, else the
-    pipeline's ``executor.name``."""
-    return (executor or ("ray" if address else configured)) == "ray"
-
-
 def _run_and_report(pm: Any, resolved: Any, output: Path | None, settings: dict[str, Any]) -> None:
     """Run ``resolved`` with the console display, print the summary and raise the exit code:
     3 when the gate failed, 1 when a variant failed."""
     from qpipe.display import ConsoleDisplay, print_summary
     from qpipe.pipeline import run_pipeline
+    from qpipe.schedule import chosen_executor
 
     display = ConsoleDisplay(total=len(resolved.variants))
     pm.register(display, name="qpipe-console")
     try:
-        if _uses_ray(settings["executor"], settings["address"], resolved.config.executor.name):
+        if chosen_executor(resolved.config.executor, settings) == "ray":
             from qpipe.remote import check_reachable
 
             check_reachable(resolved.config.executor, settings)  # before the output folder exists
