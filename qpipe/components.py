@@ -268,8 +268,12 @@ class Quantizer(Component):
     needs_calibration: ClassVar[bool] = False
     #: whether the host must load ``data.training`` and pass ``ctx.training``
     needs_training: ClassVar[bool] = False
-    #: backend used when the variant names none
-    default_backend: ClassVar[str] = "litert"
+    #: backend used when the variant names none; None: the backend that declares itself the
+    #: default for ``output_format`` (``Backend.default_for``)
+    default_backend: ClassVar[str | None] = None
+    #: whether it makes the unquantized reference: the first variant using such a quantizer is
+    #: the pipeline's baseline unless ``baseline:`` names one (else the first variant)
+    reference: ClassVar[bool] = False
     #: the ``Artifact.format`` this quantizer produces
     output_format: ClassVar[str] = "tflite"
     #: what one variant needs on a Ray node: ``num_cpus``, ``memory`` (bytes), custom resources;
@@ -322,6 +326,8 @@ class Backend(Component):
     kind: ClassVar[str] = "backend"
     #: artifact formats this backend can run
     formats: ClassVar[tuple[str, ...]] = ()
+    #: formats it runs when a variant names no backend (one backend per format may claim it)
+    default_for: ClassVar[tuple[str, ...]] = ()
 
     def load(self, artifact: Artifact, model: LoadedModel) -> Runner:
         raise NotImplementedError
@@ -356,6 +362,11 @@ class Evaluator(Component):
     lower_is_better: ClassVar[tuple[str, ...]] = ()
     #: "quality" (how good: charted against size, with deltas in the table) or "cost"
     role: ClassVar[str] = "quality"
+    #: set when its metrics measure the machine, not the artifact (latency): a variant restored
+    #: from the cache runs it again instead of replaying the stored numbers
+    remeasure: ClassVar[bool] = False
+    #: set to run in pipelines that list no ``evaluators``; those run in ascending order
+    default_order: ClassVar[int | None] = None
 
     @classmethod
     def declared_metrics(cls, options: Options | None = None) -> tuple[str, ...]:
@@ -366,9 +377,6 @@ class Evaluator(Component):
     def applies_to(cls, task: str | None) -> bool:
         """Whether it means something for ``task`` (an unknown task: assume it does)."""
         return not cls.tasks or task is None or task in cls.tasks
-    #: set when its metrics measure the machine, not the artifact (latency): a variant restored
-    #: from the cache runs it again instead of replaying the stored numbers
-    remeasure: ClassVar[bool] = False
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         raise NotImplementedError

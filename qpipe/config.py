@@ -21,7 +21,7 @@ from qpipe.errors import ConfigError, QpipeError
 from qpipe.grid import expand_grid, oversized_grid
 from qpipe.limits import human_bytes, limit
 from qpipe.registry import Registry, unknown_name_message
-from qpipe.schema import PipelineConfig, VariantConfig
+from qpipe.schema import ComponentRef, PipelineConfig, VariantConfig
 from qpipe.selection import Constraint
 from qpipe.yamlload import compose_and_load
 
@@ -170,7 +170,7 @@ def resolve(loaded: LoadedConfig, registry: Registry, only: list[str] | None = N
         if wanted not in names:
             raise ConfigError(unknown_name_message("variant", wanted, names) + " (from --only)")
 
-    baseline = cfg.baseline or _default_baseline(cfg)
+    baseline = cfg.baseline or _default_baseline(cfg, registry)
     variants: list[ResolvedVariant] = []
     seen: set[str] = set()
     for i, v in expanded:
@@ -181,9 +181,11 @@ def resolve(loaded: LoadedConfig, registry: Registry, only: list[str] | None = N
         if only and v.name not in only and v.name != baseline and cfg.variants[i].name not in only:
             continue
         variants.append(_resolve_variant(loaded, registry, i, v))
+    refs = cfg.evaluators if "evaluators" in cfg.model_fields_set else \
+        [ComponentRef(name=name) for name in registry.default_evaluators()]
     evaluators = [
         _bind(loaded, registry, "evaluator", ref.name, ref.options, ("evaluators", i), ("evaluators", i, "options"))
-        for i, ref in enumerate(cfg.evaluators)
+        for i, ref in enumerate(refs)
     ]
     # the baseline runs first: deltas of every other variant are computed against it
     variants.sort(key=lambda rv: rv.config.name != baseline)
@@ -204,6 +206,11 @@ def _resolve_variant(loaded: LoadedConfig, registry: Registry, i: int, v: Varian
         bname, bopts, bloc = v.backend.name, v.backend.options, ("variants", i, "backend")
     else:
         bname, bopts, bloc = qcls.default_backend, {}, ("variants", i, "quantizer")
+        if bname is None:
+            try:
+                bname = registry.default_backend(qcls.output_format)
+            except QpipeError as exc:
+                raise loaded.error(bloc, f"{v.quantizer}: {exc}") from None
     merged = {**cfg.backends.get(bname, {}), **bopts}
     backend = _bind(loaded, registry, "backend", bname, merged, bloc, bloc + ("options",))
     calibrator = None
@@ -224,8 +231,9 @@ def _resolve_variant(loaded: LoadedConfig, registry: Registry, i: int, v: Varian
     return ResolvedVariant(v, i, quantizer, backend, calibrator)
 
 
-def _default_baseline(cfg: PipelineConfig) -> str:
+def _default_baseline(cfg: PipelineConfig, registry: Registry) -> str:
+    """The first variant whose quantizer makes the unquantized reference, else the first."""
     for v in cfg.variants:
-        if v.quantizer == "tflite.float32":
+        if registry.makes_reference(v.quantizer):
             return v.name
     return cfg.variants[0].name

@@ -90,6 +90,7 @@ class PipelineRunner:
             data={k: {"path": str(p), "sha256": file_sha256(p)} for k, p in inputs.data_files.items()},
             task=inputs.task.to_dict(), headline=headline(evaluators))
         results.extra["pipeline_file"] = str(self.resolved.loaded.path)
+        results.extra["evaluators"] = [bound.component.name for bound in self.resolved.evaluators]
         self.started = True
         (self.output_dir / "pipeline.yaml").write_text(self.resolved.loaded.text, encoding="utf-8")
         results.write(self.output_dir)

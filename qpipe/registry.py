@@ -114,6 +114,29 @@ class Registry:
         notes = "".join(f"; note: plugin '{plugin}' {why}" for plugin, why in self.unavailable.items())
         raise QpipeError(unknown_name_message(kind, name, self.names(kind)) + notes) from None
 
+    def default_backend(self, fmt: str) -> str:
+        """The backend that declares itself the default for artifacts of ``fmt`` (``default_for``)."""
+        claimed = sorted(name for name, e in self.entries["backend"].items()
+                         if fmt in getattr(e.cls, "default_for", ()))
+        if len(claimed) == 1:
+            return claimed[0]
+        if not claimed:
+            raise QpipeError(f"no installed backend runs {fmt} artifacts by default; name one with 'backend:' "
+                             f"(backends: {', '.join(self.names('backend')) or 'none registered'})")
+        raise QpipeError(f"backends {', '.join(claimed)} each claim to be the default for {fmt} artifacts; "
+                         "name one with 'backend:'")
+
+    def default_evaluators(self) -> list[str]:
+        """The evaluators that run when a pipeline lists none, in their declared order."""
+        chosen = [(order, name) for name, e in self.entries["evaluator"].items()
+                  if (order := getattr(e.cls, "default_order", None)) is not None]
+        return [name for _, name in sorted(chosen)]
+
+    def makes_reference(self, quantizer: str) -> bool:
+        """Whether ``quantizer`` makes the unquantized reference (the default baseline)."""
+        entry = self.entries["quantizer"].get(quantizer)
+        return bool(entry is not None and getattr(entry.cls, "reference", False))
+
     def problems(self) -> dict[str, str]:
         """Registration failures and contested names, for ``qpipe plugins``: label -> why."""
         found = dict(self.failures)

@@ -185,9 +185,6 @@ class Objective(Strict):
         return self
 
 
-DEFAULT_EVALUATORS = ["accuracy", "regression", "fidelity", "size", "storage", "latency"]
-
-
 class SelectConfig(Strict):
     """How ``selected`` and the gate choose among the variants."""
 
@@ -214,7 +211,8 @@ class PipelineConfig(Strict):
     )
     variants: list[VariantConfig] = Field(min_length=1)
     evaluators: list[ComponentRef] = Field(
-        default_factory=lambda: [ComponentRef(name=n) for n in DEFAULT_EVALUATORS]
+        default_factory=list, description="default: the installed evaluators that declare a default_order "
+                                          "(with the built-ins: accuracy, regression, fidelity, size, storage, latency)"
     )
     baseline: str | None = None
     task: Annotated[str | None, AfterValidator(_check_task)] = Field(

@@ -271,3 +271,78 @@ def test_a_third_party_exception_is_one_short_line_with_the_full_text_in_a_log(s
     shown = " ".join(terminal.split()).count("'tfl.fully_connected' op requires the same element type")
     assert shown >= 2 if debug else shown == 1  # once; --debug adds the full traceback
     assert ("see current operation" in terminal) is debug and ("Traceback" in terminal) is debug
+
+
+class OtherRuntime(qpipe.Backend):
+    """A second backend for .tflite files that claims to be their default (test plugin)."""
+
+    name = "test.other-runtime"
+    formats = ("tflite",)
+    default_for = ("tflite",)
+
+    def load(self, artifact, model):
+        raise NotImplementedError
+
+
+class Identity(qpipe.Quantizer):
+    """An unquantized reference of its own (test plugin)."""
+
+    name = "test.identity"
+    reference = True
+
+    def quantize(self, ctx):
+        raise NotImplementedError
+
+
+class Spread(Evaluator):
+    """A default evaluator of a third-party plugin (test plugin)."""
+
+    name = "test.spread"
+    metrics = ("output_std",)
+    default_order = 35
+
+    def evaluate(self, ctx):
+        return {"output_std": 0.0}
+
+
+class Declares:
+    @qpipe.hookimpl
+    def qpipe_register_backends(self, register):
+        register(OtherRuntime)
+
+    @qpipe.hookimpl
+    def qpipe_register_quantizers(self, register):
+        register(Identity)
+
+    @qpipe.hookimpl
+    def qpipe_register_evaluators(self, register):
+        register(Spread)
+
+
+def _without_evaluators(project, variants, name):
+    """A pipeline file listing ``variants`` as given and no ``evaluators`` (the defaults run)."""
+    import yaml
+
+    config = project.pipeline_dict(variants)
+    del config["evaluators"]
+    (project.root / name).write_text(yaml.safe_dump(config, sort_keys=False))
+    return load_config(project.root / name)
+
+
+def test_baseline_default_backend_and_default_evaluators_are_declared_by_plugins(project):
+    """The host names no plugin's component: the built-ins declare what is default, and a
+    third-party plugin declaring the same takes part on equal terms."""
+    variants = [{"name": "int8", "quantizer": "tflite.int8"}, {"name": "float32", "quantizer": "tflite.float32"}]
+    builtin = resolve(_without_evaluators(project, variants, "p1.yaml"), Registry.from_plugins(plugin_manager()))
+    assert builtin.baseline == "float32"  # tflite.float32 declares reference = True
+    assert [rv.backend.component.name for rv in builtin.variants] == ["litert", "litert"]  # default_for tflite
+    assert [b.component.name for b in builtin.evaluators] == ["accuracy", "regression", "fidelity", "size",
+                                                              "storage", "latency"]
+    registry = Registry.from_plugins(plugin_manager(Declares()))
+    assert registry.default_evaluators()[:4] == ["accuracy", "regression", "fidelity", "test.spread"]
+    first = [{"name": "mine", "quantizer": "test.identity", "backend": "litert"},
+             *[{**v, "backend": "litert"} for v in variants]]
+    assert resolve(_without_evaluators(project, first, "p2.yaml"), registry).baseline == "mine"
+    with pytest.raises(ConfigError, match=r"variants\[0\].* backends litert, test.other-runtime each claim "
+                                          r"to be the default for tflite artifacts; name one with 'backend:'"):
+        resolve(_without_evaluators(project, variants, "p3.yaml"), registry)

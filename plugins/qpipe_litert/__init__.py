@@ -87,6 +87,7 @@ class LiteRTBackend(Backend):
 
     name = "litert"
     formats = ("tflite",)
+    default_for = ("tflite",)  # runs a .tflite variant that names no backend
     Options = LiteRTOptions
 
     def load(self, artifact: Artifact, model: LoadedModel | None = None) -> Runner:

@@ -216,6 +216,7 @@ class Storage(qpipe.Evaluator):
     """Stored weight width (bits_per_weight) and, for integer models, ops left in float (float_ops)."""
 
     name = "storage"
+    default_order = 50  # runs when a pipeline lists no evaluators (after size)
     metrics = ("bits_per_weight", "float_ops")
     lower_is_better = metrics
     role = "cost"

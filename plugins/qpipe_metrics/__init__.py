@@ -36,6 +36,7 @@ class Accuracy(Evaluator):
     """
 
     name = "accuracy"
+    default_order = 10  # runs when a pipeline lists no evaluators
     needs_labels = True
     Options = AccuracyOptions
     metrics = ("accuracy",)
@@ -64,6 +65,7 @@ class Regression(Evaluator):
     """Mean absolute error and root-mean-square error against the labels."""
 
     name = "regression"
+    default_order = 20  # runs when a pipeline lists no evaluators
     needs_labels = True
     metrics = ("mae", "rmse")
     headline = ("mae", "rmse")
@@ -91,6 +93,7 @@ class Fidelity(Evaluator):
     """
 
     name = "fidelity"
+    default_order = 30  # runs when a pipeline lists no evaluators
     metrics = ("max_abs_error", "mean_abs_error", "relative_error", "r2", "cosine_similarity", "top1_agreement")
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
@@ -123,6 +126,7 @@ class Size(Evaluator):
     """Bytes on disk, gzip bytes, and the baseline's size divided by this variant's."""
 
     name = "size"
+    default_order = 40  # runs when a pipeline lists no evaluators
     metrics = ("size_bytes", "size_gzip_bytes", "size_ratio")
     headline = ("size_bytes", "size_ratio")
     lower_is_better = ("size_bytes", "size_gzip_bytes")
@@ -164,6 +168,7 @@ class Latency(Evaluator):
     """
 
     name = "latency"
+    default_order = 60  # runs when a pipeline lists no evaluators
     Options = LatencyOptions
     metrics = ("latency_ms_p50", "latency_ms_p95", "latency_ms_per_sample_p50", "latency_ms_per_sample_p95",
                "latency_spread", "latency_noisy")

@@ -149,7 +149,7 @@ class Tracker:
                 cfg = run.config
                 self.log(self.parent_id, params={
                     "pipeline": run.name, "baseline": results.baseline,
-                    "evaluators": ",".join(e.name for e in cfg.evaluators),
+                    "evaluators": ",".join(results.extra.get("evaluators") or [e.name for e in cfg.evaluators]),
                     "model": cfg.model.path or cfg.model.function, "calibrator": cfg.calibrator.name})
                 self.datasets = data_inputs.datasets(results, cfg, read=not run.replay)
                 if self.datasets:

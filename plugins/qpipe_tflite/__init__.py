@@ -74,6 +74,7 @@ class Float32(ConverterQuantizer):
     """No quantization: the float32 .tflite, the usual baseline."""
 
     name = "tflite.float32"
+    reference = True  # the default baseline
 
     def quantize(self, ctx: QuantizeContext) -> Artifact:
         from qpipe.conversion import MEMO_KEY, float_tflite
