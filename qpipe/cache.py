@@ -190,7 +190,7 @@ def _safe_relative(relative: Any) -> bool:
 
 
 @dataclass
-class Entry:
+class CachedVariant:
     """A cached variant: its recorded result, raw metrics, predictions and artifact."""
 
     key: str
@@ -243,12 +243,12 @@ class VariantCache:
     def __init__(self, root: Path, warn: Callable[[str], Any] | None = None):
         self.root = Path(root)
         self.warn = warn or (lambda message: None)
-        self.checked: dict[str, Entry | None] = {}
+        self.checked: dict[str, CachedVariant | None] = {}
 
     def _folder(self, key: str) -> Path:
         return self.root / LAYOUT / key[:2] / key
 
-    def get(self, key: str) -> Entry | None:
+    def get(self, key: str) -> CachedVariant | None:
         """The entry for ``key`` if it is intact, else None (a missing or damaged entry is a miss)."""
         if key not in self.checked:
             folder = self._folder(key)
@@ -258,11 +258,11 @@ class VariantCache:
             self.checked[key] = entry
         return self.checked[key]
 
-    def _read(self, key: str, folder: Path) -> tuple[Entry | None, str | None]:
+    def _read(self, key: str, folder: Path) -> tuple[CachedVariant | None, str | None]:
         """The entry in ``folder``, or None and what is wrong with it."""
         try:
             info = json.loads((folder / "entry.json").read_text(encoding="utf-8"))
-            entry = Entry(key=key, folder=folder, result=info["result"], raw_metrics=info["raw_metrics"],
+            entry = CachedVariant(key=key, folder=folder, result=info["result"], raw_metrics=info["raw_metrics"],
                           artifact=info["artifact"], created=info.get("created", ""),
                           origin=info.get("origin", ""), files=info.get("files") or {})
         except (OSError, ValueError, KeyError, TypeError) as exc:

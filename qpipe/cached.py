@@ -12,7 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from qpipe.cache import Entry, KeyMaker, VariantCache, cache_dir
+from qpipe.cache import CachedVariant, KeyMaker, VariantCache, cache_dir
 from qpipe.components import Artifact, TensorInfo, file_sha256
 from qpipe.config import ResolvedPipeline, ResolvedVariant
 from qpipe.data import bind_to_model, load_source
@@ -48,7 +48,7 @@ class RunCache:
         self.keys = {first.config.name: base_key}
         self.keys.update({rv.config.name: maker.key(rv, base_key) if maker else None for rv in rest})
 
-    def hit(self, rv: ResolvedVariant) -> Entry | None:
+    def hit(self, rv: ResolvedVariant) -> CachedVariant | None:
         """The intact entry for ``rv``, if any."""
         key = self.keys.get(rv.config.name)
         return self.store.get(key) if self.store is not None and key else None
@@ -57,7 +57,7 @@ class RunCache:
         """Without the baseline, fidelity and deltas differ: the other variants are not cached."""
         self.keys = {name: None for name in self.keys}
 
-    def restore(self, rv: ResolvedVariant, entry: Entry, output_dir: Path, baseline: Baseline | None,
+    def restore(self, rv: ResolvedVariant, entry: CachedVariant, output_dir: Path, baseline: Baseline | None,
                 emit: Emit, remeasure: Remeasure) -> Outcome:
         """A variant restored from ``entry``: artifact copied in, machine metrics measured again,
         deltas against ``baseline`` (or itself, when it is the baseline)."""

@@ -15,7 +15,7 @@ REQUIRED_METHOD = {"quantizer": "quantize", "calibrator": "calibrate", "backend"
 
 
 @dataclass(frozen=True)
-class Entry:
+class Registered:
     """A registered component class and the plugin that registered it."""
 
     cls: type[Component]
@@ -26,7 +26,7 @@ class Registry:
     """All components by kind and name; built once per plugin manager."""
 
     def __init__(self) -> None:
-        self.entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+        self.entries: dict[str, dict[str, Registered]] = {kind: {} for kind in KINDS}
         #: plugins that could have provided a name but did not load: name -> why
         self.unavailable: dict[str, str] = {}
         #: plugins whose registration failed (raised, or registered a non-component): name -> why
@@ -91,7 +91,7 @@ class Registry:
                 self.contested[(kind, component.name)] = [existing.plugin, plugin]
                 del self.entries[kind][component.name]
                 return
-            self.entries[kind][component.name] = Entry(component, plugin)
+            self.entries[kind][component.name] = Registered(component, plugin)
 
         return register
 
@@ -99,7 +99,7 @@ class Registry:
         """Sorted names of the registered components of ``kind``."""
         return sorted(self.entries[kind])
 
-    def get(self, kind: str, name: str) -> Entry:
+    def get(self, kind: str, name: str) -> Registered:
         """The entry for ``name``, or a QpipeError listing the valid names."""
         try:
             return self.entries[kind][name]
