@@ -90,6 +90,7 @@ def local_ray_cluster(head_cpus: int = 2, hidden: Path | None = None) -> Iterato
              "--num-cpus", str(head_cpus), "--temp-dir", temp, "--include-dashboard", "false",
              "--ray-client-server-port", str(client_port), "--disable-usage-stats"], **quiet))
         _wait_for_port(port, nodes[0])
+        _wait_for_port(client_port, nodes[0])  # the Ray Client server starts after the GCS
         probe: dict[str, Any] = {"client": f"ray://127.0.0.1:{client_port}"}
         if hidden is not None:
             nodes.append(subprocess.Popen(
