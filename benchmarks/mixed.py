@@ -4,7 +4,9 @@ Runs ``examples/mixed/pipeline.yaml``, ``pipeline-narrow.yaml`` and ``pipeline-m
 (uniform int8 and int4, float fallback, litert.mixed at three size budgets and under the
 accuracy constraint, bfloat16) without tracking or cache and prints, per model, one row per
 variant: accuracy, its delta to float32, file size, ratio to float32, the ratio as a multiple
-of uniform int8's, bits per weight and the quantize time.
+of uniform int8's, bits per weight and the quantize time; then, per uniform (non-mixed)
+variant, the mixed point that dominates it (at least as accurate, no larger), or how far the
+mixed front falls short.
 
     .venv/bin/python benchmarks/mixed.py [--work DIR] [--only wide|narrow|mobilenetv2]   # 2.5-4 minutes on 2 cores
 """
@@ -56,6 +58,37 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def dominance(results: dict) -> str:
+    """One line per uniform (non-mixed) variant: the mixed point that is at least as accurate
+    and no larger (strictly better in one), or, if none, how far the front is from it."""
+    ok = [v for v in results["variants"] if v.get("status") == "ok" and "accuracy" in v.get("metrics", {})]
+    mixed = [v for v in ok if v["quantizer"] == "litert.mixed"]
+    lines = []
+    for u in (v for v in ok if v["quantizer"] != "litert.mixed"):
+        acc, size = u["metrics"]["accuracy"], u["metrics"]["size_bytes"]
+        simulated = ", simulated" if u.get("metadata", {}).get("simulated") else ""
+        head = f"- {u['name']} ({u['quantizer']}{simulated}, {point(u)}): "
+        better = [m for m in mixed if m["metrics"]["accuracy"] >= acc and m["metrics"]["size_bytes"] <= size
+                  and (m["metrics"]["accuracy"] > acc or m["metrics"]["size_bytes"] < size)]
+        if better:
+            best = min(better, key=lambda m: m["metrics"]["size_bytes"])
+            lines.append(head + f"dominated by {best['name']} ({point(best)})")
+            continue
+        smaller = [m for m in mixed if m["metrics"]["size_bytes"] <= size]
+        gap = ("no mixed point this small" if not smaller else
+               "best mixed point no larger is {} ({}), {:.2f} pt less accurate".format(
+                   (b := max(smaller, key=lambda m: m["metrics"]["accuracy"]))["name"], point(b),
+                   100 * (acc - b["metrics"]["accuracy"])))
+        lines.append(head + "NOT dominated: " + gap)
+    return "\n".join(lines)
+
+
+def point(variant: dict) -> str:
+    """``Δ acc pt, size KB`` of a variant."""
+    m = variant["metrics"]
+    return f"{100 * m.get('accuracy_delta', 0):+.2f} pt, {m['size_bytes'] / 1024:.1f} KB"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary folder)")
@@ -68,6 +101,8 @@ def main() -> None:
             results = run(pipeline, (args.work or Path(scratch)) / name)
             print(f"## {results['pipeline']} ({pipeline.relative_to(ROOT)})\n")
             print(table(results))
+            print("\nDoes the mixed front dominate each uniform variant (as accurate or more, no larger)?\n")
+            print(dominance(results))
             print(f"\nwhole run: {results['_seconds']:.0f} s\n")
 
 

@@ -40,10 +40,12 @@ class Budget(qpipe.Options):
 class MixedOptions(qpipe.Options):
     budget: Budget | None = Field(None, description="{size_bytes: N} or {size_ratio: R} (float32 file / mixed "
                                                     "file); without it the pipeline's constraints decide")
-    widths: list[Literal["int2", "int4", "int8"]] = Field(
-        ["int2", "int4", "int8"], description="candidate weight widths (each offered per op only where "
-                                              "ai-edge-quantizer stores it and LiteRT runs it); int8 "
-                                              "is always one: the width for ops the others miss")
+    widths: list[Literal["int2", "int4", "int8", "float"]] = Field(
+        ["int2", "int4", "int8", "float"], description="candidate weight widths (each offered per op only where "
+                                                       "ai-edge-quantizer stores it and LiteRT runs it); int8 "
+                                                       "is always one: the width for ops the others miss; "
+                                                       "float lets the search keep the most sensitive "
+                                                       "layers unquantized where the budget has room")
     samples: int = Field(200, ge=10, description="calibration samples used to measure sensitivity")
     max_trials: int = Field(40, ge=1, description="end-to-end checks the search may run")
     report: bool = Field(True, description="write the per-layer, per-width sensitivity CSV and charts")
@@ -69,7 +71,7 @@ class Mixed(Quantizer):
         if self.options.report:
             files = write_report(costs, ctx.work_dir, f"{ctx.variant}.widths")
             ctx.record("files", sorted(p.name for p in files))  # logged to MLflow with the run
-        table = CostTable(layers, costs, allow_float=False)
+        table = CostTable(layers, costs, allow_float=FLOAT in self.options.widths)
         start, steps = greedy_steps(table)
         search = Search(self, ctx, source, layers, table, start, steps, probe)
         content, assignment, record = search.run()
@@ -88,7 +90,8 @@ class Mixed(Quantizer):
         """The probe (float outputs on the calibration samples) and every (layer, width) cost."""
         samples = ctx.calibration.samples
         probe = Probe(source, samples.take(range(min(len(samples), self.options.samples))))
-        widths = sorted(set(self.options.widths) | {"int8"}, key=width_bits) + list(extra)
+        quantized = set(self.options.widths) - {FLOAT}  # float costs nothing and is not measured
+        widths = sorted(quantized | {"int8"}, key=width_bits) + list(extra)
         return probe, measure(source, layers, probe, widths, ctx.report)
 
     def sensitivity_by_width(self, ctx: QuantizeContext) -> tuple[list[dict[str, Any]], list[Path]]:
@@ -220,7 +223,8 @@ def layer_records(layers: list[Layer], table: CostTable, assignment: dict[int, s
                   "bits": width_bits(width), "offered": table.offered[layer.index],
                   "error": error, "bytes_saved": saved, "accuracy_delta": delta}
         if width == FLOAT:
-            record["reason"] = table.reasons.get(layer.index, "kept in float")
+            record["reason"] = table.reasons.get(layer.index, "kept in float: among the most sensitive per "
+                                                              "byte, and the budget or constraints left room")
         records.append(record)
     return records
 
