@@ -75,6 +75,9 @@ def test_a_roomy_budget_keeps_the_most_sensitive_layers_float(mixed_run):
     roomy, tight = results.variant("roomy"), results.variant("budget")
     search = roomy.metadata["search"]
     assert roomy.metrics["size_bytes"] <= search["target_bytes"] and search["meets"]
+    # spare bytes are spent: the file is the largest of every trial that fit (prefix walk, then undos)
+    fitting = [t["size_bytes"] for t in search["trials"] if t["size_bytes"] <= search["target_bytes"]]
+    assert roomy.metrics["size_bytes"] == max(fitting)
     widths = {layer["tensor"]: layer["width"] for layer in roomy.metadata["layers"]}
     kept = [tensor for tensor, width in widths.items() if width == "float"]
     assert kept and set(widths.values()) - {"float"}, "some layers float, the rest quantized"
