@@ -53,7 +53,7 @@ class MixedOptions(qpipe.Options):
 
 
 class Mixed(Quantizer):
-    """Per-layer int2/int4/int8 weights (ai-edge-quantizer) chosen under a size budget or constraints."""
+    """Per-layer int2/int4/int8/float weights (ai-edge-quantizer) chosen under a size budget or constraints."""
 
     name = "litert.mixed"
     Options = MixedOptions
