@@ -37,6 +37,7 @@ def mixed_run(tmp_path_factory):
     path = project.write_pipeline([
         {"name": "int8", "quantizer": "tflite.dynamic"},
         {"name": "budget", "quantizer": "litert.mixed", "options": {"budget": {"size_bytes": 60000}}},
+        {"name": "roomy", "quantizer": "litert.mixed", "options": {"budget": {"size_ratio": 2.5}}},
         {"name": "constrained", "quantizer": "litert.mixed", "options": {"widths": ["int4"]}},  # + int8
         {"name": "impossible", "quantizer": "litert.mixed", "options": {"budget": {"size_ratio": 100}}},
     ], evaluators=["accuracy", "size", "storage"], constraints=["accuracy_delta >= -0.02"])
@@ -58,15 +59,32 @@ def test_budget_is_met_and_the_file_stores_the_recorded_widths(mixed_run):
     layers = budget.metadata["layers"]
     stored = _stored_bits(out / budget.artifact)
     assert {layer["tensor"]: layer["bits"] for layer in layers} == stored  # every weight op, at its width
-    assert {layer["width"] for layer in layers} - {"int8"}, "the budget forced some layers narrower"
+    assert {layer["width"] for layer in layers} & {"int2", "int4"}, "the budget forced some layers narrower"
     depthwise = [layer for layer in layers if layer["op"] == "DEPTHWISE_CONV_2D"]
-    assert depthwise and all(layer["width"] == "int8" and layer["offered"] == ["int8"] for layer in depthwise)
+    assert depthwise and all(layer["offered"] == ["int8", "float"] for layer in depthwise)
     assert all(layer["width"] != "float" or layer.get("reason") for layer in layers)
     assert budget.metrics["bits_per_weight"] == pytest.approx(budget.metadata["bits_per_weight_assigned"], abs=1e-3)
     assert 0 < budget.metrics["accuracy"] <= 1  # LiteRT ran it
     search = budget.metadata["search"]
     assert search["measured"]["size_bytes"] == budget.metrics["size_bytes"]
     assert "mixed_predicted_probe_accuracy_delta" in budget.metrics
+
+
+def test_a_roomy_budget_keeps_the_most_sensitive_layers_float(mixed_run):
+    out, results = mixed_run
+    roomy, tight = results.variant("roomy"), results.variant("budget")
+    search = roomy.metadata["search"]
+    assert roomy.metrics["size_bytes"] <= search["target_bytes"] and search["meets"]
+    # spare bytes are spent: the file is the largest of every trial that fit (prefix walk, then undos)
+    fitting = [t["size_bytes"] for t in search["trials"] if t["size_bytes"] <= search["target_bytes"]]
+    assert roomy.metrics["size_bytes"] == max(fitting)
+    widths = {layer["tensor"]: layer["width"] for layer in roomy.metadata["layers"]}
+    kept = [tensor for tensor, width in widths.items() if width == "float"]
+    assert kept and set(widths.values()) - {"float"}, "some layers float, the rest quantized"
+    stored = _stored_bits(out / roomy.artifact)
+    assert all(stored[tensor] == 32 for tensor in kept)  # really float in the file
+    assert all("kept in float" in layer["reason"] for layer in roomy.metadata["layers"] if layer["width"] == "float")
+    assert roomy.metrics["bits_per_weight"] > tight.metrics["bits_per_weight"]
 
 
 def test_constraint_search_widens_until_the_constraint_holds(mixed_run):
@@ -114,7 +132,7 @@ def test_accuracy_chart_draws_the_budget_sweep_against_the_uniform_variants(mixe
     out, results = mixed_run
     data = quality_chart_data(results)
     sweep = data["sweeps"]["litert.mixed"]
-    assert sorted(sweep) == ["budget", "constrained", "impossible"]
+    assert sorted(sweep) == ["budget", "constrained", "impossible", "roomy"]
     sizes = [results.variant(name).metrics["size_bytes"] for name in sweep]
     assert sizes == sorted(sizes)
     assert set(data["sweeps"]) == {"litert.mixed"}  # one variant per uniform quantizer: no line

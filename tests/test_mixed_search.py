@@ -52,3 +52,20 @@ def test_a_layer_with_no_runnable_width_stays_float_with_a_reason():
     start, _ = greedy_steps(table)
     assert start[1] == "float" and table.offered[1] == ["float"]
     assert "no quantized width runs" in table.reasons[1]
+
+
+def test_with_float_offered_the_search_starts_float_and_a_budget_keeps_the_most_sensitive_layer_float():
+    costs = _costs()
+    costs[4] = Cost(1, "OP", "n", "int8", True, 1.0, None, 70)  # the depthwise layer: int8 hurts
+    table = CostTable(_layers(), costs, allow_float=True)
+    start, steps = greedy_steps(table)
+    assert start == {0: "float", 1: "float", 2: "float"}
+    assert table.offered[1] == ["int8", "float"]
+    # float -> int8 on the big dense layer first (tiny error per byte), the sensitive depthwise last
+    assert (steps[0].layer, steps[0].before, steps[0].after) == (2, "float", "int8")
+    assert (steps[-1].layer, steps[-1].after) == (1, "int8")
+    # a budget with room for 100 more bytes than the all-narrow file leaves exactly that layer float
+    float_bytes = 10_000
+    narrowest = table.predict(assignment_after(start, steps, len(steps)), float_bytes)["size_bytes"]
+    count = steps_for_size(table, start, steps, float_bytes, narrowest + 100)
+    assert count == len(steps) - 1 and assignment_after(start, steps, count)[1] == "float"

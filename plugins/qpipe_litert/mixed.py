@@ -1,10 +1,11 @@
-"""``litert.mixed``: per-layer weight widths searched under a size budget or the pipeline's
-constraints, written by ai-edge-quantizer so the file stores each layer at its width.
+"""``litert.mixed``: per-layer weight widths (int2/int4/int8/float) searched under a size budget
+or the pipeline's constraints, written by ai-edge-quantizer so the file stores each layer at its width.
 
 1. measure every (layer, width) alone on calibration samples (``qpipe_litert.widths``);
 2. order the narrowing steps by error per byte saved (``qpipe_litert.search``);
-3. take the prefix a size budget allows, or, under constraints, start narrowest and widen
-   one layer at a time until ``ctx.evaluate`` says the constraints hold;
+3. take the prefix a size budget allows and spend the bytes left on widening the costliest
+   steps back, or, under constraints, start narrowest and widen one layer at a time until
+   ``ctx.evaluate`` says the constraints hold;
 4. check the file: every layer stored at its assigned width, bits per weight as assigned.
 """
 
@@ -40,17 +41,19 @@ class Budget(qpipe.Options):
 class MixedOptions(qpipe.Options):
     budget: Budget | None = Field(None, description="{size_bytes: N} or {size_ratio: R} (float32 file / mixed "
                                                     "file); without it the pipeline's constraints decide")
-    widths: list[Literal["int2", "int4", "int8"]] = Field(
-        ["int2", "int4", "int8"], description="candidate weight widths (each offered per op only where "
-                                              "ai-edge-quantizer stores it and LiteRT runs it); int8 "
-                                              "is always one: the width for ops the others miss")
+    widths: list[Literal["int2", "int4", "int8", "float"]] = Field(
+        ["int2", "int4", "int8", "float"], description="candidate weight widths (each offered per op only where "
+                                                       "ai-edge-quantizer stores it and LiteRT runs it); int8 "
+                                                       "is always one: the width for ops the others miss; "
+                                                       "float lets the search keep the most sensitive "
+                                                       "layers unquantized where the budget has room")
     samples: int = Field(200, ge=10, description="calibration samples used to measure sensitivity")
     max_trials: int = Field(40, ge=1, description="end-to-end checks the search may run")
     report: bool = Field(True, description="write the per-layer, per-width sensitivity CSV and charts")
 
 
 class Mixed(Quantizer):
-    """Per-layer int2/int4/int8 weights (ai-edge-quantizer) chosen under a size budget or constraints."""
+    """Per-layer int2/int4/int8/float weights (ai-edge-quantizer) chosen under a size budget or constraints."""
 
     name = "litert.mixed"
     Options = MixedOptions
@@ -69,7 +72,7 @@ class Mixed(Quantizer):
         if self.options.report:
             files = write_report(costs, ctx.work_dir, f"{ctx.variant}.widths")
             ctx.record("files", sorted(p.name for p in files))  # logged to MLflow with the run
-        table = CostTable(layers, costs, allow_float=False)
+        table = CostTable(layers, costs, allow_float=FLOAT in self.options.widths)
         start, steps = greedy_steps(table)
         search = Search(self, ctx, source, layers, table, start, steps, probe)
         content, assignment, record = search.run()
@@ -88,7 +91,8 @@ class Mixed(Quantizer):
         """The probe (float outputs on the calibration samples) and every (layer, width) cost."""
         samples = ctx.calibration.samples
         probe = Probe(source, samples.take(range(min(len(samples), self.options.samples))))
-        widths = sorted(set(self.options.widths) | {"int8"}, key=width_bits) + list(extra)
+        quantized = set(self.options.widths) - {FLOAT}  # float costs nothing and is not measured
+        widths = sorted(quantized | {"int8"}, key=width_bits) + list(extra)
         return probe, measure(source, layers, probe, widths, ctx.report)
 
     def sensitivity_by_width(self, ctx: QuantizeContext) -> tuple[list[dict[str, Any]], list[Path]]:
@@ -113,6 +117,16 @@ class Search:
         assignment = assignment_after(self.start, self.steps, count)
         return apply(self.source, self.layers, assignment), assignment
 
+    def room(self) -> bool:
+        """Whether the search may run another trial (``max_trials``)."""
+        return len(self.trials) < self.options.max_trials
+
+    def sized(self, count: int) -> tuple[bytes, dict[int, str]]:
+        """Build the first ``count`` steps and record the trial's size."""
+        content, assignment = self.build(count)
+        self.trials.append({"steps": count, "size_bytes": len(content)})
+        return content, assignment
+
     def run(self) -> tuple[bytes, dict[int, str], dict[str, Any]]:
         budget = self.options.budget
         if budget is not None:
@@ -135,20 +149,46 @@ class Search:
         return content, assignment, record
 
     def by_size(self, target: float) -> tuple[int, bytes, dict[int, str], list[str]]:
-        """The fewest steps whose real file fits ``target`` (predicted first, then measured)."""
-        count = steps_for_size(self.table, self.start, self.steps, len(self.source), target)
-        while True:
-            content, assignment = self.build(count)
-            self.trials.append({"steps": count, "size_bytes": len(content)})
-            if len(content) <= target or count >= len(self.steps) or len(self.trials) >= self.options.max_trials:
-                break
+        """The fewest steps whose real file fits ``target`` (start at the predicted count, take more
+        steps while the real file is too big, else undo steps while it still fits), then ``fill``."""
+        predicted = count = steps_for_size(self.table, self.start, self.steps, len(self.source), target)
+        content, assignment = self.sized(count)
+        while len(content) > target and count < len(self.steps) and self.room():
             count += 1
+            content, assignment = self.sized(count)
+        while count == predicted and len(content) <= target and count > 0 and self.room():
+            wider, wider_assignment = self.sized(count - 1)
+            if len(wider) > target:
+                break
+            count, content, assignment = count - 1, wider, wider_assignment
+            predicted = count
+        if len(content) <= target:
+            content, assignment = self.fill(count, content, assignment, target)
         misses = [] if len(content) <= target else [
             f"size budget {int(target)} bytes not reachable: smallest file {len(content)} bytes"]
         if not misses and self.ctx.constraints and self.ctx.evaluate is not None:
             missed = unmet(self.ctx.constraints, self.ctx.evaluate(self._artifact(content)))
             misses = [f"within the size budget, constraints fail: {m}" for m in missed]
         return count, content, assignment, misses
+
+    def fill(self, count: int, content: bytes, assignment: dict[int, str], target: float
+             ) -> tuple[bytes, dict[int, str]]:
+        """Spend the bytes the prefix leaves under ``target``: undo taken steps, costliest error per
+        byte first (the prefix's end), one layer one width up, wherever the real file still fits."""
+        for step in reversed(self.steps[:count]):
+            spare = target - len(content)
+            if assignment[step.layer] != step.after or step.bytes_saved > spare:
+                continue
+            if not self.room():
+                break
+            trial = {**assignment, step.layer: step.before}
+            wider = apply(self.source, self.layers, trial)
+            name = self.layers[step.layer].short
+            self.trials.append({"steps": count, "also": f"{name}: {step.after} -> {step.before}",
+                                "size_bytes": len(wider)})
+            if len(wider) <= target:
+                content, assignment = wider, trial
+        return content, assignment
 
     def by_constraints(self) -> tuple[int, bytes, dict[int, str], list[str]]:
         """Start with every step taken; undo one (one layer up a width) while constraints fail,
@@ -220,7 +260,8 @@ def layer_records(layers: list[Layer], table: CostTable, assignment: dict[int, s
                   "bits": width_bits(width), "offered": table.offered[layer.index],
                   "error": error, "bytes_saved": saved, "accuracy_delta": delta}
         if width == FLOAT:
-            record["reason"] = table.reasons.get(layer.index, "kept in float")
+            record["reason"] = table.reasons.get(layer.index, "kept in float: among the most sensitive per "
+                                                              "byte, and the budget or constraints left room")
         records.append(record)
     return records
 

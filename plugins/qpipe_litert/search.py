@@ -1,9 +1,9 @@
 """Greedy search over (layer, width) with measured per-layer costs.
 
-Every layer starts at its widest offered quantized width (int8; depthwise convs, which
-ai-edge-quantizer quantizes only to int8, stay there). The search then narrows one layer
-one step at a time, always the step that adds the least output error per byte it saves,
-until no layer can go narrower. That ordered list of steps is the whole search space: a
+Every layer starts at its widest offered width (float when float is a candidate, else int8;
+depthwise convs, which ai-edge-quantizer quantizes only to int8, go no narrower). The search
+then narrows one layer one step at a time, always the step that adds the least output error
+per byte it saves, until no layer can go narrower. That ordered list of steps is the whole search space: a
 size budget takes the shortest prefix whose predicted size fits; a constraint search starts
 from the full list and undoes one step at a time (one layer up a width) until the measured
 model meets the constraints. Predictions add the single-layer costs (bytes saved, accuracy
@@ -52,9 +52,8 @@ class CostTable:
         return c.error, c.bytes_saved, c.accuracy_delta or 0.0
 
     def start(self) -> dict[int, str]:
-        """Every layer at its widest offered quantized width (float only if nothing else runs)."""
-        return {layer.index: next((w for w in reversed(self.offered[layer.index]) if w != FLOAT), FLOAT)
-                for layer in self.layers}
+        """Every layer at its widest offered width: float when float is offered, else int8."""
+        return {layer.index: self.offered[layer.index][-1] for layer in self.layers}
 
     def predict(self, assignment: dict[int, str], float_bytes: int) -> dict[str, float]:
         """Predicted file bytes and accuracy delta: single-layer costs added up."""
