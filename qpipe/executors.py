@@ -39,7 +39,7 @@ class RunSetup:
     inputs: Inputs
     settings: dict[str, Any]
     output_dir: Path
-    variants: VariantRunner  # runs a variant in this process
+    variant_runner: VariantRunner  # runs a variant in this process
     warn: Callable[[str], Any]
 
 
@@ -71,7 +71,7 @@ class InProcess(Executor):
 
     def run(self, variants, baseline):
         for rv in variants:
-            yield self.setup.variants.run(rv, baseline, self.setup.output_dir)
+            yield self.setup.variant_runner.run(rv, baseline, self.setup.output_dir)
 
 
 class Processes(Executor):

@@ -57,7 +57,7 @@ def _run(setup: RunSetup, cache: RunCache, executor: Executor, variants: list[Re
         if entry is None:
             misses.append(rv)
             continue
-        remeasure = functools.partial(setup.variants.remeasure, work_dir=setup.output_dir)
+        remeasure = functools.partial(setup.variant_runner.remeasure, work_dir=setup.output_dir)
         yield rv, cache.restore(rv, entry, setup.output_dir, baseline, emit, remeasure)
     by_name = {rv.config.name: rv for rv in misses}
     for outcome in executor.run(misses, baseline) if misses else ():
