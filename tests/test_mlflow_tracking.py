@@ -398,7 +398,7 @@ def test_the_second_run_copies_the_model_template_the_first_kept(tracked, store,
     folders.close()
 
 
-@pytest.mark.parametrize("tamper", ["code", "requirements", "extra-file", "loader"])
+@pytest.mark.parametrize("tamper", ["code", "requirements", "extra-file", "symlink", "loader"])
 def test_a_changed_model_template_is_never_used(tracked, tiny, tmp_path, tamper):
     """Whoever can write the cache must not get other code or packages into the logged models:
     a template that is not exactly what qpipe would write is rebuilt by MLflow and replaced."""
@@ -415,6 +415,8 @@ def test_a_changed_model_template_is_never_used(tracked, tiny, tmp_path, tamper)
         (kept / "requirements.txt").write_text((kept / "requirements.txt").read_text() + "\nevil-package==1.0")
     elif tamper == "extra-file":
         (kept / "artifacts" / "payload.py").write_text("print('owned')\n")
+    elif tamper == "symlink":  # a link is refused without being followed (this one leads to everything)
+        (kept / "artifacts" / "root").symlink_to("/")
     else:
         mlmodel = kept / "MLmodel"
         mlmodel.write_text(mlmodel.read_text().replace("mlflow.pyfunc.loaders.code_model", "evil.loader"))

@@ -119,7 +119,7 @@ class ModelFolders:
 
         needs = requirements()
         name = templates.key(CODE, signature.to_dict(), config, needs)
-        kept = templates.fetch(self._keep, name, CODE, needs)
+        kept = templates.fetch(self._keep, name, Path(self._root.name) / f"kept-{index}", CODE, needs)
         if kept is not None:
             self.reused += 1
             return kept

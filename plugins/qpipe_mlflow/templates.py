@@ -59,15 +59,20 @@ def key(code: Path, signature: dict[str, Any], config: dict[str, Any], requireme
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def fetch(root: Path | None, name: str, code: Path, requirements: list[str]) -> Path | None:
-    """The stored template ``name`` under ``root`` if it is one qpipe would write, else None."""
-    if root is None:
+def fetch(root: Path | None, name: str, into: Path, code: Path, requirements: list[str]) -> Path | None:
+    """Copy the stored template ``name`` under ``root`` to ``into`` and return ``into`` if the copy
+    is one qpipe would write, else None. Checked after copying, so a concurrent run replacing
+    the stored one changes nothing here."""
+    if root is None or not Path(root, FOLDER, name).is_dir():
         return None
-    folder = Path(root, FOLDER, name)
     try:
-        return folder if folder.is_dir() and trusted(folder, code, requirements) else None
+        shutil.copytree(Path(root, FOLDER, name), into, symlinks=True)
+        if trusted(into, code, requirements):
+            return into
     except (OSError, ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError):
-        return None
+        pass
+    shutil.rmtree(into, ignore_errors=True)
+    return None
 
 
 def store(root: Path | None, name: str, folder: Path) -> None:
@@ -88,8 +93,9 @@ def store(root: Path | None, name: str, folder: Path) -> None:
 def trusted(folder: Path, code: Path, requirements: list[str]) -> bool:
     """Whether ``folder`` holds exactly what ``mlflow.pyfunc.save_model`` wrote for qpipe's model
     code and ``requirements``: nothing that would run other code or install other packages."""
-    present = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir() or p.is_symlink())
-    if present != sorted((*FILES, code.name)) or (folder / "artifacts").is_symlink():
+    every = [Path(top, n) for top, dirs, files in os.walk(folder) for n in dirs + files]  # links not followed
+    present = sorted(str(p.relative_to(folder)) for p in every if p.is_symlink() or not p.is_dir())
+    if present != sorted((*FILES, code.name)) or any(p.is_symlink() for p in every):
         return False
     if (folder / code.name).read_bytes() != code.read_bytes():
         return False
