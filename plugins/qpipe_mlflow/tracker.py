@@ -317,11 +317,11 @@ class Tracker:
         texts = {"result.json": json.dumps(entry or _plain(result), indent=2) + "\n"}
         if result.metadata.get("traceback"):
             texts["traceback.txt"] = str(result.metadata["traceback"])
-        files = [Path(run.output_dir) / str(name) for name in result.metadata.get("files", [])]
-        path = artifact_path(run, result)
+        files = [f for name in result.metadata.get("files", []) if (f := Path(run.output_dir) / str(name)).is_file()]
+        path = artifact_path(run, result)  # a file, or a folder logged under its name
         if path is not None and run.config.tracking.log_models:
             files.append(path)
-        upload(self.client, run_id, texts, [f for f in files if f.is_file() or f.is_dir()])
+        upload(self.client, run_id, texts, files)
 
     def register(self, run: Any, result: VariantResult, run_id: str, model_id: str | None, name: str) -> None:
         """Register the variant's logged model as a new version of ``name``."""
