@@ -434,3 +434,20 @@ def test_a_changed_model_template_is_never_used(tracked, tiny, tmp_path, tamper)
     assert "evil" not in (tmp_path / "model" / "requirements.txt").read_text()
     assert not (tmp_path / "model" / "artifacts" / "payload.py").exists()
     assert templates.trusted(kept, pyfunc.CODE, pyfunc.requirements()), "replaced by a good one"
+
+
+def test_qpipe_log_keeps_no_template_where_a_results_json_points(tiny, store, tmp_path):
+    """A replayed results.json names its run's cache folder; qpipe log writes nothing there."""
+    import json
+
+    path = tiny.write_pipeline([], name="replayed.yaml", tracking={"experiment": "tiny-replayed"})
+    output = tiny.root / "replayed-out"
+    run_pipeline_file(path, tracked_pm(), output=output, settings={"no_tracking": True})
+    elsewhere = tmp_path / "elsewhere"
+    record = json.loads((output / "results.json").read_text())
+    record["extra"]["cache"]["dir"] = str(elsewhere)
+    (output / "results.json").write_text(json.dumps(record))
+    out = CliRunner().invoke(build_app(tracked_pm()), ["log", str(output), "--tracking-uri", store])
+    assert out.exit_code == 0, out.output
+    (parent,) = parent_runs(store, "tiny-replayed")
+    assert "float32" in child_runs(store, parent) and not elsewhere.exists()

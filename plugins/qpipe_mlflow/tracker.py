@@ -304,7 +304,9 @@ class Tracker:
         if self.folders is None:
             from qpipe_mlflow.pyfunc import ModelFolders
 
-            cache = (run.results.extra.get("cache") or {}).get("dir")  # templates kept across runs
+            # templates kept across runs in this run's cache; never in a folder a replayed
+            # results.json names (qpipe log writes nothing outside what it was given)
+            cache = None if run.replay else (run.results.extra.get("cache") or {}).get("dir")
             self.folders = ModelFolders(Path(cache) if cache else None)
         return log_variant_model(self.client, self.experiment_id, run_id, run_name(result.name, self.rules),
                                  path if run.config.tracking.log_models else None, result.backend,
