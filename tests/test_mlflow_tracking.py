@@ -367,3 +367,87 @@ print(sorted(m for m in ("mlflow", "tensorflow") if m in sys.modules))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_second_run_copies_the_model_template_the_first_kept(tracked, store, tiny, monkeypatch, tmp_path):
+    """MLflow's save_model (requirement checks, example prediction: over a second) runs once; the
+    next run copies its folder from the cache, and its registered model predicts the same."""
+    import mlflow.pyfunc
+
+    from qpipe_mlflow import pyfunc, templates
+
+    (kept,) = (tiny.root / ".qpipe-cache" / templates.FOLDER).iterdir()
+    assert templates.trusted(kept, pyfunc.CODE, pyfunc.requirements())
+    assert not list(kept.rglob("*.tflite")), "each variant brings its own .tflite"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    x = np.load(tiny.data_path, allow_pickle=False)["x_test"]
+    first, second = (mlflow.pyfunc.load_model(f"models:/tiny-int8/{v}") for v in (1, 2))
+    np.testing.assert_array_equal(second.predict(x), first.predict(x))
+    downloaded = Path(mlflow.artifacts.download_artifacts("models:/tiny-int8/2", dst_path=str(tmp_path)))
+    assert (downloaded / pyfunc.CODE.name).read_bytes() == pyfunc.CODE.read_bytes()
+
+    class Logged:  # what ModelFolders reads of a LoggedModel
+        model_id, artifact_location = "m-test", str(tmp_path / "logged")
+
+    tflite = tiny.root / "run-1" / "int8.tflite"
+    config = pyfunc.model_config(tracked[0].variant("int8").backend)
+    folders = pyfunc.ModelFolders(tiny.root / ".qpipe-cache")
+    folders.write(tmp_path / "reused", tflite, config, Logged, "run-id")
+    assert folders.reused == 1
+    np.testing.assert_array_equal(mlflow.pyfunc.load_model(str(tmp_path / "reused")).predict(x), first.predict(x))
+    folders.close()
+
+
+@pytest.mark.parametrize("tamper", ["code", "requirements", "extra-file", "symlink", "loader"])
+def test_a_changed_model_template_is_never_used(tracked, tiny, tmp_path, tamper):
+    """Whoever can write the cache must not get other code or packages into the logged models:
+    a template that is not exactly what qpipe would write is rebuilt by MLflow and replaced."""
+    import shutil
+
+    from qpipe_mlflow import pyfunc, templates
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny.root / ".qpipe-cache" / templates.FOLDER, cache / templates.FOLDER)
+    (kept,) = (cache / templates.FOLDER).iterdir()
+    if tamper == "code":
+        (kept / pyfunc.CODE.name).write_text("import os; os.system('echo owned')\n")
+    elif tamper == "requirements":
+        (kept / "requirements.txt").write_text((kept / "requirements.txt").read_text() + "\nevil-package==1.0")
+    elif tamper == "extra-file":
+        (kept / "artifacts" / "payload.py").write_text("print('owned')\n")
+    elif tamper == "symlink":  # a link is refused without being followed (this one leads to everything)
+        (kept / "artifacts" / "root").symlink_to("/")
+    else:
+        mlmodel = kept / "MLmodel"
+        mlmodel.write_text(mlmodel.read_text().replace("mlflow.pyfunc.loaders.code_model", "evil.loader"))
+    assert not templates.trusted(kept, pyfunc.CODE, pyfunc.requirements())
+
+    class Logged:
+        model_id, artifact_location = "m-test", str(tmp_path / "logged")
+
+    tflite = tiny.root / "run-1" / "int8.tflite"
+    folders = pyfunc.ModelFolders(cache)
+    folders.write(tmp_path / "model", tflite, pyfunc.model_config(tracked[0].variant("int8").backend), Logged, "r")
+    folders.close()
+    assert folders.reused == 0
+    assert (tmp_path / "model" / pyfunc.CODE.name).read_bytes() == pyfunc.CODE.read_bytes()
+    assert "evil" not in (tmp_path / "model" / "requirements.txt").read_text()
+    assert not (tmp_path / "model" / "artifacts" / "payload.py").exists()
+    assert templates.trusted(kept, pyfunc.CODE, pyfunc.requirements()), "replaced by a good one"
+
+
+def test_qpipe_log_keeps_no_template_where_a_results_json_points(tiny, store, tmp_path):
+    """A replayed results.json names its run's cache folder; qpipe log writes nothing there."""
+    import json
+
+    path = tiny.write_pipeline([], name="replayed.yaml", tracking={"experiment": "tiny-replayed"})
+    output = tiny.root / "replayed-out"
+    run_pipeline_file(path, tracked_pm(), output=output, settings={"no_tracking": True})
+    elsewhere = tmp_path / "elsewhere"
+    record = json.loads((output / "results.json").read_text())
+    record["extra"]["cache"]["dir"] = str(elsewhere)
+    (output / "results.json").write_text(json.dumps(record))
+    out = CliRunner().invoke(build_app(tracked_pm()), ["log", str(output), "--tracking-uri", store])
+    assert out.exit_code == 0, out.output
+    (parent,) = parent_runs(store, "tiny-replayed")
+    assert "float32" in child_runs(store, parent) and not elsewhere.exists()

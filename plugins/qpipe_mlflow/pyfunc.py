@@ -82,12 +82,15 @@ def model_config(backend: dict[str, Any] | None) -> dict[str, Any]:
 class ModelFolders:
     """Writes the pyfunc model folders of one run. The first folder for a given signature and
     config goes through ``mlflow.pyfunc.save_model`` (requirements resolved and checked, the
-    example written); the others copy it, swap in their own ``.tflite`` and set their identity
-    in MLmodel: MLflow's requirement checks cost 0.1-0.4 s a model. Call ``close`` at the end."""
+    example predicted), or is copied from a template an earlier run kept in ``keep`` (qpipe's
+    cache folder; see templates.py); the others copy it, swap in their own ``.tflite`` and set
+    their identity in MLmodel: MLflow's checks cost a second a run. Call ``close`` at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: Path | None = None) -> None:
         self._root = tempfile.TemporaryDirectory(prefix="qpipe-models-")
         self._templates: dict[str, Path] = {}
+        self._keep = keep
+        self.reused = 0  # templates copied from ``keep`` instead of saved by MLflow
 
     def write(self, local: Path, tflite: Path, config: dict[str, Any], model: Any, run_id: str) -> None:
         """The pyfunc folder of ``tflite`` (logged model ``model`` of run ``run_id``) at ``local``."""
@@ -100,6 +103,7 @@ class ModelFolders:
         template = self._templates[key]
         shutil.copytree(template, local,
                         ignore=lambda folder, names: [TFLITE] if Path(folder).name == "artifacts" else [])
+        (local / "artifacts").mkdir(exist_ok=True)
         shutil.copy(tflite, local / "artifacts" / TFLITE)
         mlmodel = Model.load(str(local / "MLmodel"))
         mlmodel.run_id, mlmodel.model_uuid, mlmodel.model_id = run_id, model.model_id, model.model_id
@@ -111,6 +115,20 @@ class ModelFolders:
         mlmodel.save(str(local / "MLmodel"))
 
     def _template(self, index: int, tflite: Path, config: dict[str, Any], signature: Any, example: Any) -> Path:
+        from qpipe_mlflow import templates
+
+        needs = requirements()
+        name = templates.key(CODE, signature.to_dict(), config, needs)
+        kept = templates.fetch(self._keep, name, Path(self._root.name) / f"kept-{index}", CODE, needs)
+        if kept is not None:
+            self.reused += 1
+            return kept
+        folder = self._save(index, tflite, config, signature, example, needs)
+        templates.store(self._keep, name, folder)
+        return folder
+
+    def _save(self, index: int, tflite: Path, config: dict[str, Any], signature: Any, example: Any,
+              needs: list[str]) -> Path:
         import logging
 
         import mlflow.pyfunc
@@ -126,7 +144,7 @@ class ModelFolders:
             mlflow.pyfunc.save_model(str(folder), python_model=str(CODE),
                                      artifacts={ARTIFACT_KEY: str(staged / TFLITE)},
                                      model_config=config or None, signature=signature, input_example=example,
-                                     pip_requirements=requirements())
+                                     pip_requirements=needs)
         finally:
             log.setLevel(level)
         return folder

@@ -9,9 +9,13 @@ import contextlib
 import datetime as _dt
 import json
 import logging
+import os
 import re
+import shutil
+import tempfile
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any, Iterator
 
 import qpipe
@@ -62,14 +66,34 @@ def experiment(client: Any, target: Target) -> str:
     return found.experiment_id
 
 
-def with_context(tags: dict[str, Any]) -> dict[str, Any]:
-    """``tags`` plus what MLflow's fluent API would add (user, source, git commit)."""
+def context_tags() -> dict[str, Any]:
+    """What MLflow's fluent API adds to a run's tags (user, source, git commit); resolved once
+    per run (the git lookup costs about 10 ms a call)."""
     try:
         from mlflow.tracking.context.registry import resolve_tags
 
-        return resolve_tags(tags)
+        return resolve_tags({})
     except Exception:  # noqa: BLE001 - context tags are a nicety
-        return tags
+        return {}
+
+
+def upload(client: Any, run_id: str, texts: dict[str, str], files: list[Path]) -> None:
+    """``texts`` (name: content) and ``files`` (a folder keeps its name) as the run's artifacts,
+    staged in one folder and sent with one call (one artifact-location lookup, not one a file)."""
+    with tempfile.TemporaryDirectory(prefix="qpipe-upload-") as tmp:
+        for name, content in texts.items():
+            Path(tmp, name).write_text(content, encoding="utf-8")
+        for path in files:
+            if path.is_dir():
+                shutil.copytree(path, Path(tmp, path.name), dirs_exist_ok=True)
+                continue
+            staged = Path(tmp, path.name)
+            staged.unlink(missing_ok=True)
+            try:
+                os.link(path, staged)
+            except OSError:
+                shutil.copyfile(path, staged)
+        client.log_artifacts(run_id, tmp)
 
 
 def flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:

@@ -12,9 +12,11 @@ later (a replay ends the dead run's leftovers FAILED). MLflow is imported inside
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as _dt
 import functools
+import gc
 import json
 import os
 import sys
@@ -30,8 +32,8 @@ from qpipe.errors import short_error
 from qpipe.results import RESULTS_FILE, PipelineResults, VariantResult
 
 from qpipe_mlflow import datasets as data_inputs
-from qpipe_mlflow.store import (KIND, PARENT_TAG, experiment, flatten, metric_key, ms, number,
-                                parse_time, probe, quiet_logs, text, with_context)
+from qpipe_mlflow.store import (KIND, PARENT_TAG, context_tags, experiment, flatten, metric_key, ms, number,
+                                parse_time, probe, quiet_logs, text, upload)
 from qpipe_mlflow.naming import (curve_key, history_curves, input_tags, parent_name, run_name, short_names, tidy,
                                  version_tags)
 from qpipe_mlflow.target import Target
@@ -91,6 +93,7 @@ class Tracker:
         self.datasets: dict[str, Any] = {}  # mlflow Dataset per data section
         self.recorded: str | None = None  # the parent run id results.json had before this run
         self.folders: Any = None  # pyfunc.ModelFolders once a variant is logged as a model
+        self.context: dict[str, Any] = {}  # MLflow's context tags (user, source, git), on every run
 
     # ------------------------------------------------------------------ connecting
     @classmethod
@@ -118,6 +121,7 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds here
             raise QpipeError(f"MLflow tracking at {target.uri} (from {target.source}) is not usable: "
                              f"{short_error(exc)}; fix the URI or run with --no-tracking") from None
+        _skip_last_collection()
         return cls(target, client, experiment_id)
 
     def info(self) -> dict[str, Any]:
@@ -133,6 +137,7 @@ class Tracker:
         started = parse_time(results.started)
         self.run_name = parent_name(run, started or _dt.datetime.now())
         self.rules = short_names(run.config)
+        self.context = context_tags()
         tags = {KIND: "pipeline", "qpipe.pipeline": run.name, "qpipe.status": "running",
                 "qpipe.started": results.started or "",
                 "qpipe.output_dir": str(Path(run.output_dir).resolve()), "qpipe.pipeline_file": str(run.config_path),
@@ -144,7 +149,7 @@ class Tracker:
         try:
             with quiet_logs():
                 parent = self.client.create_run(self.experiment_id, start_time=ms(started) if run.replay else None,
-                                                tags=with_context(tags), run_name=self.run_name)
+                                                tags={**self.context, **tags}, run_name=self.run_name)
                 self.parent_id = parent.info.run_id
                 cfg = run.config
                 self.log(self.parent_id, params={
@@ -193,18 +198,16 @@ class Tracker:
                              f"nothing registered as '{register.name}'")
 
     def log_parent_files(self, run: Any, results: PipelineResults) -> None:
+        """The pipeline file, results.json and the report, in one upload."""
         from qpipe import report
 
-        self.client.log_text(self.parent_id, run.config_text, "pipeline.yaml")
-        self.client.log_text(self.parent_id, json.dumps(results.to_dict(), indent=2) + "\n", RESULTS_FILE)
+        texts = {"pipeline.yaml": run.config_text, RESULTS_FILE: json.dumps(results.to_dict(), indent=2) + "\n"}
         files = report.report_files(run.output_dir)
-        if len(files) < 2:  # a folder from before reports existed: draw them aside, not in it
-            with tempfile.TemporaryDirectory(prefix="qpipe-report-") as tmp:
-                for path in report.write_report(results, Path(tmp)):
-                    self.client.log_artifact(self.parent_id, str(path))
-            return
-        for path in files:
-            self.client.log_artifact(self.parent_id, str(path))
+        with tempfile.TemporaryDirectory(prefix="qpipe-report-") as tmp:
+            if len(files) < 2:  # a folder from before reports existed: draw them aside, not in it
+                Path(tmp, "report").mkdir()
+                files = report.write_report(results, Path(tmp, "report"))
+            upload(self.client, self.parent_id, texts, files)
 
     def close(self) -> None:
         """Remove the model folders' scratch space."""
@@ -235,8 +238,9 @@ class Tracker:
         """The child run of ``variant``, created on first use."""
         if variant not in self.children:
             name = run_name(variant, self.rules)
-            child = self.client.create_run(self.experiment_id, run_name=name, tags=with_context({
-                PARENT_TAG: self.parent_id, KIND: "variant", "qpipe.variant": variant, "qpipe.status": "running"}))
+            child = self.client.create_run(self.experiment_id, run_name=name, tags={
+                **self.context, PARENT_TAG: self.parent_id, KIND: "variant", "qpipe.variant": variant,
+                "qpipe.status": "running"})
             self.children[variant] = child.info.run_id
         return self.children[variant]
 
@@ -276,11 +280,11 @@ class Tracker:
                 metrics["variant_seconds"] = result.seconds
             params, tags = variant_params(result), variant_tags(run, result)
             model_id = self.log_model(run, result, run_id, params) if ok else None
-            self.log(run_id, params=params, metrics=metrics, tags=tags, model_id=model_id)
+            # curves not sent live (a replay, a cached variant) go in the same batch
+            curves = history_curves(result.metadata) if result.name not in self.steps else []
+            self.log(run_id, params=params, metrics=metrics, tags=tags, model_id=model_id, curves=curves)
             if self.datasets:
                 self.client.log_inputs(run_id, data_inputs.inputs(self.datasets, data_inputs.used_sections(result)))
-            if result.name not in self.steps:  # curves not sent live (a replay, a cached variant)
-                self.log_curves(run_id, history_curves(result.metadata))
             self.log_variant_files(run, result, run_id)
             register = run.config.tracking.register_model
             if ok and register is not None and register.variant == result.name:
@@ -300,35 +304,26 @@ class Tracker:
         if self.folders is None:
             from qpipe_mlflow.pyfunc import ModelFolders
 
-            self.folders = ModelFolders()
+            # templates kept across runs in this run's cache; never in a folder a replayed
+            # results.json names (qpipe log writes nothing outside what it was given)
+            cache = None if run.replay else (run.results.extra.get("cache") or {}).get("dir")
+            self.folders = ModelFolders(Path(cache) if cache else None)
         return log_variant_model(self.client, self.experiment_id, run_id, run_name(result.name, self.rules),
                                  path if run.config.tracking.log_models else None, result.backend,
                                  {k: text(v, MAX_PARAM) for k, v in params.items()}, tags, self.folders)
 
-    def log_curves(self, run_id: str, curves: list[tuple[str, float, int]]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        metrics = [Metric(metric_key(k), tidy(float(v)), now, step) for k, v, step in curves]
-        for start in range(0, len(metrics), 1000):
-            self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
-
     def log_variant_files(self, run: Any, result: VariantResult, run_id: str) -> None:
+        """result.json, the traceback, the reports a component wrote (e.g. sensitivity) and the
+        artifact, in one upload."""
         entry = next((v for v in run.results.to_dict()["variants"] if v["name"] == result.name), None)
-        self.client.log_text(run_id, json.dumps(entry or _plain(result), indent=2) + "\n", "result.json")
+        texts = {"result.json": json.dumps(entry or _plain(result), indent=2) + "\n"}
         if result.metadata.get("traceback"):
-            self.client.log_text(run_id, str(result.metadata["traceback"]), "traceback.txt")
-        for name in result.metadata.get("files", []):  # reports a component wrote (e.g. sensitivity)
-            extra = Path(run.output_dir) / str(name)
-            if extra.is_file():
-                self.client.log_artifact(run_id, str(extra))
-        path = artifact_path(run, result)
-        if path is None or not run.config.tracking.log_models:
-            return
-        if path.is_dir():
-            self.client.log_artifacts(run_id, str(path), path.name)
-        else:
-            self.client.log_artifact(run_id, str(path))
+            texts["traceback.txt"] = str(result.metadata["traceback"])
+        files = [f for name in result.metadata.get("files", []) if (f := Path(run.output_dir) / str(name)).is_file()]
+        path = artifact_path(run, result)  # a file, or a folder logged under its name
+        if path is not None and run.config.tracking.log_models:
+            files.append(path)
+        upload(self.client, run_id, texts, files)
 
     def register(self, run: Any, result: VariantResult, run_id: str, model_id: str | None, name: str) -> None:
         """Register the variant's logged model as a new version of ``name``."""
@@ -345,10 +340,12 @@ class Tracker:
 
     # ------------------------------------------------------------------ helpers
     def log(self, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
-            tags: dict[str, Any] | None = None, model_id: str | None = None) -> None:
+            tags: dict[str, Any] | None = None, model_id: str | None = None,
+            curves: list[tuple[str, float, int]] | None = None) -> None:
         """One log_batch per MLflow limit (100 params, 100 tags, 1000 items); values made valid
         (finite numbers rounded, short strings); metrics at step 0, linked to ``model_id`` (but
-        deltas and timings) and, unless about training, to the evaluation dataset."""
+        deltas and timings) and, unless about training, to the evaluation dataset; ``curves``
+        (key, value, step) as they are."""
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
@@ -364,6 +361,7 @@ class Tracker:
             metrics_.append(Metric(metric_key(k), tidy(number(v)), now, 0, model_id=on_model,
                                    dataset_name=evaluation.name if on_data else None,
                                    dataset_digest=evaluation.digest if on_data else None))
+        metrics_ += [Metric(metric_key(k), tidy(float(v)), now, step) for k, v, step in curves or []]
         while params_ or tags_ or metrics_:
             self.client.log_batch(run_id, params=params_[:100], tags=tags_[:100], metrics=metrics_[:800])
             params_, tags_, metrics_ = params_[100:], tags_[100:], metrics_[800:]
@@ -419,6 +417,16 @@ def variant_tags(run: Any, result: VariantResult) -> dict[str, Any]:
     if path is not None:
         tags["qpipe.artifact_sha256"] = artifact_sha256(path)
     return tags
+
+
+@functools.lru_cache(maxsize=1)
+def _skip_last_collection() -> None:
+    """At interpreter exit, freeze what is left instead of letting the collector walk it: MLflow
+    brings some 150 000 objects, and the last collections over them cost about 0.7 s of every
+    tracked run. Nothing is lost: by then every run is ended and every file closed (atexit
+    callbacks and ``weakref.finalize`` cleanups still run; the OS takes back the memory). Only at
+    exit, so a long-lived process (a notebook, pytest) collects as usual until then."""
+    atexit.register(gc.freeze)
 
 
 def artifact_sha256(path: Path) -> str:
