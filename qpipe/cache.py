@@ -52,6 +52,9 @@ DEFAULT_DIR = ".qpipe-cache"
 LAYOUT = "v1"
 #: folder (under LAYOUT) of files derived from a run's results, e.g. the report's charts
 FILES = "files"
+#: folder (under LAYOUT) where a plugin may keep files of its own, in ``PLUGINS/<plugin>/<item>``;
+#: ``prune`` removes each item by age like an entry
+PLUGINS = "plugins"
 #: distributions whose versions are part of every key
 STACK = ("numpy", "tensorflow", "tf-keras", "keras", "ai-edge-litert", "ai-edge-quantizer",
          "tensorflow-model-optimization", "tflite-micro")
@@ -356,6 +359,14 @@ def prune(root: Path, older_than_days: float | None = None) -> CacheUsage:
         if cutoff is None or stored.stat().st_mtime < cutoff:
             size = stored.stat().st_size
             stored.unlink(missing_ok=True)
+            removed.bytes += size
+    for item in list(Path(root, LAYOUT, PLUGINS).glob("*/*")):
+        if cutoff is None or item.lstat().st_mtime < cutoff:
+            size = _folder_bytes(item) if item.is_dir() and not item.is_symlink() else item.lstat().st_size
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                item.unlink(missing_ok=True)
             removed.bytes += size
     if older_than_days is None:
         shutil.rmtree(Path(root, LAYOUT, "tmp"), ignore_errors=True)

@@ -3,7 +3,9 @@ change whenever anything a variant depends on changes."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from importlib import metadata
 
 import numpy as np
@@ -149,12 +151,19 @@ def test_cache_command_shows_and_clears_the_cache(project, monkeypatch):
 
     shown = cache()
     assert shown.exit_code == 0 and f"cache {project.root / '.qpipe-cache'}: 2 cached variant(s)" in shown.output
-    kept = cache("--clear", "--older-than", "1")  # both were stored seconds ago
+    kept_by_plugin = project.root / ".qpipe-cache" / "v1" / "plugins" / "someplugin"  # qpipe.cache.PLUGINS
+    (kept_by_plugin / "old").mkdir(parents=True)
+    (kept_by_plugin / "old" / "file").write_bytes(b"x" * 1000)
+    (kept_by_plugin / "new.bin").write_bytes(b"y" * 10)
+    os.utime(kept_by_plugin / "old", (time.time() - 3 * 86400,) * 2)
+    kept = cache("--clear", "--older-than", "1")  # the variants were stored seconds ago
     assert kept.exit_code == 0 and "removed 0 cached variant(s)" in kept.output
     assert "2 cached variant(s)" in kept.output
+    assert not (kept_by_plugin / "old").exists() and (kept_by_plugin / "new.bin").exists()
     cleared = cache("--clear")
     assert cleared.exit_code == 0 and "removed 2 cached variant(s)" in cleared.output
     assert "0 cached variant(s), 0.0 MiB" in cleared.output
+    assert list(kept_by_plugin.iterdir()) == []
     again = run_pipeline_file(pipeline, output=project.root / "c2")
     assert [v.metadata["cache"] for v in again.variants] == ["miss", "miss"]
     wrong = cache("--older-than", "1")

@@ -5,7 +5,8 @@ machinery, maps every installed module to its distribution to check the requirem
 loads the model to predict its input example. What it writes depends only on the signature,
 the interpreter settings, the model code, the requirements and the versions of MLflow,
 Python and pip's build tools, so a run with the same ones copies the folder from
-``<cache>/mlflow-models/<key>/`` instead. A stored template is used only if it is what qpipe
+``<cache>/v1/plugins/mlflow/<key>/`` instead (where the host lets a plugin keep files:
+``qpipe cache --clear`` removes them). A stored template is used only if it is what qpipe
 would write: exactly the expected files, the model code byte for byte, the requirements and
 environment files naming exactly the pinned packages, the pyfunc flavor loading that code;
 anything else is ignored and replaced. The ``.tflite`` is not stored (each variant puts its
@@ -27,7 +28,8 @@ from typing import Any
 
 import yaml
 
-FOLDER = "mlflow-models"
+#: under the cache folder: where qpipe lets a plugin keep files (qpipe.cache.PLUGINS), this plugin's
+FOLDER = "v1/plugins/mlflow"
 LAYOUT = 1
 #: the model code file's name inside a model folder is the code file's own name
 FILES = ("MLmodel", "conda.yaml", "python_env.yaml", "requirements.txt", "input_example.json",
