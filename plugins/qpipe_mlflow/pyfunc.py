@@ -23,6 +23,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from qpipe.conversion import tensors_by_name
+
 ARTIFACT_KEY = "tflite"  # the artifact name tflite_model.py reads
 CODE = Path(__file__).with_name("tflite_model.py")
 MODEL_TYPE = "tflite"
@@ -47,16 +49,8 @@ def signature_and_example(tflite: Path) -> tuple[Any, Any]:
     from mlflow.types.schema import Schema, TensorSpec
 
     interpreter = Interpreter(model_path=str(tflite))
-    signatures = interpreter.get_signature_list()
-    key = "serving_default" if "serving_default" in signatures else next(iter(signatures), None)
-    details = {d["index"]: d for d in interpreter.get_input_details() + interpreter.get_output_details()}
-    if key is None:
-        inputs = {d["name"]: d for d in interpreter.get_input_details()}
-        outputs = {d["name"]: d for d in interpreter.get_output_details()[:1]}
-    else:
-        runner = interpreter.get_signature_runner(key)
-        inputs = {n: details[d["index"]] for n, d in runner.get_input_details().items()}
-        outputs = {n: details[d["index"]] for n, d in list(runner.get_output_details().items())[:1]}
+    inputs = tensors_by_name(interpreter, "inputs")  # named as the signature names them, as qpipe runs it
+    outputs = dict(list(tensors_by_name(interpreter, "outputs").items())[:1])
 
     def shape(detail: dict) -> list[int]:
         dims = [int(s) for s in (detail.get("shape_signature") if len(detail.get("shape_signature", ())) else
