@@ -133,23 +133,23 @@ class _Deferred:
         return len(self._load())
 
 
-def cached_entries(resolved: ResolvedPipeline, settings: dict[str, Any]) -> tuple[list[Any], dict, str] | None:
-    """Every variant's intact entry, the data files and the model's sha256, when all are cached."""
+def cached_entries(resolved: ResolvedPipeline, settings: dict[str, Any]) -> tuple[list[Any], dict[str, str], str] | None:
+    """Every variant's intact entry, the used data files' sha256 and the model's, when all are cached."""
     cfg, base = resolved.config, resolved.loaded.base_dir
     root = cache_dir(cfg, base, settings)
     if root is None or not cfg.model.path or not (base / cfg.model.path).exists():
         return None
     used = used_sections(resolved)
-    files, hashes = {}, {}
+    hashes = {}
     for section, path in data_files(resolved).items():
         if used[section]:
             if not path.exists():
                 return None
-            files[section], hashes[section] = path, file_sha256(path)
-    if any(used[s] and getattr(cfg.data, s) is not None and s not in files for s in used):
+            hashes[section] = file_sha256(path)
+    if any(used[s] and getattr(cfg.data, s) is not None and s not in hashes for s in used):
         return None  # a section read from a function: its content is unknown
     sha = file_sha256((base / cfg.model.path).resolve())
-    probe = SimpleNamespace(model=SimpleNamespace(sha256=sha), **{s: (s in files) or None for s in used})
+    probe = SimpleNamespace(model=SimpleNamespace(sha256=sha), **{s: (s in hashes) or None for s in used})
     keys, cache = KeyMaker(resolved, probe, hashes), VariantCache(root)
     base_key = keys.key(resolved.variants[0], None)
     entries = [cache.get(base_key) if base_key else None]
@@ -158,7 +158,7 @@ def cached_entries(resolved: ResolvedPipeline, settings: dict[str, Any]) -> tupl
     if any(e is None for e in entries) or first is None or not first.result.get("model_flavor") \
             or not first.result.get("task"):
         return None
-    return entries, files, sha
+    return entries, hashes, sha
 
 
 def inputs_if_all_cached(pm: QpipePluginManager, resolved: ResolvedPipeline, settings: dict[str, Any]) -> Any:
@@ -169,18 +169,19 @@ def inputs_if_all_cached(pm: QpipePluginManager, resolved: ResolvedPipeline, set
     found = cached_entries(resolved, settings)
     if found is None:
         return None
-    entries, files, sha = found
+    entries, hashes, sha = found
     first = entries[0].result
     cfg, base = resolved.config, resolved.loaded.base_dir
     load = functools.cache(lambda: load_inputs(pm, resolved))
     model_path = (base / str(cfg.model.path)).resolve()  # a path: checked by cached_entries
     model = _Deferred(lambda: load().model, sha256=sha, source=str(model_path), path=model_path,
                       flavor=first["model_flavor"])
-    data = {s: (_Deferred(lambda s=s: getattr(load(), s)) if s in files else None) for s in used_sections(resolved)}
+    data = {s: (_Deferred(lambda s=s: getattr(load(), s)) if s in hashes else None) for s in used_sections(resolved)}
     if first.get("model_inputs") and data["evaluation"] is not None:
         data["evaluation"] = _Deferred(functools.cache(
             lambda: _evaluation_only(cfg.data.evaluation, base, first["model_inputs"])))
-    return Inputs(model=model, **data, data_files=data_files(resolved), task=Task(**first["task"]))  # type: ignore[arg-type]
+    return Inputs(model=model, **data, data_files=data_files(resolved), data_sha256=hashes,  # type: ignore[arg-type]
+                  task=Task(**first["task"]))
 
 
 def _evaluation_only(source: Any, base: Path, model_inputs: list) -> Any:

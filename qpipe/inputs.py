@@ -26,6 +26,8 @@ class Inputs:
     training: Dataset | None = None
     validation: Dataset | None = None
     data_files: dict[str, Path] = field(default_factory=dict)
+    #: sha256 of data files already hashed while loading, by section (not hashed again)
+    data_sha256: dict[str, str] = field(default_factory=dict)
     task: Task = field(default_factory=lambda: Task(None, "inferred", "not judged"))
 
 

@@ -87,7 +87,8 @@ class PipelineRunner:
             pipeline=cfg.name, baseline=self.resolved.baseline, started=now(), timestamp=self.timestamp,
             qpipe_version=__version__,
             model={"source": inputs.model.source, "flavor": inputs.model.flavor, "sha256": inputs.model.sha256},
-            data={k: {"path": str(p), "sha256": file_sha256(p)} for k, p in inputs.data_files.items()},
+            data={k: {"path": str(p), "sha256": inputs.data_sha256.get(k) or file_sha256(p)}
+                  for k, p in inputs.data_files.items()},
             task=inputs.task.to_dict(), headline=headline(evaluators))
         results.extra["pipeline_file"] = str(self.resolved.loaded.path)
         results.extra["evaluators"] = [bound.component.name for bound in self.resolved.evaluators]
@@ -120,15 +121,15 @@ class PipelineRunner:
         result, results = outcome.result, lifecycle.run.results
         apply_strict(result, self.resolved.strict(result.name))
         results.variants.append(result)
+        if result.status != "ok":
+            text = result.metadata.get("traceback") or result.error or "failed"
+            (self.output_dir / error_log_name(result.name)).write_text(str(text), encoding="utf-8")
+            if self.settings.get("debug"):
+                sys.stderr.write(f"--- {result.name} failed:\n{text}\n")
+        results.write(self.output_dir)
         if result.status == "ok":
-            results.write(self.output_dir)
             lifecycle.fire("qpipe_variant_finished", result=result)
             return
-        text = result.metadata.get("traceback") or result.error or "failed"
-        (self.output_dir / error_log_name(result.name)).write_text(str(text), encoding="utf-8")
-        if self.settings.get("debug"):
-            sys.stderr.write(f"--- {result.name} failed:\n{text}\n")
-        results.write(self.output_dir)
         error = outcome.error  # None for a variant failed by a strict check
         if error is None and not outcome.live:
             error = WorkerError(result.error or "failed")

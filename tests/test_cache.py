@@ -8,6 +8,8 @@ import shutil
 import time
 from importlib import metadata
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -101,6 +103,29 @@ def test_rerun_into_a_new_folder_restores_every_variant_from_the_cache(project):
     assert not isinstance(events.model, LoadedModel) and third.model["flavor"] == "tf_keras"
     assert events.model.inputs[0].name == "image"  # loaded on first use
     assert isinstance(events.model.model, tf_keras().Model)
+
+
+def test_an_unchanged_rerun_hashes_the_model_and_each_data_file_once(project, monkeypatch):
+    import collections
+
+    import qpipe.cached
+    import qpipe.components
+    import qpipe.pipeline
+
+    pipeline = project.write_pipeline([{"name": "int8", "quantizer": "tflite.int8"}], name="hashes.yaml")
+    run_pipeline_file(pipeline, output=project.root / "h1")
+    hashed: collections.Counter = collections.Counter()
+    real = qpipe.components.file_sha256
+
+    def counting(path):
+        hashed[Path(path).name] += 1
+        return real(path)
+
+    for module in (qpipe.cached, qpipe.pipeline):
+        monkeypatch.setattr(module, "file_sha256", counting)
+    again = run_pipeline_file(pipeline, output=project.root / "h2")
+    assert [v.metadata["cache"] for v in again.variants] == ["hit", "hit"]
+    assert hashed == {project.model_path.name: 1, project.data_path.name: 2}  # evaluation and calibration sections
 
 
 def test_a_new_variant_is_compared_with_the_cached_baseline(project):
