@@ -38,6 +38,15 @@ if len(sys.argv) > 3:
     seen["listing"], seen["node"] = ray.get(look.remote(sys.argv[3]), timeout=120)
 print(json.dumps(seen))
 """
+#: a Ray Client round trip through the head's client server, retried as qpipe retries a ``ray://`` connect
+CLIENT_PROBE = """
+import sys, ray
+from qpipe.remote import init_ray
+init_ray(ray, {"address": sys.argv[1], "log_to_driver": False}, attempts=6,
+         warn=lambda message: print(message, file=sys.stderr, flush=True))
+assert ray.get(ray.put(1), timeout=120) == 1
+ray.shutdown()
+"""
 
 
 def ray_env() -> dict[str, str]:
@@ -74,6 +83,17 @@ def _wait_for_port(port: int, head: subprocess.Popen, timeout: float = 120) -> N
             time.sleep(0.5)
 
 
+def _probe_client(address: str, env: dict[str, str], timeout: float = 480) -> None:
+    """Wait until a Ray Client connect to ``address`` really works (a fresh interpreter, with retries)."""
+    try:
+        done = subprocess.run([sys.executable, "-c", CLIENT_PROBE, address], env=env, timeout=timeout, check=False,
+                              capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"the local Ray Client server at {address} did not answer in {timeout:g} s") from None
+    if done.returncode != 0:
+        raise RuntimeError(f"the local Ray Client server at {address} does not work: {done.stderr[-2000:]}")
+
+
 @contextlib.contextmanager
 def local_ray_cluster(head_cpus: int = 2, hidden: Path | None = None) -> Iterator[tuple[str, Any]]:
     """Yield ``(address, probe)``: ``probe["client"]`` is the Ray Client address (``ray://``); with
@@ -92,6 +112,7 @@ def local_ray_cluster(head_cpus: int = 2, hidden: Path | None = None) -> Iterato
         _wait_for_port(port, nodes[0])
         _wait_for_port(client_port, nodes[0])  # the Ray Client server starts after the GCS
         probe: dict[str, Any] = {"client": f"ray://127.0.0.1:{client_port}"}
+        _probe_client(probe["client"], env)  # an open port is not yet a working client server
         if hidden is not None:
             nodes.append(subprocess.Popen(
                 ["unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec "$@"',

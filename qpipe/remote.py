@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import tempfile
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,7 +172,7 @@ class RayExecutor(Executor):
         self.started = False
         if not ray.is_initialized():
             check_reachable(config, setup.settings)
-            self._connect(ray, ray_address(config, setup.settings))
+            self._connect(ray, ray_address(config, setup.settings), setup.warn)
         self.jobs = config.jobs if "jobs" in config.model_fields_set else 0  # 0: all in flight
         self.task = ray.remote(max_retries=1)(ray_run)
         self.warmer = ray.remote(ray_warm)
@@ -181,7 +183,7 @@ class RayExecutor(Executor):
         self.output_dir = setup.output_dir
         self.inflight: dict[Any, Any] = {}
 
-    def _connect(self, ray: Any, address: str | None) -> None:
+    def _connect(self, ray: Any, address: str | None, warn: Any = None) -> None:
         kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
         if address:
             kwargs["address"] = address
@@ -190,10 +192,10 @@ class RayExecutor(Executor):
         if not address or address.split(":")[0] in ("127.0.0.1", "localhost"):
             kwargs["_node_ip_address"] = "127.0.0.1"  # a local Ray listens on loopback only
         try:
-            ray.init(**kwargs)
+            init_ray(ray, kwargs, warn=warn)
         except Exception as exc:  # noqa: BLE001 - Ray raises several kinds here
             where = f"at {address}" if address else "locally"
-            raise QpipeError(f"executor: cannot start or reach Ray {where}: {short_error(exc)}") from None
+            raise QpipeError(f"executor: cannot start or reach Ray {where}: {ray_error(exc)}") from None
         self.started = True
 
     def warm(self, count: int) -> None:
@@ -247,6 +249,54 @@ def unschedulable(options: dict[str, Any], nodes: list[dict[str, float]]) -> str
     if any(all(node.get(k, 0) >= v for k, v in wanted.items()) for node in nodes):
         return None
     return " and ".join(f"{v:g} {'bytes of memory' if k == 'memory' else k}" for k, v in wanted.items())
+
+
+#: Ray Client connects: attempts, and the first wait between them (doubled after each failure)
+CLIENT_ATTEMPTS, CLIENT_BACKOFF = 4, 2.0
+#: what a Ray Client server says when a connect failed on its side and the same call may go through
+_TRANSIENT = ("Starting Ray client server failed", "Proxy failed to Connect", "Initialization failure from server",
+              "failed to connect to all addresses", "Connection refused", "Socket closed", "UNAVAILABLE")
+
+
+def init_ray(ray: Any, kwargs: dict[str, Any], warn: Any = None, attempts: int | None = None,
+             backoff: float | None = None) -> None:
+    """``ray.init(**kwargs)``, retried with backoff for a Ray Client (``ray://``) address.
+
+    On a busy machine the head's Ray Client proxy sometimes loses the per-client server it
+    spawns for a new connection ("Starting Ray client server failed"); the next connect
+    works. Ray itself does not retry that, so qpipe does, a bounded number of times, saying
+    so through ``warn``; other errors, and every error for a non-client address, raise at once.
+    """
+    attempts = CLIENT_ATTEMPTS if attempts is None else attempts
+    wait = CLIENT_BACKOFF if backoff is None else backoff
+    client = str(kwargs.get("address") or "").startswith("ray://")
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as exc:
+            cause = ray_error(exc)
+            if not client or attempt == attempts or not any(t in str(exc) for t in _TRANSIENT):
+                raise
+            with contextlib.suppress(Exception):
+                ray.shutdown()  # a half-made client connection
+            if warn is not None:
+                warn(f"executor: Ray Client connect failed ({cause}); retrying in {wait:g} s "
+                     f"(attempt {attempt + 1} of {attempts})")
+            time.sleep(wait)
+            wait *= 2
+
+
+def ray_error(exc: BaseException) -> str:
+    """One line for a Ray error: a Ray Client server's own final error line when the message
+    carries the server's traceback (``ConnectionAbortedError: Initialization failure from
+    server: Traceback ... RuntimeError: Starting Ray client server failed ...``)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        final = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit):", line)]
+        if final:
+            return short_error(f"{type(exc).__name__}: {final[-1]}".replace("\n", " "))
+    return short_error(exc)
 
 
 def node_error(exc: BaseException) -> str:

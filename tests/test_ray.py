@@ -278,3 +278,56 @@ def test_a_run_through_ray_client(project, ray_cluster, monkeypatch):
     assert all(v.metadata["worker"]["pid"] != os.getpid() for v in results.variants)
     assert (project.root / "out" / results.variant("dynamic").artifact).is_file()
     assert not ray.is_initialized()
+
+
+#: what a Ray Client server answered when the per-client server it spawned died (seen under load, ray 2.60)
+SERVER_FAILED = ("Initialization failure from server:\nTraceback (most recent call last):\n  File \"/venv/lib/python3.11/"
+                 "site-packages/ray/util/client/server/proxier.py\", line 772, in Datapath\n    raise RuntimeError(\n"
+                 "RuntimeError: Starting Ray client server failed. See ray_client_server_23000.err for detailed logs.\n")
+
+
+class FlakyRay:
+    """A stand-in for the ``ray`` module whose first ``failures`` Ray Client connects fail as above."""
+
+    def __init__(self, failures: int, error: str = SERVER_FAILED):
+        self.failures, self.error, self.calls, self.shutdowns = failures, error, 0, 0
+
+    def init(self, **kwargs):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionAbortedError(self.error)
+
+    def shutdown(self):
+        self.shutdowns += 1
+
+
+def test_a_ray_client_connect_is_retried_with_backoff():
+    from qpipe.remote import init_ray
+
+    said = []
+    flaky = FlakyRay(failures=2)
+    started = time.monotonic()
+    init_ray(flaky, {"address": "ray://127.0.0.1:1"}, warn=said.append, attempts=4, backoff=0.1)
+    assert flaky.calls == 3 and flaky.shutdowns == 2
+    assert time.monotonic() - started >= 0.3  # 0.1 s, then 0.2 s
+    assert len(said) == 2 and "Starting Ray client server failed" in said[0] and "attempt 2 of 4" in said[0]
+
+
+def test_retries_are_bounded_and_the_server_cause_is_one_line(monkeypatch):
+    from qpipe.remote import RayExecutor, init_ray
+
+    with pytest.raises(ConnectionAbortedError):
+        init_ray(FlakyRay(failures=9), {"address": "ray://127.0.0.1:1"}, attempts=3, backoff=0.01)
+    # a plain cluster address, or an error that is not a client-server hiccup, is not retried
+    for address, error in (("127.0.0.1:1", SERVER_FAILED), ("ray://127.0.0.1:1", "version mismatch: 2.9 vs 2.60")):
+        flaky = FlakyRay(failures=1, error=error)
+        with pytest.raises(ConnectionAbortedError):
+            init_ray(flaky, {"address": address}, attempts=3, backoff=0.01)
+        assert flaky.calls == 1
+    monkeypatch.setattr("qpipe.remote.CLIENT_BACKOFF", 0.01)
+    executor = RayExecutor.__new__(RayExecutor)
+    with pytest.raises(qpipe.QpipeError) as caught:
+        executor._connect(FlakyRay(failures=9), "ray://127.0.0.1:1")
+    message = str(caught.value)
+    assert message == ("executor: cannot start or reach Ray at ray://127.0.0.1:1: ConnectionAbortedError: RuntimeError: "
+                       "Starting Ray client server failed. See ray_client_server_23000.err for detailed logs."), message
