@@ -296,6 +296,8 @@ def cache_cmd(
             raise fail("--older-than only applies with --clear")
         if clear:
             gone = prune(root, older_than)
+            for link in gone.links:
+                typer.echo(f"removed a symlink from the cache, not what it points to: {link}")
             typer.echo(f"removed {gone.entries} cached variant(s), {gone.bytes / 2**20:.1f} MiB, from {root}")
         held = usage(root)
         typer.echo(f"cache {root}: {held.entries} cached variant(s), {held.bytes / 2**20:.1f} MiB")

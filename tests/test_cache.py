@@ -285,3 +285,39 @@ def test_a_model_from_a_function_is_not_cached(project):
     assert results.variant("float32").metadata["cache"] == "off"
     assert "function" in results.extra["cache"]["off"]
     assert results.extra["cache"]["stored"] == 0
+
+
+def test_clearing_the_cache_removes_links_never_what_they_point_to(project, monkeypatch, tmp_path):
+    """A shared cache whose folders were replaced by symlinks to someone else's files: --clear removes
+    the links as links, deletes nothing they point to, names each link, and does not crash."""
+    from typer.testing import CliRunner
+
+    from qpipe.cli import build_app
+
+    monkeypatch.delenv("QPIPE_CACHE_DIR", raising=False)
+    pipeline = project.write_pipeline([{"name": "dynamic", "quantizer": "tflite.dynamic"}], name="linked.yaml")
+    run_pipeline_file(pipeline, output=project.root / "c1")
+    layout = project.root / ".qpipe-cache" / "v1"
+    victim = tmp_path / "someone-elses"
+    (victim / "k").mkdir(parents=True)
+    (victim / "k" / "entry.json").write_text("{}")  # shaped like an entry, so a glob through the link finds it
+    (victim / "k" / "model.tflite").write_bytes(b"precious")
+    (victim / "file.png").write_bytes(b"precious too")
+    entry = next(layout.glob("??/*/entry.json")).parent
+    links = {layout / "zz": victim,  # a whole key prefix folder
+             entry.parent / "ffff": victim / "k",  # a linked entry folder (an internal error before)
+             layout / "files" / "zz": victim,
+             layout / "plugins" / "p": victim,
+             layout / "plugins" / "q" / "item": victim / "file.png"}
+    for link, target in links.items():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(target)
+    out = CliRunner().invoke(build_app(plugin_manager()), ["cache", str(pipeline), "--clear"])
+    assert out.exit_code == 0, out.output
+    assert "removed 2 cached variant(s)" in out.output and "0 cached variant(s), 0.0 MiB" in out.output
+    assert (victim / "k" / "model.tflite").read_bytes() == b"precious"
+    assert (victim / "k" / "entry.json").exists() and (victim / "file.png").read_bytes() == b"precious too"
+    named = [line for line in out.output.splitlines() if line.startswith("removed a symlink from the cache")]
+    assert len(named) == len(links), out.output
+    for link, target in links.items():
+        assert not link.is_symlink() and any(f"{link} -> {target}" in line for line in named), link
