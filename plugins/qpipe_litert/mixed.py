@@ -27,6 +27,10 @@ from qpipe_litert.widths import (ACTIVATION_WIDTHS, FLOAT, Cost, Layer, Probe, a
                                  stored_bits, width_bits, write_report)
 
 
+#: an output's MSE against float over its variance (1 - R²) above which the search warns
+DRIFT = 0.05
+
+
 class Budget(qpipe.Options):
     size_bytes: int | None = Field(None, gt=0, description="largest file in bytes")
     size_ratio: float | None = Field(None, gt=0, description="smallest float32-file / mixed-file size ratio")
@@ -150,7 +154,18 @@ class Search:
                   "measured": measured}
         if misses:
             self.ctx.warn("litert.mixed: " + "; ".join(misses), code="mixed_unmet")
+        self.warn_drift(by_output)
         return content, assignment, record
+
+    def warn_drift(self, by_output: dict[str, float]) -> None:
+        """Warn about outputs of a several-output model that the chosen file moves far from float
+        on the probe samples: the constraints (or the budget) may not watch them."""
+        drifted = {name: error for name, error in by_output.items() if error > DRIFT}
+        if len(by_output) > 1 and drifted:
+            moved = ", ".join(f"{name} (output MSE {error:.3g} of its variance)" for name, error in drifted.items())
+            self.ctx.warn(f"litert.mixed: the chosen widths move output(s) {moved} far from the float model's on "
+                          f"the calibration samples; add a constraint on every output (e.g. fidelity's) if they "
+                          f"matter", code="mixed_output_drift")
 
     def by_size(self, target: float) -> tuple[int, bytes, dict[int, str], list[str]]:
         """The fewest steps whose real file fits ``target`` (start at the predicted count, take more
