@@ -11,6 +11,8 @@ import yaml
 
 from qpipe.testing import plugin_manager, run_pipeline_file
 
+pytestmark = pytest.mark.slow  # each model is trained and run through five variants once (6-20 s)
+
 
 def _regressor(root):
     from sklearn.datasets import load_diabetes
@@ -47,7 +49,7 @@ def _autoencoder(root):
                               layers.Conv2D(16, 3, padding="same", activation="relu"),
                               layers.Conv2D(1, 3, padding="same", activation="sigmoid")])
     model.compile("adam", "mse")
-    model.fit(x[:1000], x[:1000], epochs=8, batch_size=32, verbose=0)
+    model.fit(x[:1000], x[:1000], epochs=5, batch_size=32, verbose=0)
     model.save(root / "model.keras")
     np.savez(root / "data.npz", x_train=x[:1000], y_train=x[:1000], x_test=x[1000:1100], y_test=x[1000:1100])
 
