@@ -150,33 +150,81 @@ def calibrate_ai_edge_quantizer(engine: Any, flatbuffer: bytes, data: Dataset) -
 # --------------------------------------------------------------------------- running a .tflite
 
 
-def predict_tflite(flatbuffer: bytes, data: Dataset, limit: int = 256) -> np.ndarray:
-    """The first output of ``flatbuffer`` on (up to ``limit`` of) ``data``'s samples, float32,
-    run one sample at a time with LiteRT (integer inputs/outputs quantized and dequantized)."""
+def tflite_outputs(flatbuffer: bytes, data: Dataset, limit: int = 256, threads: int = 1,
+                   batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Every output of ``flatbuffer`` on (up to ``limit`` of) ``data``'s samples, float32, by
+    signature output name in signature order, run in batches with LiteRT.
+
+    Integer inputs are fed in their own type (token ids stay ids), quantized inputs are
+    quantized and quantized outputs dequantized. A model whose batch dimension is fixed is
+    run at that batch (the last batch padded and cut back).
+    """
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_content=bytes(flatbuffer))
+    interpreter = Interpreter(model_content=bytes(flatbuffer), num_threads=max(1, threads))
     interpreter.allocate_tensors()
     inputs = tensors_by_name(interpreter, "inputs")
-    output = next(iter(tensors_by_name(interpreter, "outputs").values()))
     mapping = match_inputs(list(inputs), data.inputs, "the .tflite")
-    rows = []
-    for i in range(min(limit, len(data))):
-        for name, ours in mapping.items():
-            values = np.asarray(data.inputs[ours][i:i + 1], dtype=np.float32)
-            if tuple(inputs[name]["shape"]) != values.shape:
+    fixed = {int(d["shape_signature"][0]) for d in inputs.values()
+             if len(d["shape_signature"]) and d["shape_signature"][0] > 0}
+    step = min(fixed) if fixed else max(1, batch_size)
+    count = min(limit, len(data))
+    shapes = {name: tuple(d["shape"]) for name, d in inputs.items()}
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, count, step):
+        take = min(step, count - start)
+        rows = np.arange(start, start + take)
+        if fixed and take < step:  # a fixed batch: pad with the last sample, cut back below
+            rows = np.concatenate([rows, np.full(step - take, rows[-1])])
+        feeds = {name: np.asarray(data.inputs[ours][rows]) for name, ours in mapping.items()}
+        if any(shapes[name] != values.shape for name, values in feeds.items()):
+            for name, values in feeds.items():
                 interpreter.resize_tensor_input(inputs[name]["index"], list(values.shape))
-                interpreter.allocate_tensors()
-                inputs = tensors_by_name(interpreter, "inputs")
+                shapes[name] = values.shape
+            interpreter.allocate_tensors()
+            inputs = tensors_by_name(interpreter, "inputs")
+        for name, values in feeds.items():
             interpreter.set_tensor(inputs[name]["index"], quantize_array(values, inputs[name]))
         interpreter.invoke()
-        rows.append(dequantize_array(interpreter.get_tensor(output["index"]), output).reshape(1, -1))
-    return np.concatenate(rows)
+        for name, detail in tensors_by_name(interpreter, "outputs").items():
+            parts.setdefault(name, []).append(dequantize_array(interpreter.get_tensor(detail["index"]), detail)[:take])
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
+def predict_tflite(flatbuffer: bytes, data: Dataset, limit: int = 256) -> np.ndarray:
+    """The first output of ``flatbuffer`` on (up to ``limit`` of) ``data``'s samples, float32,
+    one row per sample (``tflite_outputs`` gives every output)."""
+    first = next(iter(tflite_outputs(flatbuffer, data, limit).values()))
+    return first.reshape(len(first), -1)
+
+
+def output_spread(values: np.ndarray, squared: bool = False) -> float:
+    """How much an output varies over the samples: its mean absolute (or squared) deviation
+    from its per-element mean; its mean magnitude when it is constant (never 0)."""
+    deviation = np.abs(values - values.mean(axis=0))
+    spread = float(np.mean(deviation ** 2 if squared else deviation))
+    if spread > 0:
+        return spread
+    return max(float(np.mean(values ** 2 if squared else np.abs(values))), 1e-12)
+
+
+def relative_errors(expected: dict[str, np.ndarray], got: dict[str, np.ndarray],
+                    squared: bool = False) -> dict[str, float]:
+    """{output: error} of ``got`` against ``expected`` (the float model's), each output's mean
+    absolute (or squared) difference over its own spread (``output_spread``): 0 for a copy,
+    about 1 for an output stuck at its mean, comparable across a softmax and a regression head."""
+    errors = {}
+    for name, reference in expected.items():
+        reference = reference.astype(np.float64)
+        difference = np.abs(got[name].astype(np.float64).reshape(reference.shape) - reference)
+        errors[name] = float(np.mean(difference ** 2 if squared else difference)) / output_spread(reference, squared)
+    return errors
 
 
 def output_error(reference: bytes, candidates: dict[str, bytes], data: Dataset, limit: int = 256) -> dict[str, float]:
-    """Mean absolute difference of each candidate .tflite's outputs from ``reference``'s
-    (the float model) on up to ``limit`` samples of ``data``: {candidate name: error}."""
-    expected = predict_tflite(reference, data, limit)
-    return {name: float(np.mean(np.abs(predict_tflite(model, data, limit) - expected)))
+    """How far each candidate .tflite's outputs are from ``reference``'s (the float model) on up
+    to ``limit`` samples of ``data``: {candidate name: error}, the mean over every output of its
+    relative error (``relative_errors``: mean absolute difference over the output's spread)."""
+    expected = tflite_outputs(reference, data, limit)
+    return {name: float(np.mean(list(relative_errors(expected, tflite_outputs(model, data, limit)).values())))
             for name, model in candidates.items()}

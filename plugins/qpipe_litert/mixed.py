@@ -27,6 +27,10 @@ from qpipe_litert.widths import (ACTIVATION_WIDTHS, FLOAT, Cost, Layer, Probe, a
                                  stored_bits, width_bits, write_report)
 
 
+#: an output's MSE against float over its variance (1 - R²) above which the search warns
+DRIFT = 0.05
+
+
 class Budget(qpipe.Options):
     size_bytes: int | None = Field(None, gt=0, description="largest file in bytes")
     size_ratio: float | None = Field(None, gt=0, description="smallest float32-file / mixed-file size ratio")
@@ -67,7 +71,8 @@ class Mixed(Quantizer):
             raise QpipeError("litert.mixed: the model has no conv, depthwise conv, dense or embedding weights")
         if self.options.budget is None and (not ctx.constraints or ctx.evaluate is None):
             raise QpipeError("litert.mixed needs options.budget ({size_bytes: N} or {size_ratio: R}) or "
-                             "constraints in the pipeline, e.g. constraints: ['accuracy_delta >= -0.01']")
+                             "constraints in the pipeline, e.g. constraints: ['accuracy_delta >= -0.01'] "
+                             "(a regression model: ['mae_delta <= 0.05'])")
         probe, costs = self.measure_costs(ctx, source, layers)
         if self.options.report:
             files = write_report(costs, ctx.work_dir, f"{ctx.variant}.widths")
@@ -138,15 +143,29 @@ class Search:
         predicted = self.table.predict(assignment, len(self.source))
         if self.probe.float_accuracy is None:  # no class labels: nothing to predict accuracy from
             predicted.pop("accuracy_delta")
-        _, _, measured_delta = self.probe.score(content)
+        _, measured_error, measured_delta, by_output = self.probe.score_outputs(content)
+        measured: dict[str, Any] = {"size_bytes": len(content), "error": float(f"{measured_error:.6g}"), "accuracy_delta":
+                                    None if measured_delta is None else round(measured_delta, 6)}
+        if len(by_output) > 1:
+            measured["output_errors"] = {k: round(v, 8) for k, v in by_output.items()}
         record = {"steps_available": len(self.steps), "steps_taken": count, "target_bytes": target,
                   "trials": self.trials, "meets": not misses, "unmet": misses,
-                  "predicted": {k: round(v, 6) for k, v in predicted.items()},
-                  "measured": {"size_bytes": len(content), "accuracy_delta":
-                               None if measured_delta is None else round(measured_delta, 6)}}
+                  "predicted": {k: float(f"{v:.6g}") if k == "error" else round(v, 6) for k, v in predicted.items()},
+                  "measured": measured}
         if misses:
             self.ctx.warn("litert.mixed: " + "; ".join(misses), code="mixed_unmet")
+        self.warn_drift(by_output)
         return content, assignment, record
+
+    def warn_drift(self, by_output: dict[str, float]) -> None:
+        """Warn about outputs of a several-output model that the chosen file moves far from float
+        on the probe samples: the constraints (or the budget) may not watch them."""
+        drifted = {name: error for name, error in by_output.items() if error > DRIFT}
+        if len(by_output) > 1 and drifted:
+            moved = ", ".join(f"{name} (output MSE {error:.3g} of its variance)" for name, error in drifted.items())
+            self.ctx.warn(f"litert.mixed: the chosen widths move output(s) {moved} far from the float model's on "
+                          f"the calibration samples; add a constraint on every output (e.g. fidelity's) if they "
+                          f"matter", code="mixed_output_drift")
 
     def by_size(self, target: float) -> tuple[int, bytes, dict[int, str], list[str]]:
         """The fewest steps whose real file fits ``target`` (start at the predicted count, take more
@@ -235,8 +254,11 @@ class Search:
 
 
 def probe_metrics(record: dict[str, Any]) -> dict[str, float]:
-    """Predicted and measured accuracy delta on the calibration samples (when they have labels)."""
-    pairs = (("mixed_predicted_probe_accuracy_delta", record["predicted"].get("accuracy_delta")),
+    """Predicted and measured output error on the calibration samples (every task: relative
+    output MSE, mean over the outputs), and the accuracy delta when they have class labels."""
+    pairs = (("mixed_predicted_probe_error", record["predicted"].get("error")),
+             ("mixed_measured_probe_error", record["measured"]["error"]),
+             ("mixed_predicted_probe_accuracy_delta", record["predicted"].get("accuracy_delta")),
              ("mixed_measured_probe_accuracy_delta", record["measured"]["accuracy_delta"]))
     return {key: float(value) for key, value in pairs if value is not None}
 
@@ -259,6 +281,9 @@ def layer_records(layers: list[Layer], table: CostTable, assignment: dict[int, s
         record = {"op": layer.op, "tensor": layer.output, "weights": layer.weights, "width": width,
                   "bits": width_bits(width), "offered": table.offered[layer.index],
                   "error": error, "bytes_saved": saved, "accuracy_delta": delta}
+        measured = table.costs.get((layer.index, width))
+        if measured is not None and measured.output_errors:  # several outputs: each one's share
+            record["output_errors"] = measured.output_errors
         if width == FLOAT:
             record["reason"] = table.reasons.get(layer.index, "kept in float: among the most sensitive per "
                                                               "byte, and the budget or constraints left room")

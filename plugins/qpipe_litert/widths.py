@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import csv
 import re
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from qpipe import Dataset, QpipeError
-from qpipe.conversion import calibrate_ai_edge_quantizer
+from qpipe.conversion import calibrate_ai_edge_quantizer, relative_errors, tflite_outputs
 from qpipe.tfenv import quiet
 
 from qpipe_litert.inspect import WEIGHT_INPUTS, inspect_tflite
@@ -64,6 +63,8 @@ class Cost:
     accuracy_delta: float | None
     bytes_saved: int
     note: str = ""
+    #: {output: relative error}, for a model with several outputs (``error`` is their mean)
+    output_errors: dict[str, float] = field(default_factory=dict)
 
 
 def width_bits(width: str) -> int:
@@ -149,39 +150,74 @@ def stored_bits(content: bytes, layers: list[Layer]) -> dict[int, int]:
 
 
 class Probe:
-    """Runs candidate files in LiteRT on a few samples and scores them against the float model."""
+    """Runs candidate files in LiteRT on a few samples and scores them against the float model.
+
+    The score weighs every output of the model, whatever the task: each output's squared
+    difference from the float model's over that output's own spread (its variance about its
+    mean over the samples), averaged over the outputs, so a softmax head and a regression head
+    count alike. An accuracy delta is added only where the labels are class ids of an output
+    of class scores (``class_output``).
+    """
 
     def __init__(self, flatbuffer: bytes, data: Dataset, threads: int = 2):
         self.data, self.threads = data, threads
-        self.labels = data.class_labels()
         self.reference = self.outputs(flatbuffer)
+        self.labelled = class_output(self.reference, data.labels)
         self.float_accuracy = self.accuracy(self.reference)
 
-    def outputs(self, content: bytes) -> np.ndarray:
-        from qpipe_litert import LiteRTRunner
+    def outputs(self, content: bytes) -> dict[str, np.ndarray]:
+        """Every output of ``content`` on the samples, by signature output name."""
+        with quiet():
+            return {name: values.astype(np.float64) for name, values in
+                    tflite_outputs(content, self.data, len(self.data), threads=self.threads).items()}
 
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "probe.tflite"
-            path.write_bytes(content)
-            runner = LiteRTRunner(str(path), self.threads, True)
-            try:
-                return np.asarray(runner.predict(self.data, 256), dtype=np.float64)
-            finally:
-                runner.close()
-
-    def accuracy(self, outputs: np.ndarray) -> float | None:
-        if self.labels is None or outputs.ndim != 2 or outputs.shape[1] < 2:
+    def accuracy(self, outputs: dict[str, np.ndarray]) -> float | None:
+        if self.labelled is None:
             return None
-        return float((outputs.argmax(axis=1) == self.labels).mean())
+        name, labels = self.labelled
+        return float((outputs[name].argmax(axis=1) == labels).mean())
+
+    def errors(self, outputs: dict[str, np.ndarray]) -> dict[str, float]:
+        """{output: squared difference from the float outputs over their variance}."""
+        return relative_errors(self.reference, outputs, squared=True)
 
     def score(self, content: bytes) -> tuple[bool, float, float | None]:
-        """(finite outputs, relative output MSE, accuracy delta or None)."""
+        """(finite outputs, relative output MSE over every output, accuracy delta or None)."""
+        runs, error, delta, _ = self.score_outputs(content)
+        return runs, error, delta
+
+    def score_outputs(self, content: bytes) -> tuple[bool, float, float | None, dict[str, float]]:
+        """``score`` and the error of each output."""
         outputs = self.outputs(content)
-        if not np.isfinite(outputs).all():
-            return False, float("inf"), None
-        error = float(np.mean((outputs - self.reference) ** 2) / max(np.mean(self.reference ** 2), 1e-12))
+        if not all(np.isfinite(values).all() for values in outputs.values()):
+            return False, float("inf"), None, {}
+        errors = self.errors(outputs)
         accuracy = self.accuracy(outputs)
-        return True, error, None if accuracy is None else accuracy - self.float_accuracy
+        delta = None if accuracy is None or self.float_accuracy is None else accuracy - self.float_accuracy
+        return True, float(np.mean(list(errors.values()))), delta, errors
+
+
+def class_output(outputs: dict[str, np.ndarray], labels: Any) -> tuple[str, np.ndarray] | None:
+    """(output name, class ids) when ``labels`` are class ids for an output of class scores:
+    integer ids below its width, or one-hot rows of its width; None otherwise (regression
+    targets, images, an output of one value). ``labels`` keyed by output name are matched by
+    name; plain labels belong to the first output, as the host evaluates them."""
+    if labels is None:
+        return None
+    pairs = ([(name, labels[name]) for name in outputs if name in labels] if isinstance(labels, dict)
+             else [(next(iter(outputs)), labels)])
+    for name, values in pairs:
+        scores, y = outputs[name], np.asarray(values)
+        if scores.ndim != 2 or scores.shape[1] < 2 or len(y) != len(scores) or y.dtype.kind not in "biuf":
+            continue
+        if y.ndim == 2 and y.shape[1] == scores.shape[1] and set(np.unique(y)) <= {0, 1} and (y.sum(1) == 1).all():
+            y = y.argmax(axis=1)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim == 1 and np.isfinite(y).all() and (y == np.round(y)).all() and \
+                y.min() >= 0 and y.max() < scores.shape[1]:
+            return name, y.astype(np.int64)
+    return None
 
 
 def measure(flatbuffer: bytes, layers: list[Layer], probe: Probe, widths: list[str],
@@ -202,9 +238,10 @@ def measure(flatbuffer: bytes, layers: list[Layer], probe: Probe, widths: list[s
                 costs.append(Cost(layer.index, layer.op, layer.short, width, False, float("inf"), None, saved,
                                   f"ai-edge-quantizer stores {layer.op} weights as {stored}-bit, not {width}"))
                 continue
-            runs, error, delta = probe.score(content)
+            runs, error, delta, by_output = probe.score_outputs(content)
             costs.append(Cost(layer.index, layer.op, layer.short, width, runs, error, delta, saved,
-                              "" if runs else "LiteRT gives non-finite outputs"))
+                              "" if runs else "LiteRT gives non-finite outputs",
+                              {k: round(v, 8) for k, v in by_output.items()} if len(by_output) > 1 else {}))
     return costs
 
 
@@ -229,7 +266,7 @@ def write_report(costs: list[Cost], folder: Path, stem: str) -> list[Path]:
         colors = ["#c0392b" if c.runs else "#999999" for c in rows][::-1]
         ax.barh(labels, values, color=colors)
         ax.set_xscale("symlog", linthresh=1e-6)
-        ax.set_xlabel("relative output MSE against float (grey: width not offered)")
+        ax.set_xlabel("output MSE against float / output variance, mean over outputs (grey: not offered)")
         ax.set_title(f"Per-layer sensitivity, weights at {width} (one layer at a time)")
         fig.tight_layout()
         path = folder / f"{stem}.{width}.png"

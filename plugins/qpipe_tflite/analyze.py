@@ -86,12 +86,14 @@ def _print_widths(rows: list[dict], files: dict) -> None:
     from rich.table import Table
 
     table = Table(title="per-layer sensitivity by weight width (each layer quantized alone)")
-    for column in ("layer", "op", "width", "runs", "output error", "Δ accuracy", "bytes saved", "note"):
+    for column in ("layer", "op", "width", "runs", "output error (worst output)", "Δ accuracy", "bytes saved", "note"):
         table.add_column(column)
     for r in rows:
-        delta = r["accuracy_delta"]
+        delta, by_output = r["accuracy_delta"], r.get("output_errors") or {}
+        worst = max(by_output, key=by_output.get) if by_output else None  # several outputs: the most moved
+        error = f"{r['error']:.3g}" + (f" ({worst}: {by_output[worst]:.3g})" if worst else "")
         table.add_row(str(r["layer"]), r["op"], r["width"], "yes" if r["runs"] else "no",
-                      f"{r['error']:.3g}", "" if delta is None else f"{100 * delta:+.2f} pt",
+                      error, "" if delta is None else f"{100 * delta:+.2f} pt",
                       str(r["bytes_saved"]), r["note"])
     console = Console(width=160) if not Console().is_terminal else Console()
     console.print(table)

@@ -44,7 +44,8 @@ def fall_back(quantizer: Any, ctx: QuantizeContext, artifact: Artifact, layers: 
     """Keep layers in float, worst first, until ``ctx.constraints`` hold or the budget ends."""
     if not ctx.constraints or ctx.evaluate is None:
         raise QpipeError("fallback: auto needs constraints in the pipeline, e.g. "
-                         "constraints: ['accuracy_delta >= -0.01']")
+                         "constraints: ['accuracy_delta >= -0.01'] (a regression model: ['mae_delta <= 0.05'], "
+                         "any task: ['relative_error <= 0.02'])")
     ctx.report("fallback: checking plain int8 against the constraints")
     plain = ctx.evaluate(artifact)
     misses = unmet(ctx.constraints, plain)
