@@ -284,7 +284,8 @@ def cache_cmd(
 ) -> None:
     """Show where PIPELINE's variant cache is and its size; --clear empties it."""
     with ErrorGuard(False):
-        from qpipe.cache import cache_dir, prune, usage
+        from qpipe.cache import cache_dir
+        from qpipe.cacheprune import prune, usage
         from qpipe.config import load_config
 
         loaded = load_config(pipeline)
