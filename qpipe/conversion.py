@@ -79,10 +79,13 @@ def quantize_array(values: np.ndarray, detail: dict) -> np.ndarray:
 
 
 def dequantize_array(values: np.ndarray, detail: dict) -> np.ndarray:
-    """The tensor's integer values -> float32, with its scale and zero point."""
+    """The tensor's quantized values -> float32, with its scale and zero point. A true integer
+    tensor (no scale: ids, an argmax) stays integer."""
     scale, zero_point = detail["quantization"]
-    if np.dtype(detail["dtype"]).kind == "f" or not scale:
+    if np.dtype(detail["dtype"]).kind == "f":
         return values.astype(np.float32, copy=False)
+    if not scale:
+        return values
     return ((values.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
 
