@@ -125,6 +125,11 @@ def test_every_variant_of_a_token_classifier_is_ok_and_matches_litert(token_run)
     else:
         assert float_io.status == "failed"
         assert "integer input 'tokens'" in float_io.error and "io: int16" in float_io.error
+        # with io: int16 auto tries both engines: the converter's failure leaves ai-edge-quantizer's file
+        int16 = v["int16x8"]
+        assert int16.metadata["engine"] == "ai-edge-quantizer"
+        assert "integer input 'tokens'" in int16.metadata["engine_failed"]["converter"]
+        assert [w["code"] for w in int16.warnings] == ["engine-failed"]
 
 
 @pytest.mark.slow
