@@ -212,3 +212,31 @@ def test_float_ids_with_a_fraction_are_one_data_error(tmp_path):
     data["evaluation"]["inputs"] = "x_broken"
     with pytest.raises(DataError, match=r"7\.5 at index \(?3, 5\)?.*not a whole number.*int32"):
         run(project, [], "broken", data=data)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flavor", ["tf_keras", "keras3"])
+def test_an_attention_token_classifier_quantizes_to_integers(flavor, tmp_path):
+    """Embedding + MultiHeadAttention: int8 on both engines and int16x8 work on the ids; QAT keeps
+    the attention in float (TF-MOT has no config for it) on tf_keras, and says why not on Keras 3."""
+    project = token_project(tmp_path / "p", token_model(flavor, attention=True))
+    _, v, out = run(project, [
+        {"name": "int8-converter", "quantizer": "tflite.int8", "options": {"engine": "converter"}},
+        {"name": "int8-aeq", "quantizer": "tflite.int8", "options": {"engine": "ai-edge-quantizer"}},
+        {"name": "int16x8", "quantizer": "tflite.int16x8", "options": {"io": "int16"}},
+        {"name": "qat", "quantizer": "tfmot.qat", "options": {"epochs": 1, "unsupported": "float"}}], "attention")
+    x_test, y_test = token_data(200, 1)
+    for name in ("int8-converter", "int8-aeq", "int16x8"):
+        r = v[name]
+        assert r.status == "ok", (name, r.error)
+        outputs = litert_outputs(out / r.artifact, x_test)
+        assert r.metrics["accuracy"] == pytest.approx(float(np.mean(outputs.argmax(1) == y_test)), abs=1e-9)
+        assert float_ops((out / r.artifact).read_bytes()) == [], name
+    qat = v["qat"]
+    if flavor == "tf_keras":
+        assert qat.status == "ok", qat.error
+        assert "multi_head_attention" in qat.metadata["kept_float"]
+        outputs = litert_outputs(out / qat.artifact, x_test)
+        assert qat.metrics["accuracy"] == pytest.approx(float(np.mean(outputs.argmax(1) == y_test)), abs=1e-9)
+    else:
+        assert qat.status == "failed" and "multi_head_attention" in qat.error and "MultiHeadAttention" in qat.error
