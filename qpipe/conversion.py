@@ -1,6 +1,7 @@
 """The model's float32 .tflite, converted once per run and shared by every plugin, the
 calibration of ai-edge-quantizer recipes applied to such a flatbuffer, and reading a .tflite's
-inputs and outputs (names, quantized values) the same way in every interpreter-based backend.
+inputs and outputs (names, quantized values) the same way in every interpreter-based backend,
+and the ops of a .tflite that still compute in float (``float_ops``).
 
 The TFLite converter is the slow step (tens of seconds on real architectures); quantizers
 that start from a float flatbuffer (``ai-edge-quantizer`` recipes, the float32 baseline)
@@ -78,11 +79,43 @@ def quantize_array(values: np.ndarray, detail: dict) -> np.ndarray:
 
 
 def dequantize_array(values: np.ndarray, detail: dict) -> np.ndarray:
-    """The tensor's integer values -> float32, with its scale and zero point."""
+    """The tensor's quantized values -> float32, with its scale and zero point. A true integer
+    tensor (no scale: ids, an argmax) stays integer."""
     scale, zero_point = detail["quantization"]
-    if np.dtype(detail["dtype"]).kind == "f" or not scale:
+    if np.dtype(detail["dtype"]).kind == "f":
         return values.astype(np.float32, copy=False)
+    if not scale:
+        return values
     return ((values.astype(np.float32) - zero_point) * scale).astype(np.float32)
+
+
+#: ops that only move values between float and integer, or reshape them: not float compute
+_NOT_COMPUTE = {"QUANTIZE", "DEQUANTIZE", "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "SHAPE"}
+
+
+def float_ops(flatbuffer: bytes) -> list[str]:
+    """Names of the ops of a .tflite (first subgraph) that read or write float activations:
+    empty for a full-integer model. Weights, boundary (QUANTIZE/DEQUANTIZE) and shape ops aside."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
+    graph = model.subgraphs[0]
+    floats = {schema.TensorType.FLOAT32, schema.TensorType.FLOAT16}
+    produced = {int(t) for op in graph.operators for t in (op.outputs if op.outputs is not None else [])}
+    graph_inputs = {int(t) for t in (graph.inputs if graph.inputs is not None else [])}
+
+    def activation(index: int) -> bool:  # computed or fed at run time, not a stored constant
+        return index >= 0 and (index in produced or index in graph_inputs)
+
+    found = []
+    for op in graph.operators:
+        name = flatbuffer_utils.opcode_to_name(model, op.opcodeIndex) or "CUSTOM"
+        tensors = [int(t) for t in list(op.inputs if op.inputs is not None else []) +
+                   list(op.outputs if op.outputs is not None else [])]
+        if name not in _NOT_COMPUTE and any(activation(t) and graph.tensors[t].type in floats for t in tensors):
+            found.append(name)
+    return found
 
 
 def _signature_inputs(interpreter: Any) -> tuple[str, list[str]]:
@@ -121,7 +154,10 @@ def calibration_data(flatbuffer: bytes, data: Dataset) -> list[dict[str, list[di
     key, names = _signature_inputs(interpreter)
     mapping = match_inputs(names, data.inputs, "the float .tflite")
     step = _samples_per_step(interpreter, key, len(data))
-    return [{key: [{sig: data.inputs[ours][i:i + step].astype("float32") for sig, ours in mapping.items()}]}
+    # each input in the float model's own type: token ids (int32) stay integers
+    dtypes = {sig: np.dtype(d["dtype"]) for sig, d in interpreter.get_signature_runner(key).get_input_details().items()}
+    return [{key: [{sig: np.asarray(data.inputs[ours][i:i + step]).astype(dtypes[sig], copy=False)
+                    for sig, ours in mapping.items()}]}
             for i in range(0, len(data), step)]
 
 

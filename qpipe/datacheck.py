@@ -96,7 +96,8 @@ def _read_header(fh: Any, path: Path, key: str, what: str) -> tuple | None:
 
 def check_values(values: np.ndarray, name: str, what: str, target: Any = None, *, start: int = 0,
                  allow_nonfinite: bool = False) -> None:
-    """Refuse NaN/Inf in ``values`` and values that overflow when cast to ``target``.
+    """Refuse NaN/Inf in ``values``, values that overflow when cast to ``target``, and values with a
+    fraction for an integer ``target`` (the cast would truncate them silently).
 
     ``start`` is the row of ``values[0]`` in the whole array (for blocks of a streamed
     array), so the index named is the array's own. Large arrays are checked in blocks, so the
@@ -130,6 +131,13 @@ def check_values(values: np.ndarray, name: str, what: str, target: Any = None, *
         index = _first(bad, start)
         raise DataError(f"{what}: {name} has {values[index_in(index, start)]} at index {index}, outside the "
                         f"range of the model's {target} ({info.min:g} to {info.max:g}); rescale the data")
+    if target.kind in "iu" and values.dtype.kind == "f":  # ids given as floats: only whole numbers cast
+        fraction = values != np.rint(values)
+        if fraction.any():
+            index = _first(fraction, start)
+            raise DataError(f"{what}: {name} has {values[index_in(index, start)]} at index {index}, not a whole "
+                            f"number, but the model's input is {target} (ids, such as token ids); give "
+                            "integer data")
 
 
 def _limits_of(dtype: np.dtype) -> Any:

@@ -208,7 +208,7 @@ class ReferenceRunner(qpipe.Runner):
         rows = []
         for i in range(len(next(iter(inputs.values())))):
             for detail in self.inputs:
-                value = np.asarray(inputs[feeds[detail["name"]]][i:i + 1], dtype=np.float32)
+                value = np.asarray(inputs[feeds[detail["name"]]][i:i + 1])  # ids stay integers
                 self.interpreter.set_tensor(detail["index"], quantize_array(value, detail))
             self.interpreter.invoke()
             rows.append(dequantize_array(self.interpreter.get_tensor(self.output["index"]), self.output))

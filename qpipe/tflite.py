@@ -1,7 +1,8 @@
 """Toolkit for quantizers that write TFLite flatbuffers, public API.
 
 - ``representative_dataset(samples)``: the calibration samples one at a time, as the TFLite
-  converter's ``representative_dataset`` wants them (pass ``ctx.calibration`` or a Dataset).
+  converter's ``representative_dataset`` wants them (pass ``ctx.calibration`` or a Dataset);
+  integer inputs (token ids) stay integer, float ones are float32.
 - ``configure(converter, mode, samples, io, per_channel)``: set up a converter for ``float32``,
   ``dynamic``, ``float16``, ``int8`` or ``int16x8`` (full-integer modes take samples).
 - ``convert_keras(model, mode, ...)``: a Keras model (tf_keras, or Keras 3 through a SavedModel
@@ -27,15 +28,28 @@ Mode = Literal["float32", "dynamic", "float16", "int8", "int16x8"]
 FULL_INTEGER = {"int8": 8, "int16x8": 16}
 
 
-def representative_dataset(samples: Calibration | Dataset) -> Iterator[Any]:
-    """One sample at a time, as the converter wants it (a list, or a dict for several inputs)."""
+def input_dtype(values: Any, dtype: Any = None) -> np.dtype:
+    """The dtype a model input is fed in: ``dtype`` when known (the model's), else the data's own
+    integer or boolean type (token ids stay ids), float32 for float data."""
+    if dtype is not None:
+        return np.dtype(dtype)
+    kind = np.dtype(values.dtype).kind
+    return np.dtype(values.dtype) if kind in "biu" else np.dtype(np.float32)
+
+
+def representative_dataset(samples: Calibration | Dataset, dtypes: dict[str, Any] | None = None) -> Iterator[Any]:
+    """One sample at a time, as the converter wants it (a list, or a dict for several inputs).
+
+    Each input keeps its type: ``dtypes`` ({input name: dtype}, e.g. the model's) when given,
+    else integer data stays integer (an int32 token-id input must be fed int32) and float data
+    is float32.
+    """
     data = samples.samples if isinstance(samples, Calibration) else samples
     names = list(data.inputs)
+    types = {name: input_dtype(data.inputs[name], (dtypes or {}).get(name)) for name in names}
     for i in range(len(data)):
-        if len(names) == 1:
-            yield [data.inputs[names[0]][i:i + 1].astype(np.float32)]
-        else:
-            yield {name: data.inputs[name][i:i + 1].astype(np.float32) for name in names}
+        row = {name: np.asarray(data.inputs[name][i:i + 1]).astype(types[name], copy=False) for name in names}
+        yield [row[names[0]]] if len(names) == 1 else row
 
 
 def set_per_tensor(converter: Any) -> None:

@@ -70,7 +70,7 @@ class Probe:
         if changed:
             self.interpreter.allocate_tensors()
         for detail, values in pairs:
-            self.interpreter.set_tensor(detail["index"], values.astype(np.float32, copy=False))
+            self.interpreter.set_tensor(detail["index"], values.astype(detail["dtype"], copy=False))
         self.interpreter.invoke()
         return {i: self.interpreter.get_tensor(i) for i in indices}
 

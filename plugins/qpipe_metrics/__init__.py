@@ -18,6 +18,18 @@ def _flat(outputs: np.ndarray) -> np.ndarray:
     return arr.reshape(len(arr), -1)
 
 
+def _integer(outputs: np.ndarray | None) -> bool:
+    """Whether the outputs are integers (ids, an argmax), not scores to dequantize."""
+    return outputs is not None and np.asarray(outputs).dtype.kind in "biu"
+
+
+def integer_fidelity(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
+    """Integer outputs against the baseline's: ``exact_match``, the share of samples whose ids
+    all equal the baseline's (a float error between ids means nothing)."""
+    a, b = np.asarray(ours).reshape(len(ours), -1), np.asarray(theirs).reshape(len(theirs), -1)
+    return {"exact_match": float(np.mean(np.all(a == b, axis=1)))}
+
+
 class AccuracyOptions(qpipe.Options):
     top_k: list[int] = Field(default_factory=list, description="also report top-k accuracy for these k")
 
@@ -49,6 +61,9 @@ class Accuracy(Evaluator):
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         scores = _flat(ctx.outputs)
+        if _integer(ctx.outputs) and scores.shape[1] == 1:  # the model outputs class ids (an argmax)
+            ids = ctx.outputs.reshape(len(scores))
+            return {"accuracy": float(np.mean(ids == ctx.data.class_labels()))}
         labels = ctx.data.class_labels(classes=scores.shape[1])
         if scores.shape[1] == 1:  # a single sigmoid unit: binary classifier
             predicted = (scores[:, 0] >= 0.5).astype(np.int64)
@@ -90,11 +105,13 @@ class Fidelity(Evaluator):
     absolute deviation and ``r2`` is 1 - SS(difference) / SS(baseline about its mean): both
     0 / 1 for a perfect copy, about 1 / 0 for an output stuck at the baseline's mean.
     ``cosine_similarity`` and ``top1_agreement`` only for outputs of more than one value.
+    Integer outputs (ids, an argmax) are compared as integers: ``exact_match`` only.
     """
 
     name = "fidelity"
     default_order = 30  # runs when a pipeline lists no evaluators
-    metrics = ("max_abs_error", "mean_abs_error", "relative_error", "r2", "cosine_similarity", "top1_agreement")
+    metrics = ("max_abs_error", "mean_abs_error", "relative_error", "r2", "cosine_similarity", "top1_agreement",
+               "exact_match")
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         if ctx.baseline_outputs is None:
@@ -102,6 +119,8 @@ class Fidelity(Evaluator):
         ours, theirs = _flat(ctx.outputs), _flat(ctx.baseline_outputs)
         if ours.shape != theirs.shape:
             raise QpipeError(f"fidelity: output shape {ours.shape} differs from the baseline's {theirs.shape}")
+        if _integer(ctx.outputs) and _integer(ctx.baseline_outputs):
+            return integer_fidelity(ctx.outputs, ctx.baseline_outputs)
         error = np.abs(ours - theirs)
         metrics = {"max_abs_error": float(error.max()), "mean_abs_error": float(error.mean())}
         spread = np.abs(theirs - theirs.mean(axis=0))

@@ -94,10 +94,6 @@ ENGINE_HELP = ("ai-edge-quantizer quantizes the run's one float .tflite (no seco
                "for int8/int16x8 both and the one closer to float on the calibration samples (docs/engines.md)")
 
 
-#: relative difference of the engines' output errors that ``auto`` treats as a tie
-TIE = 1e-3
-
-
 class EngineChoice:
     """Mixin: pick the converter or ai-edge-quantizer per the ``engine`` option.
 
@@ -152,32 +148,43 @@ class EngineChoice:
 
     def closer_to_float(self, ctx: QuantizeContext) -> tuple[Artifact, str]:
         """Quantize with both engines; keep the one whose outputs on the calibration samples are
-        closer to the float .tflite's (ai-edge-quantizer on a tie: its files are smaller)."""
+        closer to the float .tflite's; on a tie the full-integer, then the smaller file
+        (``qpipe_tflite.choice``). When one engine fails, the other's file."""
         from qpipe.conversion import float_tflite, output_error
+        from qpipe_tflite.choice import pick
 
-        converted = super().quantize(ctx)
-        converter_bytes = converted.path.read_bytes()
-        quantized = self.aeq_artifact(ctx)
+        artifacts, files, failed = {}, {}, {}
+        makers = {"converter": lambda: super(EngineChoice, self).quantize(ctx),
+                  "ai-edge-quantizer": lambda: self.aeq_artifact(ctx)}
+        for engine, make in makers.items():
+            try:
+                artifacts[engine] = make()
+            except QpipeError as exc:
+                failed[engine] = str(exc)
+                continue
+            files[engine] = artifacts[engine].path.read_bytes()  # both write the same path
+        if len(files) < 2:
+            return self._one_engine(ctx, artifacts, files, failed)
         ctx.report("auto: comparing the engines' outputs with the float model's")
         samples = ctx.calibration.samples
-        errors = output_error(float_tflite(ctx.model, ctx.report),
-                              {"converter": converter_bytes, "ai-edge-quantizer": quantized.path.read_bytes()},
-                              samples)
-        # a tie (within TIE) goes to ai-edge-quantizer: its files were smaller in the benchmark
-        keep = "ai-edge-quantizer" if errors["ai-edge-quantizer"] <= errors["converter"] * (1 + TIE) else "converter"
-        if keep == "converter":
-            quantized.path.write_bytes(converter_bytes)
-            converted.metadata["convert_seconds"] += quantized.metadata["convert_seconds"]
-        else:
-            quantized.metadata["convert_seconds"] += converted.metadata["convert_seconds"]
-        artifact = quantized if keep == "ai-edge-quantizer" else converted
-        artifact.metadata["engine_errors"] = {k: float(f"{v:.6g}") for k, v in errors.items()}
-        n = min(256, len(samples))
-        other = "converter" if keep != "converter" else "ai-edge-quantizer"
-        how = "as close to" if errors[keep] >= errors[other] else "closer to"
-        return artifact, (f"auto: both engines quantized it; {keep}'s outputs are {how} the float model's "
-                          f"on {n} calibration samples (mean abs error {errors[keep]:.4g} vs {other}'s "
-                          f"{errors[other]:.4g})")
+        errors = output_error(float_tflite(ctx.model, ctx.report), files, samples)
+        keep, reason, facts = pick(errors, files, min(256, len(samples)))
+        artifact = artifacts[keep]
+        artifact.path.write_bytes(files[keep])
+        artifact.metadata["convert_seconds"] = round(sum(a.metadata["convert_seconds"] for a in artifacts.values()), 3)
+        artifact.metadata.update(facts)
+        return artifact, reason
+
+    def _one_engine(self, ctx: QuantizeContext, artifacts: dict, files: dict, failed: dict) -> tuple[Artifact, str]:
+        """The file of the one engine that worked (``auto``, with a warning), or both engines' errors."""
+        if not files:
+            raise QpipeError(f"both engines failed: the converter: {failed['converter']}; "
+                             f"ai-edge-quantizer: {failed['ai-edge-quantizer']}")
+        (keep,), (other, error) = list(files), next(iter(failed.items()))
+        artifacts[keep].path.write_bytes(files[keep])
+        artifacts[keep].metadata["engine_failed"] = {other: error}
+        ctx.warn(f"engine auto: {other} failed, {keep}'s file kept: {error}", code="engine-failed")
+        return artifacts[keep], f"auto: {other} failed, so {keep}'s file ({error})"
 
 
 class EngineOptions(qpipe.Options):
@@ -261,7 +268,15 @@ class FullInteger(ConverterQuantizer):
 
         wanted = ctx.calibration.ranges_for(self.bits) if ctx.calibration is not None else {}
         if not wanted:
-            return converter.convert(), {}
+            try:
+                return converter.convert(), {}
+            except Exception as exc:
+                from qpipe_tflite.choice import integer_input_failure
+
+                failure = integer_input_failure(exc, self.name.rsplit(".", 1)[-1], ctx.model)
+                if failure is None:
+                    raise
+                raise failure from exc
         calibrated = estimated.calibrated_model(converter)
         edited, applied = estimated.set_ranges(calibrated, wanted)
         if not applied:

@@ -110,7 +110,7 @@ class SampleRunner(Runner):
         self.inputs, self.output = ports(self.path)
 
     def _sample(self, port: Port, values: np.ndarray, name: str) -> np.ndarray:
-        sample = quantize_array(np.ascontiguousarray(values, dtype=np.float32), port.detail)
+        sample = quantize_array(np.ascontiguousarray(values), port.detail)  # ids stay integers
         if int(np.prod(port.shape)) != sample.size:
             raise QpipeError(f"{self.path.name}: input '{name}' holds {int(np.prod(port.shape))} values "
                              f"{list(port.shape)}, one sample of the data has {sample.size} "

@@ -4,6 +4,11 @@ Layers named in ``keep_float`` (by layer name or class name) are left unannotate
 TF-MOT's way (``quantize_annotate_layer``) of keeping them in float. A layer TF-MOT cannot
 quantize (a BatchNormalization that does not directly follow a linear convolution, an
 unknown layer type) is a clear error, or with ``unsupported: float`` is kept in float too.
+
+Integer inputs (token ids) get no fake-quant: TF-MOT puts a ``QuantizeLayer`` after every
+input, which fails on int32 tensors, so those inputs are taken out of its layout transform.
+``Embedding`` layers, which TF-MOT's registry leaves out, are quantized with their own
+config (8-bit symmetric table, 8-bit output): the converter makes them an int8 GATHER.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ def quantize_model(model: Any, scheme: Any, keep_float: set[str], unsupported: s
     import tensorflow_model_optimization as tfmot
 
     qk = tfmot.quantization.keras
+    config_for = _with_embeddings(config_for) if annotate_all else config_for
+    scheme = _skip_inputs(scheme, integer_inputs(model))
     kept = set(keep_float)
     if annotate_all:  # TF-MOT wraps these without complaint, and the converter leaves them float
         for name in unfoldable_batchnorms(model):
@@ -93,3 +100,89 @@ def _custom_objects(config_for: Any, model: Any) -> dict[str, Any]:
         if config is not None:
             objects[type(config).__name__] = type(config)
     return objects
+
+
+# --------------------------------------------------------------------------- integer inputs
+
+
+def integer_inputs(model: Any) -> set[str]:
+    """Names of the model's input layers that take integers (token ids): no fake-quant on them."""
+    import numpy as np
+
+    names = set()
+    for layer in model.layers:
+        if type(layer).__name__ == "InputLayer" and np.dtype(layer.dtype).kind in "biu":
+            names.add(layer.name)
+    return names
+
+
+def _skip_inputs(scheme: Any, names: set[str]) -> Any:
+    """``scheme`` whose layout transform leaves the input layers ``names`` alone (no QuantizeLayer)."""
+    if not names:
+        return scheme
+
+    class SkipInputs:
+        def __init__(self, inner: Any):
+            self.inner = inner
+
+        def apply(self, model: Any, layer_quantize_map: dict) -> Any:
+            kept = {k: v for k, v in layer_quantize_map.items() if k not in names}
+            return self.inner.apply(model, kept)
+
+    class IntegerInputsScheme:
+        """The wrapped scheme (its registry), with the layout transform above."""
+
+        def get_layout_transformer(self) -> Any:
+            return SkipInputs(scheme.get_layout_transformer())
+
+        def get_quantize_registry(self) -> Any:
+            return scheme.get_quantize_registry()
+
+    return IntegerInputsScheme()
+
+
+_EMBEDDING_CONFIG: list[Any] = []
+
+
+def embedding_config_class() -> Any:
+    """A TF-MOT ``QuantizeConfig`` for ``Embedding``: 8-bit symmetric table, 8-bit output."""
+    if _EMBEDDING_CONFIG:
+        return _EMBEDDING_CONFIG[0]
+    import tensorflow_model_optimization as tfmot
+
+    qk = tfmot.quantization.keras
+
+    class EmbeddingQuantizeConfig(qk.QuantizeConfig):
+        def get_weights_and_quantizers(self, layer: Any) -> list:
+            return [(layer.embeddings, qk.quantizers.LastValueQuantizer(
+                num_bits=8, per_axis=False, symmetric=True, narrow_range=True))]
+
+        def get_activations_and_quantizers(self, layer: Any) -> list:
+            return []
+
+        def set_quantize_weights(self, layer: Any, quantize_weights: list) -> None:
+            layer.embeddings = quantize_weights[0]
+
+        def set_quantize_activations(self, layer: Any, quantize_activations: list) -> None:
+            return None
+
+        def get_output_quantizers(self, layer: Any) -> list:
+            return [qk.quantizers.MovingAverageQuantizer(num_bits=8, per_axis=False, symmetric=False,
+                                                         narrow_range=False)]
+
+        def get_config(self) -> dict:
+            return {}
+
+    _EMBEDDING_CONFIG.append(EmbeddingQuantizeConfig)
+    return EmbeddingQuantizeConfig
+
+
+def _with_embeddings(config_for: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
+    """``config_for`` that also gives Embedding layers their config (TF-MOT has none)."""
+    def config(layer: Any) -> Any:
+        own = config_for(layer) if config_for is not None else None
+        if own is None and type(layer).__name__ == "Embedding":
+            return embedding_config_class()()
+        return own
+
+    return config
