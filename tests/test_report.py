@@ -119,7 +119,7 @@ def test_write_report_writes_tables_and_png_charts(results, tmp_path):
 
 def test_charts_drawn_before_are_copied_from_the_cache(results, tmp_path, monkeypatch):
     from qpipe import report
-    from qpipe.cache import prune, usage
+    from qpipe.cacheprune import prune, usage
 
     cache = tmp_path / "cache"
     (tmp_path / "one").mkdir()
