@@ -332,11 +332,14 @@ def reuse_file(root: Path, data: Any, target: Path, make: Callable[[Path], Any])
                        "code": code_fingerprint("qpipe")}, sort_keys=True, default=str)
     key = hashlib.sha256(blob.encode()).hexdigest()
     stored = Path(root, LAYOUT, FILES, key[:2], key + Path(target).suffix)
+    linked = any(p.is_symlink() for p in (stored, stored.parent, stored.parent.parent, Path(root, LAYOUT)))
     with contextlib.suppress(OSError):
-        if stored.is_file():
+        if stored.is_file() and not linked:  # a stored file replaced by a link is someone else's file
             shutil.copyfile(stored, target)
             return True
     make(target)
+    if linked:  # never written through a link either
+        return False
     with contextlib.suppress(OSError):
         stored.parent.mkdir(parents=True, exist_ok=True)
         partial = stored.with_name(f".{uuid.uuid4().hex}.partial")

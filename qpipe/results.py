@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,28 @@ def contained(output_dir: Path, relative: Any) -> Path | None:
     root = Path(output_dir).resolve()
     path = (root / relative).resolve()
     return path if path != root and path.is_relative_to(root) else None
+
+
+def copy_without_links(source: Path, target: Path) -> list[str]:
+    """Copy the file or folder ``source`` to ``target`` without following a symlink: a link
+    inside a folder (to a file or folder anywhere) is left out, never copied as what it points
+    to. Returns the links left out (paths relative to ``source``), for one line each; a
+    ``source`` that is itself a link is refused with ``ValueError``."""
+    source, target = Path(source), Path(target)
+    if source.is_symlink():
+        raise ValueError(f"{source} is a symbolic link; qpipe does not follow it")
+    if not source.is_dir():
+        shutil.copyfile(source, target, follow_symlinks=False)
+        return []
+    skipped: list[str] = []
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        links = [n for n in names if os.path.islink(os.path.join(folder, n))]
+        skipped.extend(os.path.relpath(os.path.join(folder, n), source) for n in links)
+        return links
+
+    shutil.copytree(source, target, ignore=ignore, dirs_exist_ok=True)
+    return skipped
 
 
 def _finite(value: Any) -> Any:

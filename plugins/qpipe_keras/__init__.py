@@ -19,6 +19,7 @@ import qpipe
 from qpipe import (Artifact, Backend, LoadedModel, QpipeError, Quantizer, Runner, TensorInfo, call_function,
                    file_sha256)
 from qpipe.errors import short_error
+from qpipe.results import copy_without_links
 from qpipe.tfenv import keras3, quiet, tensorflow, tf_keras
 from qpipe_keras.safety import check_keras_file, check_saved_model, stored_configs
 
@@ -165,10 +166,8 @@ class KerasOriginal(Quantizer):
         model = ctx.model
         if model.path is not None:
             target = ctx.artifact_path(model.path.suffix if model.path.is_file() else "")
-            if model.path.is_dir():
-                shutil.copytree(model.path, target)
-            else:
-                shutil.copyfile(model.path, target)
+            for link in copy_without_links(model.path, target):  # an untrusted folder's links stay behind
+                ctx.warn(f"{model.path.name}/{link} is a symbolic link; it was not copied into the output", "symlink")
         else:
             target = ctx.artifact_path(".keras")
             model.model.save(target)

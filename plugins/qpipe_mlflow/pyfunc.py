@@ -24,6 +24,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from qpipe.conversion import tensors_by_name
+from qpipe.results import copy_without_links
+from qpipe_mlflow.store import say
 
 ARTIFACT_KEY = "tflite"  # the artifact name tflite_model.py reads
 CODE = Path(__file__).with_name("tflite_model.py")
@@ -163,10 +165,9 @@ def log_variant_model(client: Any, experiment_id: str, run_id: str, name: str, a
                 folders.write(local, artifact, model_config(backend), model, run_id)
             else:
                 local.mkdir()
-                if artifact is not None and artifact.is_dir():
-                    shutil.copytree(artifact, local / artifact.name)
-                elif artifact is not None:
-                    shutil.copy(artifact, local / artifact.name)
+                if artifact is not None and not artifact.is_symlink():
+                    for link in copy_without_links(artifact, local / artifact.name):
+                        say(f"{artifact.name}/{link} is a symbolic link; it was not logged with the model")
             client.log_model_artifacts(model.model_id, str(local))
     except BaseException:
         client.finalize_logged_model(model.model_id, "FAILED")

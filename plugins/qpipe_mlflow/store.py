@@ -12,14 +12,16 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import qpipe
 from qpipe import QpipeError
+from qpipe.results import copy_without_links
 
 from qpipe_mlflow.target import Target
 
@@ -77,15 +79,29 @@ def context_tags() -> dict[str, Any]:
         return {}
 
 
-def upload(client: Any, run_id: str, texts: dict[str, str], files: list[Path]) -> None:
+def say(message: str) -> None:
+    """One line on stderr from the MLflow plugin."""
+    sys.stderr.write(f"mlflow: {message}\n")
+
+
+def upload(client: Any, run_id: str, texts: dict[str, str], files: list[Path],
+           warn: Callable[[str], Any] | None = None) -> None:
     """``texts`` (name: content) and ``files`` (a folder keeps its name) as the run's artifacts,
-    staged in one folder and sent with one call (one artifact-location lookup, not one a file)."""
+    staged in one folder and sent with one call (one artifact-location lookup, not one a file).
+
+    Symlinks are never followed: a linked file, or a link inside a folder, is left out with
+    one line through ``warn`` (stderr by default)."""
+    warn = warn or say
     with tempfile.TemporaryDirectory(prefix="qpipe-upload-") as tmp:
         for name, content in texts.items():
             Path(tmp, name).write_text(content, encoding="utf-8")
         for path in files:
+            if path.is_symlink():
+                warn(f"{path} is a symbolic link; it was not uploaded")
+                continue
             if path.is_dir():
-                shutil.copytree(path, Path(tmp, path.name), dirs_exist_ok=True)
+                for link in copy_without_links(path, Path(tmp, path.name)):  # never what a link points to
+                    warn(f"{path.name}/{link} is a symbolic link; it was not uploaded")
                 continue
             staged = Path(tmp, path.name)
             staged.unlink(missing_ok=True)
