@@ -197,14 +197,20 @@ class _Commands:
     def log(
         self,
         output_dir: Path = typer.Argument(..., help="Output folder of a finished 'qpipe run'."),
-        tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Tracking URI (overrides the YAML)."),
+        tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Tracking URI (default: "
+                                                   "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)."),
+        use_recorded_uri: bool = typer.Option(False, "--use-recorded-uri", help="Log to the tracking URI the "
+                                              "folder's pipeline copy records (trust the folder to choose the store)."),
         debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
     ) -> None:
-        """Replay a finished run's results.json to the trackers (e.g. after the server was down)."""
+        """Replay a finished run's results.json to the trackers (e.g. after the server was down).
+
+        The folder does not choose where it is logged unless --use-recorded-uri says so."""
         with ErrorGuard(debug):
             from qpipe.replay import replay
 
-            warnings = replay(self.pm(), output_dir, {"tracking_uri": tracking_uri})
+            warnings = replay(self.pm(), output_dir, {"tracking_uri": tracking_uri,
+                                                      "use_recorded_uri": use_recorded_uri})
             for warning in warnings:
                 typer.echo(f"warning: {warning}", err=True)
             typer.echo(f"logged {output_dir}")

@@ -451,3 +451,38 @@ def test_qpipe_log_keeps_no_template_where_a_results_json_points(tiny, store, tm
     assert out.exit_code == 0, out.output
     (parent,) = parent_runs(store, "tiny-replayed")
     assert "float32" in child_runs(store, parent) and not elsewhere.exists()
+
+
+def test_qpipe_log_writes_only_where_the_user_says(tiny, tmp_path, monkeypatch):
+    """A foreign folder's recorded tracking.uri (and a forged pipeline_file in its results.json) do not
+    choose the store: the default beside the current folder does, unless --use-recorded-uri."""
+    import json
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = tiny.write_pipeline([], name="foreign.yaml",
+                               tracking={"experiment": "foreign", "uri": "sqlite:///elsewhere/deep/mlflow.db"})
+    output = tiny.root / "foreign-out"
+    run_pipeline_file(path, tracked_pm(), output=output, settings={"no_tracking": True})
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    (forged / "pipeline.yaml").write_text("name: forged\n")
+    record = json.loads((output / "results.json").read_text())
+    record["extra"]["pipeline_file"] = str(forged / "pipeline.yaml")
+    (output / "results.json").write_text(json.dumps(record))
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    out = CliRunner().invoke(build_app(tracked_pm()), ["log", str(output)])
+    assert out.exit_code == 0, out.output
+    assert "records tracking.uri 'sqlite:///elsewhere/deep/mlflow.db'" in out.output
+    assert "--use-recorded-uri" in out.output
+    store = f"sqlite:///{here / 'mlflow.db'}"
+    (parent,) = parent_runs(store, "foreign")
+    assert "float32" in child_runs(store, parent)
+    assert not (tiny.root / "elsewhere").exists() and not (output / "elsewhere").exists()
+    assert sorted(p.name for p in forged.iterdir()) == ["pipeline.yaml"]
+    assert not (tiny.root / "mlflow.db").exists() and not (tiny.root / "mlartifacts").exists()
+    trusted = CliRunner().invoke(build_app(tracked_pm()), ["log", str(output), "--use-recorded-uri"])
+    assert trusted.exit_code == 0, trusted.output
+    recorded = f"sqlite:///{output / 'elsewhere' / 'deep' / 'mlflow.db'}"
+    assert len(parent_runs(recorded, "foreign")) == 1 and sorted(p.name for p in forged.iterdir()) == ["pipeline.yaml"]

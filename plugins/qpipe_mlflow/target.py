@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -126,5 +127,24 @@ def target_for(run: Any) -> Target | None:
         return None
     if not tracking.enabled and not run.replay:
         return None
+    if run.replay:
+        return replay_target(run)
     uri, source = resolve_uri(tracking.uri, run.base_dir, run.settings.get("tracking_uri"))
     return Target(uri=uri, experiment=tracking.experiment or run.name, source=source)
+
+
+def replay_target(run: Any) -> Target:
+    """Where ``qpipe log`` writes: the user's ``--tracking-uri`` or ``MLFLOW_TRACKING_URI``, else the
+    default beside the current folder. The folder may be someone else's: the URI its pipeline copy
+    records (and a relative one against the folder itself, never a path results.json names) is
+    used only with ``--use-recorded-uri``, and otherwise shown in one line."""
+    recorded = run.config.tracking.uri
+    experiment = run.config.tracking.experiment or run.name
+    if run.settings.get("use_recorded_uri") and recorded:
+        uri, source = resolve_uri(recorded, Path(run.output_dir), run.settings.get("tracking_uri"))
+        return Target(uri=uri, experiment=experiment, source=source)
+    uri, source = resolve_uri(None, Path.cwd(), run.settings.get("tracking_uri"))
+    if recorded and source == "default":
+        sys.stderr.write(f"mlflow: the folder's pipeline records tracking.uri '{recorded}'; logging to {uri} "
+                         "instead (pass --use-recorded-uri to log there, or --tracking-uri)\n")
+    return Target(uri=uri, experiment=experiment, source=source)
