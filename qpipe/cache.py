@@ -17,8 +17,9 @@ A cache folder may be shared or damaged, so an entry is checked before it is use
 ``entry.json`` lists the sha256 of every file it holds, and an entry whose files differ
 (truncated, bit-flipped, added, a symlink) or that names a path outside itself is a miss: the
 variant is recomputed, its fresh entry replaces the bad one, and the run warns. The checksums
-catch corruption, not forgery: whoever can write the cache folder can also rewrite the metrics
-in ``entry.json`` (docs/security.md).
+catch corruption; forgery is caught by an HMAC over the whole ``entry.json`` under this user's
+secret key (``qpipe.cachesign``): an edited entry, or one another user or machine wrote, is a miss
+(docs/security.md).
 
 Files derived from results (the report's charts) are kept under ``files/`` by a key over the
 data they show (``reuse_file``), so an unchanged re-run does not even import matplotlib.
@@ -42,6 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 from qpipe import __version__
+from qpipe.cachesign import sign, signed_by_me
 from qpipe.components import file_sha256
 from qpipe.errors import QpipeError
 from qpipe.results import contained
@@ -269,6 +271,9 @@ class VariantCache:
                           origin=info.get("origin", ""), files=info.get("files") or {})
         except (OSError, ValueError, KeyError, TypeError) as exc:
             return None, f"unreadable entry.json: {type(exc).__name__}"
+        if not signed_by_me(info):
+            return None, ("its signature does not match your cache key: written by another user or machine, "
+                          "by an older qpipe, or edited")
         files = (entry.result.get("metadata") or {}).get("files", []) if isinstance(entry.result, dict) else None
         if info.get("key") != key or not _safe_relative(entry.artifact) or not isinstance(files, list) \
                 or not all(_safe_relative(f) for f in files):
@@ -303,10 +308,10 @@ class VariantCache:
                 shutil.copyfile(artifact, tmp / "artifact" / relative)
             if outputs is not None:
                 np.save(tmp / "outputs.npy", np.asarray(outputs), allow_pickle=False)
-            (tmp / "entry.json").write_text(json.dumps({
+            entry = json.loads(json.dumps({  # as it will read back, so the signature covers exactly that
                 "key": key, "result": result, "raw_metrics": raw_metrics, "artifact": relative,
-                "created": created, "origin": origin, "files": file_digests(tmp)}, indent=1, default=str),
-                encoding="utf-8")
+                "created": created, "origin": origin, "files": file_digests(tmp)}, default=str))
+            (tmp / "entry.json").write_text(json.dumps(sign(entry), indent=1), encoding="utf-8")
             folder.parent.mkdir(parents=True, exist_ok=True)
             if folder.exists():  # damaged: move it aside, then put the new one in its place
                 os.rename(folder, self.root / LAYOUT / "tmp" / f"{uuid.uuid4().hex}.discarded")

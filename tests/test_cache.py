@@ -321,3 +321,42 @@ def test_clearing_the_cache_removes_links_never_what_they_point_to(project, monk
     assert len(named) == len(links), out.output
     for link, target in links.items():
         assert not link.is_symlink() and any(f"{link} -> {target}" in line for line in named), link
+
+
+def test_a_forged_cache_entry_is_recomputed_not_believed(project, monkeypatch, tmp_path):
+    """Editing a cached variant's accuracy (checksums untouched: they cover the files, not entry.json)
+    or an entry signed by another user's key is a miss with one line, never a hit reporting it."""
+    import json
+
+    monkeypatch.setenv("QPIPE_CACHE_KEY", str(tmp_path / "mine.key"))
+    pipeline = project.write_pipeline([{"name": "dynamic", "quantizer": "tflite.dynamic"}], name="forged.yaml")
+    first = run_pipeline_file(pipeline, output=project.root / "f1")
+    true_accuracy = first.variant("dynamic").metrics["accuracy"]
+    assert (tmp_path / "mine.key").stat().st_mode & 0o777 == 0o600
+    for entry in (project.root / ".qpipe-cache").glob("v1/??/*/entry.json"):
+        info = json.loads(entry.read_text())
+        if info["result"]["name"] == "dynamic":
+            info["raw_metrics"]["accuracy"] = 0.123  # any edit, up or down
+            entry.write_text(json.dumps(info))
+    from typer.testing import CliRunner
+
+    from qpipe.cli import build_app
+    from qpipe.results import read_results
+
+    out = CliRunner().invoke(build_app(plugin_manager()), ["run", str(pipeline), "--no-tracking",
+                                                           "-o", str(project.root / "f2")])
+    assert out.exit_code == 0, out.output
+    assert "signature does not match your cache key" in " ".join(out.output.split()), out.output
+    second = read_results(project.root / "f2")
+    dynamic = second.variant("dynamic")
+    assert dynamic.metadata["cache"] == "miss" and dynamic.metrics["accuracy"] == true_accuracy
+    assert second.variant("float32").metadata["cache"] == "hit"
+    monkeypatch.setenv("QPIPE_CACHE_KEY", str(tmp_path / "someone-else.key"))  # another user's cache
+    third = run_pipeline_file(pipeline, output=project.root / "f3")
+    assert [v.metadata["cache"] for v in third.variants] == ["miss", "miss"]
+    (tmp_path / "someone-else.key").chmod(0o644)
+    from qpipe.cachesign import _key
+    _key.cache_clear()
+    with pytest.raises(qpipe.QpipeError, match="chmod 600"):
+        run_pipeline_file(pipeline, output=project.root / "f4")
+    _key.cache_clear()
