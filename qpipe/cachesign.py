@@ -36,13 +36,17 @@ def key_path() -> Path:
 @functools.lru_cache(maxsize=4)
 def _key(path: Path) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
+    if not path.exists():  # written aside, then linked into place: a concurrent run never reads half a key
+        partial = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:
             handle.write(secrets.token_bytes(32))
+        try:
+            os.link(partial, path)
+        except FileExistsError:
+            pass  # another run made it first: use theirs
+        finally:
+            os.unlink(partial)
     info = os.lstat(path)
     if path.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o077:
         raise QpipeError(f"the cache key {path} must be your own file, readable by you alone: "
