@@ -271,13 +271,13 @@ class VariantCache:
                           origin=info.get("origin", ""), files=info.get("files") or {})
         except (OSError, ValueError, KeyError, TypeError) as exc:
             return None, f"unreadable entry.json: {type(exc).__name__}"
-        if not signed_by_me(info):
-            return None, ("its signature does not match your cache key: written by another user or machine, "
-                          "by an older qpipe, or edited")
         files = (entry.result.get("metadata") or {}).get("files", []) if isinstance(entry.result, dict) else None
         if info.get("key") != key or not _safe_relative(entry.artifact) or not isinstance(files, list) \
                 or not all(_safe_relative(f) for f in files):
             return None, f"entry.json names a path outside the entry or another key (artifact: {entry.artifact!r})"
+        if not signed_by_me(info):
+            return None, ("its signature does not match your cache key: written by another user or machine, "
+                          "by an older qpipe, or edited")
         if not entry.files:
             return None, "no checksums (stored by an older qpipe)"
         held = file_digests(folder)

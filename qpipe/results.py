@@ -85,10 +85,14 @@ class PipelineResults:
 
 
 #: the types ``results.json`` must hold where these keys are present (None allowed where listed)
+_NONE = type(None)
 RESULT_TYPES = {"pipeline": str, "baseline": str, "status": str, "variants": list, "model": dict,
-                "data": dict, "extra": dict, "started": (str, type(None)), "finished": (str, type(None))}
+                "data": dict, "extra": dict, "started": (str, _NONE), "finished": (str, _NONE),
+                "timestamp": (str, _NONE), "qpipe_version": (str, _NONE), "selected": (dict, _NONE),
+                "gate": (dict, _NONE), "task": (dict, _NONE), "headline": list}
 VARIANT_TYPES = {"name": str, "quantizer": str, "status": str, "metrics": dict, "metadata": dict,
-                 "artifact": (str, type(None)), "error": (str, type(None))}
+                 "artifact": (str, _NONE), "error": (str, _NONE), "options": dict, "calibrator": (dict, _NONE),
+                 "backend": (dict, _NONE), "seconds": (int, float, _NONE), "warnings": list}
 
 
 def read_results(output_dir: Path) -> PipelineResults:
@@ -129,6 +133,9 @@ def _shape_problem(data: Any) -> str | None:
         for key, kind in types.items():
             if key in item and not isinstance(item[key], kind):
                 return f"'{where}{key}' has the wrong type ({type(item[key]).__name__})"
+        for name, value in (item.get("metrics") or {}).items() if where else ():
+            if isinstance(value, bool) or not isinstance(value, (int, float, _NONE)):  # None: a NaN, written as null
+                return f"'{where}metrics.{name}' is not a number ({type(value).__name__})"
     return None
 
 

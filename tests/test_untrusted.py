@@ -380,6 +380,11 @@ def test_qpipe_log_refuses_a_pipeline_copy_leading_out_of_the_folder(finished_fo
     (lambda good: json.dumps({**json.loads(good), "variants": [{"name": "x", "metrics": []}]}),
      "'variants[0].metrics' has the wrong type (list)"),
     (lambda good: "[1, 2]", "not a JSON object"),
+    # a wrong type where qpipe log once warned, exited 0 and left the MLflow parent RUNNING
+    (lambda good: json.dumps({**json.loads(good), "selected": 5}), "'selected' has the wrong type (int)"),
+    # a metric stored as a string, once dropped without a word
+    (lambda good: json.dumps({**json.loads(good), "variants": [{"name": "x", "metrics": {"accuracy": "0.99"}}]}),
+     "'variants[0].metrics.accuracy' is not a number (str)"),
 ])
 def test_qpipe_log_of_a_garbled_results_json_is_one_line(finished_folder, tmp_path, text, problem):
     def change(folder, results):
