@@ -6,6 +6,8 @@
   ``dynamic``, ``float16``, ``int8`` or ``int16x8`` (full-integer modes take samples).
 - ``convert_keras(model, mode, ...)``: a Keras model (tf_keras, or Keras 3 through a SavedModel
   export) to .tflite bytes; a converter failure is one ``QpipeError`` line.
+- ``convert(converter)``: ``converter.convert()`` in the run's converter process, so a converter
+  that crashes (segfault, abort) fails one conversion, not the run (``qpipe.convertproc``).
 
 TensorFlow is imported when a function is called.
 """
@@ -27,15 +29,45 @@ Mode = Literal["float32", "dynamic", "float16", "int8", "int16x8"]
 FULL_INTEGER = {"int8": 8, "int16x8": 16}
 
 
-def representative_dataset(samples: Calibration | Dataset) -> Iterator[Any]:
-    """One sample at a time, as the converter wants it (a list, or a dict for several inputs)."""
+def representative_dataset(samples: Calibration | Dataset, batch: int = 1) -> Iterator[Any]:
+    """One sample at a time, as the converter wants it (a list, or a dict for several inputs).
+
+    For a model with a fixed batch ``batch`` > 1, ``batch`` samples at a time (the last group
+    filled up with the first samples again, so the ranges see only real values).
+    """
     data = samples.samples if isinstance(samples, Calibration) else samples
     names = list(data.inputs)
+    if batch > 1:
+        yield from _groups(data, names, batch)
+        return
     for i in range(len(data)):
         if len(names) == 1:
             yield [data.inputs[names[0]][i:i + 1].astype(np.float32)]
         else:
             yield {name: data.inputs[name][i:i + 1].astype(np.float32) for name in names}
+
+
+def _groups(data: Dataset, names: list[str], batch: int) -> Iterator[Any]:
+    first = {name: np.asarray(data.inputs[name][:batch], dtype=np.float32) for name in names}
+    for i in range(0, len(data), batch):
+        group = {name: np.asarray(data.inputs[name][i:i + batch], dtype=np.float32) for name in names}
+        while len(group[names[0]]) < batch:  # fill up with the first samples again
+            short = batch - len(group[names[0]])
+            group = {name: np.concatenate([group[name], first[name][:short]]) for name in names}
+        yield [group[names[0]]] if len(names) == 1 else group
+
+
+def convert(converter: Any) -> bytes:
+    """``converter.convert()`` in the run's converter process, as bytes.
+
+    A converter built ``from_saved_model`` is rebuilt with the same settings in a worker process
+    started once per run; when the converter kills that process (a segfault in its calibration,
+    an abort, out of memory) the call raises a ``QpipeError`` naming the signal, and the next
+    call starts a new worker. Other converters convert in this process.
+    """
+    from qpipe.convertproc import convert as in_worker
+
+    return in_worker(converter)
 
 
 def set_per_tensor(converter: Any) -> None:
@@ -88,6 +120,8 @@ def convert_keras(model: Any, mode: Mode = "float32", samples: Calibration | Dat
             converter = tf.lite.TFLiteConverter.from_keras_model(model)
         configure(converter, mode, samples, io, per_channel)
         try:
-            return bytes(converter.convert())
+            return convert(converter)
+        except QpipeError:
+            raise
         except Exception as exc:
             raise QpipeError(f"TFLite {mode} conversion failed: {short_error(exc)}") from exc
