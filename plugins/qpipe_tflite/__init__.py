@@ -171,7 +171,14 @@ class EngineChoice:
         closer to the float .tflite's (ai-edge-quantizer on a tie: its files are smaller)."""
         from qpipe.conversion import float_tflite, output_error
 
-        converted = super().quantize(ctx)
+        try:
+            converted = super().quantize(ctx)
+        except QpipeError as exc:  # e.g. the converter crashed on a recurrent model: the other engine
+            try:
+                quantized = self.aeq_artifact(ctx)
+            except QpipeError as second:
+                raise QpipeError(f"{exc}; ai-edge-quantizer failed too: {second}") from second
+            return quantized, f"auto: the converter failed ({exc}); ai-edge-quantizer's is kept"
         converter_bytes = converted.path.read_bytes()
         quantized = self.aeq_artifact(ctx)
         ctx.report("auto: comparing the engines' outputs with the float model's")
