@@ -26,6 +26,7 @@ class ConverterQuantizer(Quantizer):
     """Base of the converter quantizers: subclasses set up the converter in ``configure``."""
 
     engine = "tflite-converter"
+    uses_converter = True  # the run starts its converter process early
     #: what the artifact should be (checked after evaluation); subclasses claim what they quantize
     expects: ClassVar[Expects] = Expects()
 
