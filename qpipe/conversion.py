@@ -33,9 +33,9 @@ def float_tflite(model: LoadedModel, report: Callable[[str], None] | None = None
     ``FIXED_BATCH`` (``fixed_batch(model)`` says so). A failure is kept: every later call in
     the run fails at once with the same message instead of converting again.
     """
-    failed = model._memo.get(FAILED_KEY)
+    failed = earlier_failure(model)
     if failed is not None:
-        raise QpipeError(f"not converted again: {failed}")
+        raise QpipeError(failed)
 
     def convert() -> bytes:
         if report is not None:
@@ -43,10 +43,17 @@ def float_tflite(model: LoadedModel, report: Callable[[str], None] | None = None
         try:
             return convert_saved_model(model, lambda converter: None, report)
         except QpipeError as exc:
-            model._memo[FAILED_KEY] = f"the model's float TFLite conversion failed earlier in this run: {exc}"
+            model._memo[FAILED_KEY] = str(exc).removeprefix("TFLite conversion failed: ")
             raise
 
     return model.memo(MEMO_KEY, convert)
+
+
+def earlier_failure(model: LoadedModel) -> str | None:
+    """The error for a conversion of ``model`` not tried because its float conversion already
+    failed in this run (the same SavedModel and converter would fail again), else None."""
+    failed = model._memo.get(FAILED_KEY)
+    return None if failed is None else f"not converted: the float TFLite conversion failed earlier in this run: {failed}"
 
 
 def fixed_batch(model: LoadedModel) -> int | None:

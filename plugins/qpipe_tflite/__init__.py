@@ -53,11 +53,11 @@ class ConverterQuantizer(Quantizer):
         return converter
 
     def quantize(self, ctx: QuantizeContext) -> Artifact:
-        from qpipe.conversion import FAILED_KEY, convert_saved_model, record_fixed_batch
+        from qpipe.conversion import convert_saved_model, earlier_failure, record_fixed_batch
 
-        failed = ctx.model._memo.get(FAILED_KEY)
+        failed = earlier_failure(ctx.model)
         if failed is not None:  # the same SavedModel, the same converter: it would fail again
-            raise QpipeError(f"not converted: {failed}")
+            raise QpipeError(failed)
         if "saved_model_dir" not in ctx.model._memo:
             ctx.report("exporting SavedModel")
         ctx.report("converting")
