@@ -145,17 +145,21 @@ def convert(converter: Any) -> bytes:
     """``converter.convert()`` in the worker process; a crash there is one ``QpipeError`` line."""
     if os.environ.get("QPIPE_CONVERT_IN_PROCESS") == "1" or not getattr(converter, "saved_model_dir", None):
         return bytes(converter.convert())
+    global _WORKER
     request = settings(converter)
     worker = _worker()
     try:
         kind, payload = worker.ask(request)
     except (EOFError, OSError, struct.error, pickle.UnpicklingError):
-        global _WORKER
         code = worker.stop()
         _WORKER = None
         how = "out of memory?" if code == -signal.SIGKILL else "a bug in the converter's native code"
         raise QpipeError(f"the TFLite converter crashed ({crash_name(code)}, {how}) converting this variant; "
                          "the other variants still run") from None
+    except BaseException:  # Ctrl-C mid-answer: the pipe is out of step, the next call needs a new worker
+        worker.stop()
+        _WORKER = None
+        raise
     if kind == "ok":
         return bytes(payload)
     raise ConverterError(payload)
