@@ -281,6 +281,9 @@ class Quantizer(Component):
     resources: ClassVar[dict[str, float]] = {}
     #: metric names it may add through ``Artifact.metadata["metrics"]`` (constraints may name them)
     metrics: ClassVar[tuple[str, ...]] = ()
+    #: whether it converts through ``qpipe.tflite.convert``: a run in this process then starts
+    #: the converter process while it loads the model (``qpipe.convertproc``)
+    uses_converter: ClassVar[bool] = False
 
     def needs_constraints(self) -> bool:
         """Whether these options make the quantizer search against the pipeline's constraints

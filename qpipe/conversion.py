@@ -11,6 +11,7 @@ ai-edge-quantizer are imported inside the functions only.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -20,24 +21,166 @@ from qpipe.data import Dataset, match_inputs
 from qpipe.errors import QpipeError, short_error
 
 MEMO_KEY = "qpipe.float_tflite"
+#: the memo keys of the float conversion's failure and of the fixed batch a model needed
+FAILED_KEY, FIXED_KEY = "qpipe.float_tflite.failed", "qpipe.fixed_batch"
+#: the batch a dynamic-batch model is converted at when the converter cannot do it dynamic
+FIXED_BATCH = 1
 
 
 def float_tflite(model: LoadedModel, report: Callable[[str], None] | None = None) -> bytes:
-    """The float32 .tflite of ``model`` (converted from its SavedModel on first use)."""
-    def convert() -> bytes:
-        from qpipe.tfenv import quiet, tensorflow
+    """The float32 .tflite of ``model`` (converted from its SavedModel on first use).
 
-        tf = tensorflow()
+    A model the converter takes only at a fixed batch (recurrent layers) is converted at
+    ``FIXED_BATCH`` (``fixed_batch(model)`` says so). A failure is kept: every later call in
+    the run fails at once with the same message instead of converting again.
+    """
+    failed = earlier_failure(model)
+    if failed is not None:
+        raise QpipeError(failed)
+
+    def convert() -> bytes:
         if report is not None:
             report("converting to a float .tflite (once per run)")
-        with quiet():
-            saved_model = model.saved_model_dir()
-            try:
-                return bytes(tf.lite.TFLiteConverter.from_saved_model(str(saved_model)).convert())
-            except Exception as exc:
-                raise QpipeError(f"TFLite conversion failed: {short_error(exc)}") from exc
+        try:
+            return convert_saved_model(model, lambda converter: None, report)
+        except QpipeError as exc:
+            model._memo[FAILED_KEY] = str(exc).removeprefix("TFLite conversion failed: ")
+            raise
 
     return model.memo(MEMO_KEY, convert)
+
+
+def earlier_failure(model: LoadedModel) -> str | None:
+    """The error for a conversion of ``model`` not tried because its float conversion already
+    failed in this run (the same SavedModel and converter would fail again), else None."""
+    failed = model._memo.get(FAILED_KEY)
+    return None if failed is None else f"not converted: the float TFLite conversion failed earlier in this run: {failed}"
+
+
+def fixed_batch(model: LoadedModel) -> int | None:
+    """The batch ``model`` had to be converted at in this run (None: its own batch dimension)."""
+    return model._memo.get(FIXED_KEY) or None
+
+
+def record_fixed_batch(ctx: Any, metadata: dict[str, Any]) -> None:
+    """When ``ctx.model`` was converted at a fixed batch, say so: ``metadata["fixed_batch"]``
+    and a ``fixed-batch`` warning on the variant (``ctx`` is a ``QuantizeContext``)."""
+    batch = fixed_batch(ctx.model)
+    if batch:
+        metadata["fixed_batch"] = batch
+        ctx.warn(f"converted at a fixed batch of {batch}: the TFLite converter cannot convert this model's "
+                 f"recurrent layers (LSTM/GRU) with a dynamic batch; evaluated {batch} sample(s) per invoke",
+                 "fixed-batch")
+
+
+def model_batch(model: LoadedModel) -> int:
+    """The batch the converter sees: the model's fixed batch dimension, else 1 per sample."""
+    if fixed_batch(model):
+        return FIXED_BATCH
+    dims = [t.shape[0] for t in model.inputs if t.shape]
+    return int(dims[0]) if dims and isinstance(dims[0], int) and dims[0] > 0 else 1
+
+
+def convert_saved_model(model: LoadedModel, configure: Callable[[Any], bytes | None],
+                        report: Callable[[str], None] | None = None, mode: str = "") -> bytes:
+    """Convert ``model``'s SavedModel with a converter set up by ``configure``.
+
+    ``configure(converter)`` sets the converter up and returns None (the converter is then
+    converted with ``qpipe.tflite.convert``) or converts it itself and returns the bytes.
+    The conversion runs in the run's converter process (``qpipe.tflite.convert``). When the
+    converter cannot lower a dynamic-batch model's recurrent layers (LSTM, GRU: "TensorList"
+    ops) the model is exported again at a fixed batch of ``FIXED_BATCH`` and converted from
+    that; the next conversions of the run start there (``fixed_batch(model)``).
+    """
+    from qpipe.tfenv import quiet
+
+    what = f"TFLite {mode + ' ' if mode else ''}conversion failed"
+    if not fixed_batch(model):
+        with quiet():
+            path = model.saved_model_dir()
+        try:
+            return _convert_dir(path, configure)
+        except Exception as exc:
+            if not (_needs_fixed_batch(model, str(exc)) and FIXED_KEY not in model._memo):
+                if _needs_fixed_batch(model, str(exc), flavors=("saved_model",)):
+                    raise QpipeError(f"{what}: the converter cannot lower this SavedModel's recurrent layers "
+                                     "(TensorList ops) with a dynamic batch; export it with a fixed batch, e.g. "
+                                     f"input_signature=[tf.TensorSpec([1, ...])] ({short_error(exc)})") from exc
+                if isinstance(exc, QpipeError):
+                    raise
+                raise QpipeError(f"{what}: {short_error(exc)}") from exc
+            first = exc
+        if report is not None:
+            report(f"the converter cannot take this model at a dynamic batch; converting at batch {FIXED_BATCH}")
+        try:
+            with quiet():
+                path = fixed_batch_saved_model(model, FIXED_BATCH)
+            flatbuffer = _convert_dir(path, configure)
+        except Exception as exc:
+            model._memo[FIXED_KEY] = 0  # not again: the retry does not help this model
+            raise QpipeError(f"{what}: {short_error(first)}; at a fixed batch of {FIXED_BATCH} too: "
+                             f"{short_error(exc)}") from exc
+        model._memo[FIXED_KEY] = FIXED_BATCH
+        return flatbuffer
+    try:
+        return _convert_dir(fixed_batch_saved_model(model, FIXED_BATCH), configure)
+    except QpipeError:
+        raise
+    except Exception as exc:
+        raise QpipeError(f"{what} (at a fixed batch of {FIXED_BATCH}): {short_error(exc)}") from exc
+
+
+def _convert_dir(path: Path, configure: Callable[[Any], bytes | None]) -> bytes:
+    from qpipe.tfenv import quiet, tensorflow
+    from qpipe.tflite import convert
+
+    with quiet():
+        converter = tensorflow().lite.TFLiteConverter.from_saved_model(str(path))
+        flatbuffer = configure(converter)
+        return flatbuffer if flatbuffer is not None else convert(converter)
+
+
+def _needs_fixed_batch(model: LoadedModel, error: str, flavors: tuple[str, ...] = ("keras3", "tf_keras")) -> bool:
+    """Whether a converter error is the dynamic-batch recurrent one a fixed batch avoids
+    (for a model of ``flavors``: the ones qpipe can export again at a fixed batch)."""
+    dynamic = any(t.shape and t.shape[0] is None for t in model.inputs)
+    return dynamic and "TensorList" in error and model.flavor in flavors
+
+
+def fixed_batch_saved_model(model: LoadedModel, batch: int) -> Path:
+    """``model`` (Keras 3 or tf_keras) exported as a SavedModel whose inputs have batch ``batch``.
+
+    Its ``serving_default`` signature has the same input and output names as the model's own
+    export; only the batch dimension is fixed, which lets the converter lower LSTM/GRU loops.
+    """
+    def export() -> Path:
+        import tempfile
+
+        from qpipe.tfenv import tensorflow, tf_keras
+
+        tf = tensorflow()
+        specs = [tf.TensorSpec([batch, *t.shape[1:]], tf.as_dtype(t.dtype), name=t.name) for t in model.inputs]
+        folder = Path(tempfile.mkdtemp(prefix="qpipe-savedmodel-fixed-")) / "model"
+        keras_model = model.model
+        if model.flavor == "keras3":
+            keras_model.export(str(folder), format="tf_saved_model", verbose=False,
+                               input_signature=[specs[0] if len(specs) == 1 else specs])
+            return folder
+        archive = tf_keras().export.ExportArchive()
+        archive.track(keras_model)
+        archive.add_endpoint(name="serve", input_signature=specs,
+                             fn=lambda *xs: keras_model(xs[0] if len(xs) == 1 else list(xs), training=False))
+        archive.write_out(str(folder))
+        return folder
+
+    if model.flavor not in ("keras3", "tf_keras"):
+        raise QpipeError(f"a {model.flavor} model cannot be exported at a fixed batch; export it with a fixed "
+                         "batch (e.g. input_signature=[tf.TensorSpec([1, ...])]) and give that SavedModel")
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # ExportArchive prints every captured variable
+        return model.memo(f"saved_model_dir.batch{batch}", export)
 
 
 def signature_key(interpreter: Any) -> str | None:

@@ -53,10 +53,26 @@ class PipelineRunner:
         self.warnings: list[str] = []
         self.started = False  # whether anything was written into the output folder
 
+    def _start_converter(self) -> None:
+        """Start the TFLite converter process now, when variants will convert in this process:
+        its TensorFlow import then overlaps loading the model, not the first conversion."""
+        from qpipe.schedule import chosen_executor
+
+        config = self.resolved.config.executor
+        in_process = int(self.settings.get("jobs") or config.jobs) == 1
+        if in_process and chosen_executor(config, self.settings) != "ray" and any(
+                type(rv.quantizer.component).uses_converter for rv in self.resolved.variants):
+            from qpipe.convertproc import start
+
+            start()
+
     def run(self) -> PipelineResults:
         """Run every variant, select, report; return the results (also in ``results.json``)."""
         # an unchanged re-run loads the model and data only if a plugin touches them
-        inputs = inputs_if_all_cached(self.pm, self.resolved, self.settings) or load_inputs(self.pm, self.resolved)
+        inputs = inputs_if_all_cached(self.pm, self.resolved, self.settings)
+        if inputs is None:
+            self._start_converter()
+            inputs = load_inputs(self.pm, self.resolved)
         run = self._start(inputs)
         results, lifecycle = run.results, Lifecycle(self.pm, run, self.warnings)
         try:

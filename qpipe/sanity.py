@@ -16,6 +16,8 @@ warning makes the variant fail. The codes:
 - ``float-weights`` / ``float-ops`` (the LiteRT plugin, for .tflite files): weights the
   quantizer was asked to quantize stored in float; ops computing in float in a model meant to
   be full-integer.
+- ``fixed-batch`` (the TFLite plugin): the model was converted at a fixed batch of 1 because
+  the converter cannot lower its recurrent layers with a dynamic batch.
 - ``check-failed``: a plugin's check raised (the variant could not be checked).
 - ``plugin`` (or a plugin's own code): a warning a component recorded with ``ctx.warn``.
 """

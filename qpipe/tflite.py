@@ -7,6 +7,8 @@
   ``dynamic``, ``float16``, ``int8`` or ``int16x8`` (full-integer modes take samples).
 - ``convert_keras(model, mode, ...)``: a Keras model (tf_keras, or Keras 3 through a SavedModel
   export) to .tflite bytes; a converter failure is one ``QpipeError`` line.
+- ``convert(converter)``: ``converter.convert()`` in the run's converter process, so a converter
+  that crashes (segfault, abort) fails one conversion, not the run (``qpipe.convertproc``).
 
 TensorFlow is imported when a function is called.
 """
@@ -37,19 +39,47 @@ def input_dtype(values: Any, dtype: Any = None) -> np.dtype:
     return np.dtype(values.dtype) if kind in "biu" else np.dtype(np.float32)
 
 
-def representative_dataset(samples: Calibration | Dataset, dtypes: dict[str, Any] | None = None) -> Iterator[Any]:
+def representative_dataset(samples: Calibration | Dataset, dtypes: dict[str, Any] | None = None,
+                           batch: int = 1) -> Iterator[Any]:
     """One sample at a time, as the converter wants it (a list, or a dict for several inputs).
 
     Each input keeps its type: ``dtypes`` ({input name: dtype}, e.g. the model's) when given,
     else integer data stays integer (an int32 token-id input must be fed int32) and float data
-    is float32.
+    is float32. For a model with a fixed batch ``batch`` > 1, ``batch`` samples at a time (the
+    last group filled up with the first samples again, so the ranges see only real values).
     """
     data = samples.samples if isinstance(samples, Calibration) else samples
     names = list(data.inputs)
     types = {name: input_dtype(data.inputs[name], (dtypes or {}).get(name)) for name in names}
+    if batch > 1:
+        yield from _groups(data, names, batch, types)
+        return
     for i in range(len(data)):
         row = {name: np.asarray(data.inputs[name][i:i + 1]).astype(types[name], copy=False) for name in names}
         yield [row[names[0]]] if len(names) == 1 else row
+
+
+def _groups(data: Dataset, names: list[str], batch: int, types: dict[str, np.dtype]) -> Iterator[Any]:
+    first = {name: np.asarray(data.inputs[name][:batch]).astype(types[name], copy=False) for name in names}
+    for i in range(0, len(data), batch):
+        group = {name: np.asarray(data.inputs[name][i:i + batch]).astype(types[name], copy=False) for name in names}
+        while len(group[names[0]]) < batch:  # fill up with the first samples again
+            short = batch - len(group[names[0]])
+            group = {name: np.concatenate([group[name], first[name][:short]]) for name in names}
+        yield [group[names[0]]] if len(names) == 1 else group
+
+
+def convert(converter: Any) -> bytes:
+    """``converter.convert()`` in the run's converter process, as bytes.
+
+    A converter built ``from_saved_model`` is rebuilt with the same settings in a worker process
+    started once per run; when the converter kills that process (a segfault in its calibration,
+    an abort, out of memory) the call raises a ``QpipeError`` naming the signal, and the next
+    call starts a new worker. Other converters convert in this process.
+    """
+    from qpipe.convertproc import convert as in_worker
+
+    return in_worker(converter)
 
 
 def set_per_tensor(converter: Any) -> None:
@@ -102,6 +132,8 @@ def convert_keras(model: Any, mode: Mode = "float32", samples: Calibration | Dat
             converter = tf.lite.TFLiteConverter.from_keras_model(model)
         configure(converter, mode, samples, io, per_channel)
         try:
-            return bytes(converter.convert())
+            return convert(converter)
+        except QpipeError:
+            raise
         except Exception as exc:
             raise QpipeError(f"TFLite {mode} conversion failed: {short_error(exc)}") from exc

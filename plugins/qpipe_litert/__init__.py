@@ -1,6 +1,7 @@
 """Built-in plugin: the ``litert`` backend runs ``.tflite`` files with ``ai_edge_litert``.
 
-Batched (the batch dimension is resized to fit), multi-threaded, and transparent about
+Batched (the batch dimension is resized to fit; a model whose batch dimension is fixed, e.g. a
+batch-1 export, gets that many samples per invoke, the last group padded), multi-threaded, and transparent about
 quantized inputs and outputs: float data is quantized with each input tensor's scale and
 zero point, integer outputs are dequantized with the output tensor's. It also checks every
 .tflite against what its quantizer claimed (``qpipe_check_artifact``, ``qpipe_litert.checks``).
@@ -53,6 +54,7 @@ class LiteRTRunner(Runner):
         self.inputs = tensors_by_name(self.interpreter, "inputs")
         self.output = next(iter(tensors_by_name(self.interpreter, "outputs").values()))
         self._shapes = {d["index"]: tuple(d["shape"]) for d in self.interpreter.get_input_details()}
+        self.fixed_batch = fixed_batch(self.inputs)
 
     def _resize(self, pairs: list[tuple[dict, np.ndarray]]) -> None:
         """Resize every input whose shape changed, then re-allocate once."""
@@ -66,7 +68,25 @@ class LiteRTRunner(Runner):
         if changed:
             self.interpreter.allocate_tensors()
 
-    def predict_batch(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def predict_batch(self, inputs: dict[str, np.ndarray]) -> Any:
+        """The outputs for a batch of any size; a model with a fixed batch dimension is fed
+        exactly that many samples per invoke (the last group padded, its padding dropped)."""
+        batch = self.fixed_batch
+        if batch is None:
+            return self._invoke(inputs)
+        arrays = {key: np.asarray(values) for key, values in inputs.items()}
+        count = len(next(iter(arrays.values())))
+        parts = []
+        for start in range(0, count, batch):
+            group = {key: values[start:start + batch] for key, values in arrays.items()}
+            size = len(next(iter(group.values())))
+            if size < batch:  # repeat the last sample: the padding is dropped below
+                group = {key: np.concatenate([values, np.repeat(values[-1:], batch - size, axis=0)])
+                         for key, values in group.items()}
+            parts.append(_rows(self._invoke(group), size))
+        return _joined(parts)
+
+    def _invoke(self, inputs: dict[str, np.ndarray]) -> Any:
         feeds = match_inputs(self.inputs, inputs, "the .tflite")
         pairs = [(self.inputs[name], np.asarray(inputs[key])) for name, key in feeds.items()]
         self._resize(pairs)
@@ -80,6 +100,33 @@ class LiteRTRunner(Runner):
 
     def close(self) -> None:
         self.interpreter = None
+
+
+def fixed_batch(inputs: dict[str, dict]) -> int | None:
+    """The batch a .tflite's inputs are fixed to (``shape_signature[0]`` not -1), else None."""
+    for detail in inputs.values():
+        signature = detail.get("shape_signature")
+        dims = signature if signature is not None and len(signature) else detail["shape"]
+        if len(dims) and int(dims[0]) > 0 and (signature is None or int(signature[0]) != -1):
+            return int(dims[0])
+    return None
+
+
+def _rows(outputs: Any, count: int) -> Any:
+    """The first ``count`` rows of an output (or of each output of a dict or list of them)."""
+    if isinstance(outputs, dict):
+        return {name: values[:count] for name, values in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return [values[:count] for values in outputs]
+    return outputs[:count]
+
+
+def _joined(parts: list[Any]) -> Any:
+    if isinstance(parts[0], dict):
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    if isinstance(parts[0], list):
+        return [np.concatenate([part[i] for part in parts]) for i in range(len(parts[0]))]
+    return np.concatenate(parts)
 
 
 class LiteRTBackend(Backend):

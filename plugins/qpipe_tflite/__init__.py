@@ -18,15 +18,15 @@ from pydantic import Field
 
 import qpipe
 from qpipe import Artifact, Expects, QpipeError, QuantizeContext, Quantizer
-from qpipe.errors import short_error
 from qpipe.tfenv import quiet, tensorflow
-from qpipe.tflite import representative_dataset, set_per_tensor
+from qpipe.tflite import convert as qpipe_convert, representative_dataset, set_per_tensor
 
 
 class ConverterQuantizer(Quantizer):
     """Base of the converter quantizers: subclasses set up the converter in ``configure``."""
 
     engine = "tflite-converter"
+    uses_converter = True  # the run starts its converter process early
     #: what the artifact should be (checked after evaluation); subclasses claim what they quantize
     expects: ClassVar[Expects] = Expects()
 
@@ -38,36 +38,49 @@ class ConverterQuantizer(Quantizer):
         return None
 
     def make_converter(self, ctx: QuantizeContext) -> Any:
-        """A TFLiteConverter over the model's SavedModel, configured for this variant."""
+        """A TFLiteConverter over the model's SavedModel (at a fixed batch when the run's
+        conversions needed one), configured for this variant."""
+        from qpipe.conversion import FIXED_BATCH, fixed_batch, fixed_batch_saved_model
+
         tf = tensorflow()
         if "saved_model_dir" not in ctx.model._memo:
             ctx.report("exporting SavedModel")
         with quiet():
-            saved_model = ctx.model.saved_model_dir()
+            saved_model = (fixed_batch_saved_model(ctx.model, FIXED_BATCH) if fixed_batch(ctx.model)
+                           else ctx.model.saved_model_dir())
         converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
         self.configure(converter, ctx)
         return converter
 
     def quantize(self, ctx: QuantizeContext) -> Artifact:
-        converter = self.make_converter(ctx)
+        from qpipe.conversion import convert_saved_model, earlier_failure, record_fixed_batch
+
+        failed = earlier_failure(ctx.model)
+        if failed is not None:  # the same SavedModel, the same converter: it would fail again
+            raise QpipeError(failed)
+        if "saved_model_dir" not in ctx.model._memo:
+            ctx.report("exporting SavedModel")
         ctx.report("converting")
         started = time.perf_counter()
-        try:
-            with quiet() as log:
-                flatbuffer, facts = self.convert(converter, ctx)
-        except QpipeError:
-            raise
-        except Exception as exc:
-            raise QpipeError(f"TFLite conversion failed: {short_error(exc)}") from exc
-        del log
+        facts: dict[str, Any] = {}
+
+        def convert(converter: Any) -> bytes:
+            self.configure(converter, ctx)
+            flatbuffer, found = self.convert(converter, ctx)
+            facts.update(found)
+            return flatbuffer
+
+        flatbuffer = convert_saved_model(ctx.model, convert, ctx.report)
         path = ctx.artifact_path(".tflite")
         path.write_bytes(flatbuffer)
-        return Artifact(path=path, format="tflite", expects=self.expects, metadata={
-            "engine": self.engine, "convert_seconds": round(time.perf_counter() - started, 3), **facts})
+        metadata = {"engine": self.engine, "convert_seconds": round(time.perf_counter() - started, 3), **facts}
+        record_fixed_batch(ctx, metadata)
+        return Artifact(path=path, format="tflite", expects=self.expects, metadata=metadata)
 
     def convert(self, converter: Any, ctx: QuantizeContext) -> tuple[bytes, dict[str, Any]]:
-        """The .tflite flatbuffer and facts to record about it."""
-        return converter.convert(), {}
+        """The .tflite flatbuffer and facts to record about it (converted in the run's
+        converter process: a crash there fails this variant only)."""
+        return qpipe_convert(converter), {}
 
 
 class Float32(ConverterQuantizer):
@@ -77,15 +90,16 @@ class Float32(ConverterQuantizer):
     reference = True  # the default baseline
 
     def quantize(self, ctx: QuantizeContext) -> Artifact:
-        from qpipe.conversion import MEMO_KEY, float_tflite
+        from qpipe.conversion import MEMO_KEY, float_tflite, record_fixed_batch
 
         started = time.perf_counter()
         reused = MEMO_KEY in ctx.model._memo
         path = ctx.artifact_path(".tflite")
         path.write_bytes(float_tflite(ctx.model, ctx.report))  # the run's one float conversion
-        return Artifact(path=path, format="tflite", metadata={
-            "engine": self.engine, "convert_seconds": round(time.perf_counter() - started, 3),
-            "conversion": "reused" if reused else "converted"})
+        metadata = {"engine": self.engine, "convert_seconds": round(time.perf_counter() - started, 3),
+                    "conversion": "reused" if reused else "converted"}
+        record_fixed_batch(ctx, metadata)
+        return Artifact(path=path, format="tflite", metadata=metadata)
 
 
 Engine = Literal["auto", "converter", "ai-edge-quantizer"]
@@ -143,8 +157,11 @@ class EngineChoice:
         flatbuffer = aeq.quantize(ctx, aeq.recipe(self.aeq_kind, per_channel), calibrate=self.needs_calibration)
         path = ctx.artifact_path(".tflite")
         path.write_bytes(flatbuffer)
-        return Artifact(path=path, format="tflite", expects=self.expects, metadata={
-            "engine": aeq.ENGINE, "convert_seconds": round(time.perf_counter() - started, 3)})
+        from qpipe.conversion import record_fixed_batch
+
+        metadata = {"engine": aeq.ENGINE, "convert_seconds": round(time.perf_counter() - started, 3)}
+        record_fixed_batch(ctx, metadata)
+        return Artifact(path=path, format="tflite", expects=self.expects, metadata=metadata)
 
     def closer_to_float(self, ctx: QuantizeContext) -> tuple[Artifact, str]:
         """Quantize with both engines; keep the one whose outputs on the calibration samples are
@@ -254,7 +271,10 @@ class FullInteger(ConverterQuantizer):
     def configure(self, converter: Any, ctx: QuantizeContext) -> None:
         tf = tensorflow()
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: representative_dataset(ctx.calibration)
+        from qpipe.conversion import model_batch
+
+        batch = model_batch(ctx.model)  # a fixed-batch model takes its batch of samples at a time
+        converter.representative_dataset = lambda: representative_dataset(ctx.calibration, batch=batch)
         converter.target_spec.supported_ops = [self.ops_set(tf)]
         if self.options.io != "float32":
             io_type = getattr(tf, self.options.io)  # int8, uint8 or int16
@@ -269,7 +289,7 @@ class FullInteger(ConverterQuantizer):
         wanted = ctx.calibration.ranges_for(self.bits) if ctx.calibration is not None else {}
         if not wanted:
             try:
-                return converter.convert(), {}
+                return qpipe_convert(converter), {}
             except Exception as exc:
                 from qpipe_tflite.choice import integer_input_failure
 
