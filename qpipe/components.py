@@ -245,16 +245,21 @@ class EvalContext(Context):
 
     ``outputs`` are the variant's predictions on ``data``; ``baseline_outputs`` and
     ``baseline_artifact`` are the baseline variant's (the same objects when this variant is
-    the baseline).
+    the baseline). For a model with several outputs, quality evaluators run once per output:
+    ``outputs``, ``baseline_outputs`` and ``data.labels`` are then that output's (named by
+    ``output``) and the host names their metrics ``<output>/<metric>``; cost evaluators run once
+    with every output's predictions (``{name: array}``) and ``output`` empty.
     """
 
     data: "Dataset | None" = None
-    outputs: np.ndarray | None = None
+    outputs: Any = None  # np.ndarray, or {output name: np.ndarray} for a cost evaluator
     artifact: Artifact | None = None
     runner: "Runner | None" = None
-    baseline_outputs: np.ndarray | None = None
+    baseline_outputs: Any = None
     baseline_artifact: Artifact | None = None
     model: LoadedModel | None = None
+    #: the output measured (several outputs); "" for a single-output model or a cost evaluator
+    output: str = ""
 
 
 # --------------------------------------------------------------------------- kinds
@@ -303,14 +308,17 @@ class Calibrator(Component):
 class Runner:
     """A loaded artifact that predicts. Returned by ``Backend.load``."""
 
-    def predict_batch(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """Predict one batch given as input name -> array; return the (first) output."""
+    def predict_batch(self, inputs: dict[str, np.ndarray]) -> Any:
+        """Predict one batch given as input name -> array. Return the output's array for a
+        single-output model; for several outputs ``{output name: array}`` (or a list in the
+        model's order), every output: the host measures each (``qpipe.heads``)."""
         raise NotImplementedError
 
-    def predict(self, data: "Dataset", batch_size: int) -> np.ndarray:
-        """Predict a whole dataset batch by batch and concatenate the outputs."""
-        parts = [self.predict_batch(batch) for batch in data.batches(batch_size)]
-        return np.concatenate(parts, axis=0)
+    def predict(self, data: "Dataset", batch_size: int) -> Any:
+        """Predict a whole dataset batch by batch and concatenate the outputs (each output's)."""
+        from qpipe.heads import concat
+
+        return concat([self.predict_batch(batch) for batch in data.batches(batch_size)])
 
     def with_threads(self, threads: int) -> "Runner":
         """A runner like this one using ``threads`` threads (default: this runner)."""
