@@ -36,7 +36,8 @@ def name_outputs(raw: Any, names: list[str], what: str = "the backend") -> Predi
 
     ``raw`` may be an array, a list or tuple (by position) or a dict. A dict's keys are matched
     to ``names`` by name, else as ``output_<i>`` (the names a converted Keras model's signature
-    gives its outputs), else by position.
+    gives its outputs), else by a name's suffix (``quant_species``: TF-MOT's renamed layers),
+    else by position.
     """
     if isinstance(raw, (list, tuple)):
         raw = dict(zip(names, raw, strict=False)) if len(raw) == len(names) else {f"output_{i}": a for i, a in enumerate(raw)}
@@ -56,6 +57,9 @@ def name_outputs(raw: Any, names: list[str], what: str = "the backend") -> Predi
     positions = {int(m.group(1)): key for key in arrays if (m := _POSITIONAL.match(key))}
     if sorted(positions) == list(range(len(names))):
         return {name: arrays[positions[i]] for i, name in enumerate(names)}
+    ends = {name: [key for key in arrays if key.endswith(name) or name.endswith(key)] for name in names}
+    if all(len(keys) == 1 for keys in ends.values()) and len({keys[0] for keys in ends.values()}) == len(names):
+        return {name: arrays[ends[name][0]] for name in names}  # renamed, e.g. quant_species (TF-MOT)
     return dict(zip(names, arrays.values(), strict=True))
 
 

@@ -137,11 +137,12 @@ def is_fraction(metric: str) -> bool:
 
 def delta_text(delta: float, value: float | None = None) -> str:
     """A change in the metric's own unit, with the relative change when the baseline's value
-    (``value - delta``) is known and not zero: ``+0.117 (+72%)``."""
-    text = f"{delta:+.4g}"
+    (``value - delta``) is known and not zero: ``+0.1170 (+72%)``."""
+    text = f"{delta:+.4f}"
     reference = None if value is None else value - delta
-    if reference:
-        text += f" ({delta / abs(reference):+.0%})"
+    if reference and delta:
+        relative = delta / abs(reference)
+        text += f" ({relative:+.1%})" if abs(relative) < 0.1 else f" ({relative:+.0%})"
     return text
 
 
