@@ -83,7 +83,8 @@ def fit(model: Any, choice: LossChoice, options: TrainingOptions, ctx: QuantizeC
         validation = (model_inputs(ctx.validation), labels_of(ctx.validation, "validation", what))
     loss, metrics = choice.loss, choice.metrics
     if isinstance(loss, dict):  # several outputs: keyed by the trained model's output names
-        rename = output_keys(model, list(getattr(ctx.model.model, "output_names", None) or loss))
+        original = getattr(ctx.model.model, "output_names", None) if ctx.model is not None else None
+        rename = output_keys(model, list(original or loss))
         loss, metrics, y = (rename(loss), rename(metrics), rename(y))
         if validation is not None and isinstance(validation[1], dict):
             validation = (validation[0], rename(validation[1]))
