@@ -210,15 +210,11 @@ class CachedVariant:
 
     def outputs(self) -> Any:
         """The stored predictions: one array, or ``{output name: array}`` (``outputs.npz``)."""
-        path = self.folder / "outputs.npy"
-        if path.is_file():
-            return np.load(path, allow_pickle=False)
-        several = self.folder / "outputs.npz"
-        if several.is_file():
-            with np.load(several, allow_pickle=False) as npz:
-                order = list(self.result.get("model_outputs") or npz.files)
-                return {name: npz[name] for name in order if name in npz.files}
-        return None
+        path, several = self.folder / "outputs.npy", self.folder / "outputs.npz"
+        if not several.is_file():
+            return np.load(path, allow_pickle=False) if path.is_file() else None
+        with np.load(several, allow_pickle=False) as npz:
+            return {name: npz[name] for name in self.result.get("model_outputs") or npz.files if name in npz.files}
 
     def artifact_digests(self) -> dict[str, str]:
         """sha256 of the artifact's files, by path inside the artifact ('' for a single file)."""

@@ -245,10 +245,9 @@ class EvalContext(Context):
 
     ``outputs`` are the variant's predictions on ``data``; ``baseline_outputs`` and
     ``baseline_artifact`` are the baseline variant's (the same objects when this variant is
-    the baseline). For a model with several outputs, quality evaluators run once per output:
-    ``outputs``, ``baseline_outputs`` and ``data.labels`` are then that output's (named by
-    ``output``) and the host names their metrics ``<output>/<metric>``; cost evaluators run once
-    with every output's predictions (``{name: array}``) and ``output`` empty.
+    the baseline). Several outputs: a quality evaluator runs per output (``output``; its
+    ``outputs``, ``baseline_outputs``, ``data.labels``; metrics named ``<output>/<metric>``), a
+    cost evaluator once (``output`` empty, ``outputs`` as ``{name: array}``).
     """
 
     data: "Dataset | None" = None
@@ -258,8 +257,7 @@ class EvalContext(Context):
     baseline_outputs: Any = None
     baseline_artifact: Artifact | None = None
     model: LoadedModel | None = None
-    #: the output measured (several outputs); "" for a single-output model or a cost evaluator
-    output: str = ""
+    output: str = ""  # the output measured; "" for one output or a cost evaluator
 
 
 # --------------------------------------------------------------------------- kinds
@@ -309,9 +307,8 @@ class Runner:
     """A loaded artifact that predicts. Returned by ``Backend.load``."""
 
     def predict_batch(self, inputs: dict[str, np.ndarray]) -> Any:
-        """Predict one batch given as input name -> array. Return the output's array for a
-        single-output model; for several outputs ``{output name: array}`` (or a list in the
-        model's order), every output: the host measures each (``qpipe.heads``)."""
+        """Predict one batch (input name -> array): the output's array, or for a model with
+        several outputs every one as ``{output name: array}`` (``qpipe.heads``)."""
         raise NotImplementedError
 
     def predict(self, data: "Dataset", batch_size: int) -> Any:

@@ -173,7 +173,8 @@ def test_an_unlabelled_output_gets_a_warning_and_fidelity(project):
     from qpipe.registry import Registry
     from qpipe.testing import plugin_manager
 
-    path = write(project, "unlabelled", variants=VARIANTS[:2], labels={"species": "species_test"})
+    variants = [*VARIANTS[:2], {"name": "original", "quantizer": "keras.original"}]  # and the Keras backend
+    path = write(project, "unlabelled", variants=variants, labels={"species": "species_test"})
     pm = plugin_manager()
     results, warnings = run_pipeline(pm, resolve(load_config(path), Registry.from_plugins(pm)),
                                      project / "out-unlabelled", {"no_tracking": True})
@@ -182,6 +183,10 @@ def test_an_unlabelled_output_gets_a_warning_and_fidelity(project):
     dynamic = results.variant("dynamic")
     assert "species/accuracy" in dynamic.metrics and "quality/mae" not in dynamic.metrics
     assert "quality/mean_abs_error" in dynamic.metrics and "quality/r2" in dynamic.metrics
+    original = results.variant("original")  # the Keras model itself, every output
+    assert original.status == "ok", original.error
+    assert original.metrics["species/accuracy"] == results.variant("float32").metrics["species/accuracy"]
+    assert original.metrics["quality/max_abs_error"] < 1e-3
 
 
 def test_wrong_output_names_are_one_line_naming_the_outputs(project):
