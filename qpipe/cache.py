@@ -109,7 +109,10 @@ def code_fingerprint(module_name: str) -> str:
 def array_fingerprint(arrays: dict[str, Any], labels: Any = None) -> str:
     """sha256 of named arrays (names, shapes, dtypes, bytes), read a block at a time."""
     digest = hashlib.sha256()
-    items = sorted(arrays.items()) + ([("__labels__", labels)] if labels is not None else [])
+    if isinstance(labels, dict):  # labels per output
+        items = sorted(arrays.items()) + [(f"__labels__/{k}", v) for k, v in sorted(labels.items())]
+    else:
+        items = sorted(arrays.items()) + ([("__labels__", labels)] if labels is not None else [])
     for name, array in items:
         digest.update(json.dumps([name, list(array.shape), str(array.dtype)]).encode())
         for start in range(0, len(array), 4096):
@@ -206,9 +209,13 @@ class CachedVariant:
     origin: str  # the output folder of the run that computed it
     files: dict[str, str] = field(default_factory=dict)  # sha256 of every file, by relative path
 
-    def outputs(self) -> np.ndarray | None:
-        path = self.folder / "outputs.npy"
-        return np.load(path, allow_pickle=False) if path.is_file() else None
+    def outputs(self) -> Any:
+        """The stored predictions: one array, or ``{output name: array}`` (``outputs.npz``)."""
+        path, several = self.folder / "outputs.npy", self.folder / "outputs.npz"
+        if not several.is_file():
+            return np.load(path, allow_pickle=False) if path.is_file() else None
+        with np.load(several, allow_pickle=False) as npz:
+            return {name: npz[name] for name in self.result.get("model_outputs") or npz.files if name in npz.files}
 
     def artifact_digests(self) -> dict[str, str]:
         """sha256 of the artifact's files, by path inside the artifact ('' for a single file)."""
@@ -289,7 +296,7 @@ class VariantCache:
             return None, f"files differ from their checksums: {', '.join(changed[:3]) or entry.artifact}"
         return entry, None
 
-    def put(self, key: str, result: dict[str, Any], raw_metrics: dict[str, float], outputs: np.ndarray | None,
+    def put(self, key: str, result: dict[str, Any], raw_metrics: dict[str, float], outputs: Any,
             artifact: Path, relative: str, created: str, origin: str) -> bool:
         """Store a finished variant (replacing a damaged entry); False when it cannot be stored
         (it is then simply not cached)."""
@@ -306,7 +313,9 @@ class VariantCache:
                 shutil.copytree(artifact, tmp / "artifact" / relative)
             else:
                 shutil.copyfile(artifact, tmp / "artifact" / relative)
-            if outputs is not None:
+            if isinstance(outputs, dict):  # several outputs, by name
+                np.savez(tmp / "outputs.npz", **{k: np.asarray(v) for k, v in outputs.items()})  # type: ignore[arg-type]
+            elif outputs is not None:
                 np.save(tmp / "outputs.npy", np.asarray(outputs), allow_pickle=False)
             entry = json.loads(json.dumps({  # as it will read back, so the signature covers exactly that
                 "key": key, "result": result, "raw_metrics": raw_metrics, "artifact": relative,

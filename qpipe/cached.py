@@ -109,6 +109,9 @@ class RunCache:
         record["metadata"] = {k: v for k, v in result.metadata.items() if k not in ("cache", "cache_key", "worker")}
         record["model_flavor"] = self.inputs.model.flavor
         record["task"] = self.inputs.task.to_dict()
+        record["tasks"] = {name: task.to_dict() for name, task in self.inputs.tasks.items()}
+        record["model_outputs"] = [t.name for t in self.inputs.model.outputs]
+        record["unlabelled"] = list(self.inputs.unlabelled)
         # lets a fully cached re-run load the evaluation data alone (latency is re-measured)
         record["model_inputs"] = [[t.name, list(t.shape), t.dtype] for t in self.inputs.model.inputs]
         if self.store.put(key, record, outcome.raw_metrics, outcome.outputs, output_dir / result.artifact,
@@ -179,13 +182,17 @@ def inputs_if_all_cached(pm: QpipePluginManager, resolved: ResolvedPipeline, set
     data = {s: (_Deferred(lambda s=s: getattr(load(), s)) if s in hashes else None) for s in used_sections(resolved)}
     if first.get("model_inputs") and data["evaluation"] is not None:
         data["evaluation"] = _Deferred(functools.cache(
-            lambda: _evaluation_only(cfg.data.evaluation, base, first["model_inputs"])))
+            lambda: _evaluation_only(cfg.data.evaluation, base, first["model_inputs"], first.get("model_outputs"))))
     return Inputs(model=model, **data, data_files=data_files(resolved), data_sha256=hashes,  # type: ignore[arg-type]
-                  task=Task(**first["task"]))
+                  task=Task(**first["task"]),
+                  tasks={name: Task(**task) for name, task in (first.get("tasks") or {}).items()},
+                  unlabelled=list(first.get("unlabelled") or []))
 
 
-def _evaluation_only(source: Any, base: Path, model_inputs: list) -> Any:
+def _evaluation_only(source: Any, base: Path, model_inputs: list, model_outputs: list | None = None) -> Any:
     """The evaluation data bound to the model's inputs as recorded in the cache, without
     loading the model (for evaluators that re-measure on a cache hit)."""
     infos = [TensorInfo(name, tuple(shape), dtype) for name, shape, dtype in model_inputs]
-    return bind_to_model(load_source(source, base, "data.evaluation"), infos, "data.evaluation")
+    outputs = [TensorInfo(name, ()) for name in model_outputs or []]
+    return bind_to_model(load_source(source, base, "data.evaluation"), infos, "data.evaluation",
+                         model_outputs=outputs)

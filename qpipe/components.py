@@ -245,16 +245,19 @@ class EvalContext(Context):
 
     ``outputs`` are the variant's predictions on ``data``; ``baseline_outputs`` and
     ``baseline_artifact`` are the baseline variant's (the same objects when this variant is
-    the baseline).
+    the baseline). Several outputs: a quality evaluator runs per output (``output``; its
+    ``outputs``, ``baseline_outputs``, ``data.labels``; metrics named ``<output>/<metric>``), a
+    cost evaluator once (``output`` empty, ``outputs`` as ``{name: array}``).
     """
 
     data: "Dataset | None" = None
-    outputs: np.ndarray | None = None
+    outputs: Any = None  # np.ndarray, or {output name: np.ndarray} for a cost evaluator
     artifact: Artifact | None = None
     runner: "Runner | None" = None
-    baseline_outputs: np.ndarray | None = None
+    baseline_outputs: Any = None
     baseline_artifact: Artifact | None = None
     model: LoadedModel | None = None
+    output: str = ""  # the output measured; "" for one output or a cost evaluator
 
 
 # --------------------------------------------------------------------------- kinds
@@ -306,14 +309,16 @@ class Calibrator(Component):
 class Runner:
     """A loaded artifact that predicts. Returned by ``Backend.load``."""
 
-    def predict_batch(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """Predict one batch given as input name -> array; return the (first) output."""
+    def predict_batch(self, inputs: dict[str, np.ndarray]) -> Any:
+        """Predict one batch (input name -> array): the output's array, or for a model with
+        several outputs every one as ``{output name: array}`` (``qpipe.heads``)."""
         raise NotImplementedError
 
-    def predict(self, data: "Dataset", batch_size: int) -> np.ndarray:
-        """Predict a whole dataset batch by batch and concatenate the outputs."""
-        parts = [self.predict_batch(batch) for batch in data.batches(batch_size)]
-        return np.concatenate(parts, axis=0)
+    def predict(self, data: "Dataset", batch_size: int) -> Any:
+        """Predict a whole dataset batch by batch and concatenate the outputs (each output's)."""
+        from qpipe.heads import concat
+
+        return concat([self.predict_batch(batch) for batch in data.batches(batch_size)])
 
     def with_threads(self, threads: int) -> "Runner":
         """A runner like this one using ``threads`` threads (default: this runner)."""

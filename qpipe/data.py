@@ -26,10 +26,14 @@ from qpipe.lazyarray import LazyArray, lazy_npy, lazy_npz_members
 
 @dataclass
 class Dataset:
-    """Inputs by model input name, labels (or ``None``), all with the same first dimension."""
+    """Inputs by model input name, labels (or ``None``), all with the same first dimension.
+
+    For a model with several outputs ``labels`` is ``{output name: array}`` (the labelled
+    outputs only); ``for_output`` gives the Dataset an evaluator of one output sees.
+    """
 
     inputs: dict[str, np.ndarray]
-    labels: np.ndarray | None = None
+    labels: Any = None  # np.ndarray | dict[str, np.ndarray] | None
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
@@ -42,10 +46,16 @@ class Dataset:
     def take(self, indices: Sequence[int] | np.ndarray) -> "Dataset":
         """A new Dataset with the rows at ``indices``."""
         idx = np.asarray(indices, dtype=np.int64)
-        return Dataset(
-            inputs={k: np.asarray(v[idx]) for k, v in self.inputs.items()},
-            labels=None if self.labels is None else np.asarray(self.labels[idx]),
-        )
+        if isinstance(self.labels, dict):
+            labels: Any = {name: np.asarray(y[idx]) for name, y in self.labels.items()}
+        else:
+            labels = None if self.labels is None else np.asarray(self.labels[idx])
+        return Dataset(inputs={k: np.asarray(v[idx]) for k, v in self.inputs.items()}, labels=labels)
+
+    def for_output(self, output: str) -> "Dataset":
+        """The same inputs with the labels of ``output`` (None when it has none)."""
+        labels = self.labels.get(output) if isinstance(self.labels, dict) else self.labels
+        return Dataset(inputs=self.inputs, labels=labels)
 
     def single_input(self) -> np.ndarray:
         """The input array of a single-input model."""
@@ -61,6 +71,13 @@ class Dataset:
         another width.
         """
         if self.labels is None:
+            return None
+        if isinstance(self.labels, dict):  # several outputs: the first whose labels are class ids
+            for labels in self.labels.values():
+                try:
+                    return check_class_labels(labels, None)
+                except DataError:
+                    continue
             return None
         return check_class_labels(self.labels, classes)
 
@@ -184,14 +201,15 @@ def _looks_batched(ds: Any) -> bool:
     return bool(shape is not None and len(shape) > 0 and shape[0] is None)
 
 
-def _pick(arrays: dict[str, np.ndarray], inputs: Any, labels: str | None, what: str):
+def _pick(arrays: dict[str, np.ndarray], inputs: Any, labels: str | dict[str, str] | None, what: str):
     def get(key: str) -> np.ndarray:
         if key not in arrays:
             raise DataError(f"{what}: no array '{key}'; the source has: {', '.join(sorted(arrays))}")
         return arrays[key]
 
     if inputs is None:
-        candidates = [k for k in arrays if k != (labels or "y")]
+        label_keys = set(labels.values()) if isinstance(labels, dict) else {labels or "y"}
+        candidates = [k for k in arrays if k not in label_keys]
         if "x" in arrays:
             inputs = "x"
         elif len(candidates) == 1:
@@ -202,7 +220,7 @@ def _pick(arrays: dict[str, np.ndarray], inputs: Any, labels: str | None, what: 
     if labels is None and "y" in arrays and inputs != "y":
         labels = "y"
     x = {name: get(key) for name, key in inputs.items()} if isinstance(inputs, dict) else get(inputs)
-    y = get(labels) if labels else None
+    y = {name: get(key) for name, key in labels.items()} if isinstance(labels, dict) else get(labels) if labels else None
     return x, y
 
 
@@ -221,9 +239,11 @@ def match_inputs(wanted: Iterable[str], given: Iterable[str], what: str) -> dict
     return {name: name for name in wanted}
 
 
-def bind_to_model(raw: tuple, model_inputs: list[TensorInfo], what: str, allow_nonfinite: bool = False) -> Dataset:
+def bind_to_model(raw: tuple, model_inputs: list[TensorInfo], what: str, allow_nonfinite: bool = False,
+                  model_outputs: list[TensorInfo] | None = None) -> Dataset:
     """Match loaded arrays to the model's inputs, checking count, names, shapes, dtypes and
-    values (NaN/Inf, overflow on the cast to the model's dtype; streamed arrays as they are read)."""
+    values (NaN/Inf, overflow on the cast to the model's dtype; streamed arrays as they are read);
+    labels to its outputs (``bind_labels``)."""
     x, y = raw
     if isinstance(x, dict):
         expected = [t.name for t in model_inputs]
@@ -257,14 +277,39 @@ def bind_to_model(raw: tuple, model_inputs: list[TensorInfo], what: str, allow_n
     count = n.pop()
     if count == 0:
         raise DataError(f"{what}: the data is empty (0 rows)")
-    if y is not None:
-        y = np.asarray(y)
-        if len(y) != count:
-            raise DataError(f"{what}: {count} input rows but {len(y)} labels")
-        if y.dtype.kind not in "biuf":
-            raise DataError(f"{what}: labels have dtype {y.dtype}; expected numbers")
-        check_values(y, "the label array", what, allow_nonfinite=allow_nonfinite)
-    return Dataset(inputs=out, labels=y)
+    labels = bind_labels(y, [t.name for t in model_outputs or []], count, what, allow_nonfinite)
+    return Dataset(inputs=out, labels=labels)
+
+
+def bind_labels(y: Any, outputs: list[str], count: int, what: str, allow_nonfinite: bool = False) -> Any:
+    """Labels checked against the model's ``outputs``: an array for a single-output model,
+    ``{output name: array}`` for several (one label array must then say its output)."""
+    if y is None:
+        return None
+    if isinstance(y, dict):
+        unknown = [name for name in y if name not in outputs]
+        if unknown and len(outputs) > 1 or len(y) > 1 and len(outputs) <= 1:
+            raise DataError(f"{what}.labels: no model output '{unknown[0] if unknown else list(y)[1]}'; the "
+                            f"model's outputs are: {', '.join(outputs) or 'one unnamed output'}")
+        if len(outputs) <= 1:
+            y = next(iter(y.values()))
+        else:
+            return {name: _label_array(y[name], count, f"{what}.labels.{name}", allow_nonfinite)
+                    for name in outputs if name in y}
+    elif len(outputs) > 1:
+        raise DataError(f"{what}.labels: the model has {len(outputs)} outputs ({', '.join(outputs)}); say "
+                        f"which output the labels belong to with a mapping, e.g. labels: {{{outputs[0]}: KEY}}")
+    return _label_array(y, count, what, allow_nonfinite)
+
+
+def _label_array(y: Any, count: int, what: str, allow_nonfinite: bool) -> np.ndarray:
+    y = np.asarray(y)
+    if len(y) != count:
+        raise DataError(f"{what}: {count} input rows but {len(y)} labels")
+    if y.dtype.kind not in "biuf":
+        raise DataError(f"{what}: labels have dtype {y.dtype}; expected numbers")
+    check_values(y, "the label array", what, allow_nonfinite=allow_nonfinite)
+    return y
 
 
 def _check_shape(arr: np.ndarray, info: TensorInfo, what: str) -> None:

@@ -11,9 +11,8 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn
 from rich.table import Table
 
 from qpipe import hookimpl
-from qpipe.report import headline_columns
+from qpipe.report import headline_columns, task_line
 from qpipe.results import PipelineResults
-from qpipe.task import Task
 
 #: shown after a variant's status when sanity checks warned about it (then the count)
 WARNING_MARK = "!"
@@ -120,8 +119,8 @@ def print_summary(results: PipelineResults, output_dir: Path | None = None) -> N
     if not console.is_terminal:
         console.width = max(console.width, 120)
     console.print(summary_table(results))
-    if results.task and results.task.get("name"):
-        console.print(f"task: {Task(**results.task).describe()}", highlight=False)
+    if task_line(results):
+        console.print(f"task: {task_line(results)}", highlight=False)
     for v in results.variants:
         if v.status != "ok":
             console.print(f"[red]{v.name} failed:[/red] {v.error}", highlight=False)

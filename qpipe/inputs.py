@@ -10,7 +10,7 @@ from qpipe.config import ResolvedPipeline
 from qpipe.data import Dataset, bind_to_model, load_source
 from qpipe.errors import QpipeError, short_error
 from qpipe.plugins import QpipePluginManager
-from qpipe.task import Task, decide_task, output_width
+from qpipe.task import Task, decide_task, decide_tasks, output_width
 
 #: the data sections of a pipeline, in the order they are loaded
 SECTIONS = ("evaluation", "calibration", "training", "validation")
@@ -29,6 +29,11 @@ class Inputs:
     #: sha256 of data files already hashed while loading, by section (not hashed again)
     data_sha256: dict[str, str] = field(default_factory=dict)
     task: Task = field(default_factory=lambda: Task(None, "inferred", "not judged"))
+    #: a model with several outputs: the task of each, by output name (empty for one output;
+    #: ``task`` is then the first labelled output's)
+    tasks: dict[str, Task] = field(default_factory=dict)
+    #: the outputs of a multi-output model that have no evaluation labels
+    unlabelled: list[str] = field(default_factory=list)
 
 
 def load_model(pm: QpipePluginManager, resolved: ResolvedPipeline) -> LoadedModel:
@@ -72,10 +77,19 @@ def load_inputs(pm: QpipePluginManager, resolved: ResolvedPipeline) -> Inputs:
         if source is None:
             return None
         return bind_to_model(load_source(source, resolved.loaded.base_dir, f"data.{section}"), model.inputs,
-                             f"data.{section}", allow_nonfinite=data_cfg.allow_nonfinite)
+                             f"data.{section}", allow_nonfinite=data_cfg.allow_nonfinite, model_outputs=model.outputs)
 
     loaded = {section: load(section) if used else None for section, used in used_sections(resolved).items()}
     inputs = Inputs(model=model, **loaded, data_files=data_files(resolved))  # type: ignore[arg-type]
+    if len(model.outputs) > 1:
+        labels = inputs.evaluation.labels if isinstance(inputs.evaluation.labels, dict) else {}
+        inputs.tasks = decide_tasks(resolved.config.task, model.outputs, labels)
+        inputs.unlabelled = [t.name for t in model.outputs if t.name not in labels]
+        inputs.task = next((t for t in inputs.tasks.values() if t.name), next(iter(inputs.tasks.values())))
+        return inputs
     width = output_width(model.outputs[0].shape) if model.outputs else None
-    inputs.task = decide_task(resolved.config.task, width, inputs.evaluation.labels)
+    declared = resolved.config.task
+    if isinstance(declared, dict):  # a mapping for one output: its only value
+        declared = next(iter(declared.values()), None)
+    inputs.task = decide_task(declared, width, inputs.evaluation.labels)
     return inputs

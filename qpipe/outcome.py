@@ -7,11 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from qpipe.components import Artifact
 from qpipe.config import ResolvedVariant
 from qpipe.errors import QpipeError, short_error
+from qpipe.heads import Predictions
 from qpipe.results import VariantResult
 
 
@@ -25,7 +24,7 @@ class Baseline:
     artifact (size ratio, checks) and its raw metrics (``<metric>_delta``)."""
 
     name: str
-    outputs: np.ndarray | None = None
+    outputs: Predictions | None = None  # one array, or {output name: array}
     artifact: Artifact | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -46,7 +45,7 @@ class ShippedBaseline:
     """A ``Baseline`` on its way to a worker (``unpack`` it into a private folder there)."""
 
     name: str
-    outputs: np.ndarray | None
+    outputs: Predictions | None
     metrics: dict[str, float]
     artifact: str | None
     format: str
@@ -64,7 +63,7 @@ class Outcome:
 
     result: VariantResult
     #: its predictions on the evaluation data (fidelity of later variants, the cache)
-    outputs: np.ndarray | None = None
+    outputs: Predictions | None = None  # one array, or {output name: array}
     #: its metrics before deltas (the cache; deltas if it is the baseline)
     raw_metrics: dict[str, float] | None = None
     #: its artifact, when it ran in the output folder

@@ -31,7 +31,7 @@ from qpipe.plugins import QpipePluginManager
 from qpipe.results import PipelineResults, PipelineRun
 from qpipe.sanity import apply_strict
 from qpipe.schedule import schedule
-from qpipe.selection import select
+from qpipe.selection import implied, select
 from qpipe.variant import VariantRunner
 
 
@@ -97,7 +97,7 @@ class PipelineRunner:
     def _start(self, inputs: Inputs) -> PipelineRun:
         """Check the evaluators against the task, then write the folder's first files."""
         cfg = self.resolved.config
-        evaluators = check_for_task(self.resolved, inputs.task)  # before any variant runs
+        evaluators = check_for_task(self.resolved, inputs.task, inputs.tasks)  # before any variant runs
         self.output_dir.mkdir(parents=True, exist_ok=True)
         results = PipelineResults(
             pipeline=cfg.name, baseline=self.resolved.baseline, started=now(), timestamp=self.timestamp,
@@ -105,7 +105,13 @@ class PipelineRunner:
             model={"source": inputs.model.source, "flavor": inputs.model.flavor, "sha256": inputs.model.sha256},
             data={k: {"path": str(p), "sha256": inputs.data_sha256.get(k) or file_sha256(p)}
                   for k, p in inputs.data_files.items()},
-            task=inputs.task.to_dict(), headline=headline(evaluators))
+            task=inputs.task.to_dict(), headline=headline(evaluators, inputs.tasks),
+            tasks={name: task.to_dict() for name, task in inputs.tasks.items()})
+        if inputs.unlabelled:
+            self.warnings.append(f"output(s) without labels in data.evaluation: {', '.join(inputs.unlabelled)}: "
+                                 "only compared with the baseline (fidelity); add them to 'labels:' as "
+                                 "{output: KEY} to measure them")
+            results.extra["unlabelled_outputs"] = list(inputs.unlabelled)
         results.extra["pipeline_file"] = str(self.resolved.loaded.path)
         results.extra["evaluators"] = [bound.component.name for bound in self.resolved.evaluators]
         self.started = True
@@ -154,10 +160,17 @@ class PipelineRunner:
     def _select(self, results: PipelineResults) -> None:
         """Name the variant to ship and, when gating, whether the build passes."""
         cfg = self.resolved.config
-        constraints = self.resolved.constraints
+        constraints = list(self.resolved.constraints)
+        base = results.variant(self.resolved.baseline)
+        labelled = [name for name in results.tasks if name not in results.extra.get("unlabelled_outputs", [])]
+        guards = implied(results.headline, constraints, base.metrics if base else {}, labelled,
+                         cfg.select.output_tolerance) if (constraints or cfg.objective is not None) else []
         if constraints or cfg.objective is not None:
             reference = None if cfg.select.allow_baseline else self.resolved.baseline
-            results.selected = select(results.variants, constraints, cfg.objective_pair(), reference)
+            results.selected = select(results.variants, constraints + guards, cfg.objective_pair(), reference)
+            if guards:
+                results.selected["implied"] = [f"{c} (select.output_tolerance)" for c in guards]
+        constraints += guards
         if not (cfg.gate or self.settings.get("gate")):
             return
         chosen = (results.selected or {}).get("variant")

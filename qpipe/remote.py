@@ -80,8 +80,10 @@ def _arrays(ds: Any, convert: Any = np.asarray) -> Any:
 
     if ds is None:
         return None
-    return Dataset(inputs={k: convert(v) for k, v in ds.inputs.items()},
-                   labels=None if ds.labels is None else convert(ds.labels))
+    labels = ds.labels
+    if labels is not None:
+        labels = {k: convert(v) for k, v in labels.items()} if isinstance(labels, dict) else convert(labels)
+    return Dataset(inputs={k: convert(v) for k, v in ds.inputs.items()}, labels=labels)
 
 
 def unship_inputs(pm: Any, shipped: ShippedInputs) -> Inputs:

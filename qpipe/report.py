@@ -120,13 +120,37 @@ class Column:
         value = _number(metrics.get(self.metric))
         if value is None:
             return ""
+        if self.style == "delta":
+            return delta_text(value, _number(metrics.get(self.metric.removesuffix("_delta"))))
         return {"bytes": f"{value / 1024:.1f} KB", "ratio": f"{value:.2f}x", "ms": f"{value:.3f}",
-                "points": f"{value * 100:+.2f} pt", "delta": f"{value:+.4f}"}.get(self.style, f"{value:.4f}")
+                "points": f"{value * 100:+.2f} pt"}.get(self.style, f"{value:.4f}")
+
+
+#: metrics that are fractions (their deltas read in points): accuracy, top-k accuracy, agreement
+FRACTION_SUFFIXES = ("accuracy", "agreement", "precision", "recall", "f1", "auc", "iou")
+
+
+def is_fraction(metric: str) -> bool:
+    """Whether ``metric`` (``species/accuracy``, ``top3_accuracy``) is a fraction of samples."""
+    return metric.removesuffix("_delta").rsplit("/", 1)[-1].endswith(FRACTION_SUFFIXES)
+
+
+def delta_text(delta: float, value: float | None = None) -> str:
+    """A change in the metric's own unit, with the relative change when the baseline's value
+    (``value - delta``) is known and not zero: ``+0.1170 (+72%)``."""
+    text = f"{delta:+.4f}"
+    reference = None if value is None else value - delta
+    if reference and delta:
+        relative = delta / abs(reference)
+        text += f" ({relative:+.1%})" if abs(relative) < 0.1 else f" ({relative:+.0%})"
+    return text
 
 
 def headline_columns(results: PipelineResults) -> list[Column]:
     """The summary's metric columns, from the evaluators' headline declarations: each quality
-    metric with its delta against the baseline (in points when it is a fraction), then costs."""
+    metric with its delta against the baseline (in points for fractions such as accuracy, else in
+    the metric's own unit with the relative change), then costs. A model with several outputs
+    has a column per output's metric (``quality/mae``)."""
     columns = []
     for h in headline_of(results, "quality") + headline_of(results, "cost"):
         name = h["metric"]
@@ -138,10 +162,8 @@ def headline_columns(results: PipelineResults) -> list[Column]:
             columns.append(Column(name.replace("latency_ms_", "").replace("_", " ") + " ms", name, "ms"))
         else:
             columns.append(Column(name.replace("_", " "), name, "number"))
-        if h["role"] == "quality":
-            values = [_number(v.metrics.get(name)) for v in _ok(results)]
-            fraction = all(x is None or 0.0 <= x <= 1.0 for x in values)
-            columns.append(Column(f"Δ {name}", f"{name}_delta", "points" if fraction else "delta"))
+        if h["role"] == "quality":  # in points for fractions (accuracy), else in the metric's unit
+            columns.append(Column(f"Δ {name}", f"{name}_delta", "points" if is_fraction(name) else "delta"))
     return columns
 
 
@@ -163,8 +185,8 @@ def summary_markdown(results: PipelineResults) -> str:
                                         *(c.cell(v.metrics) for c in columns), ", ".join(notes)]) + " |")
     lines.append("")
     lines += warning_lines(results)
-    if results.task and results.task.get("name"):
-        lines.append(f"Task: {Task(**results.task).describe()}")
+    if task_line(results):
+        lines.append(f"Task: {task_line(results)}")
     if chosen:
         lines.append(f"Selected: **{chosen}** ({reason})")
     elif reason:
@@ -177,6 +199,14 @@ def summary_markdown(results: PipelineResults) -> str:
     if note:
         lines += ["", note]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def task_line(results: PipelineResults) -> str:
+    """``regression (inferred: ...)``; per output for a model with several; "" when unknown."""
+    if results.tasks:
+        return "; ".join(f"{name}: {Task(**task).describe() if task.get('name') else 'no labels (fidelity only)'}"
+                         for name, task in results.tasks.items())
+    return Task(**results.task).describe() if results.task and results.task.get("name") else ""
 
 
 def warning_lines(results: PipelineResults) -> list[str]:

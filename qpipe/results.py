@@ -58,7 +58,10 @@ class PipelineResults:
     gate: dict[str, Any] | None = None
     #: what the model does: {"name": classification|binary|regression|None, "source", "reason"}
     task: dict[str, Any] | None = None
+    #: a model with several outputs: each output's task (like ``task``), by output name
+    tasks: dict[str, Any] = field(default_factory=dict)
     #: the metrics the summary shows, in order: {"metric", "better": higher|lower, "role": quality|cost}
+    #: (and "output" for one output's metric of a model with several)
     headline: list[dict[str, str]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -45,7 +45,12 @@ def _rows(outputs: Any) -> np.ndarray:
 
 
 def output_warnings(outputs: Any, baseline_outputs: Any, is_baseline: bool) -> list[dict[str, str]]:
-    """``non-finite-outputs`` and ``collapsed-outputs`` for one variant's predictions."""
+    """``non-finite-outputs`` and ``collapsed-outputs`` for one variant's predictions (of each
+    output, for a model with several: the message then names it)."""
+    if isinstance(outputs, dict):
+        theirs = baseline_outputs if isinstance(baseline_outputs, dict) else {}
+        return [warning(w["code"], f"output '{name}': {w['message']}") for name, values in outputs.items()
+                for w in output_warnings(values, theirs.get(name), is_baseline)]
     if outputs is None or np.asarray(outputs).size == 0:
         return []
     rows = _rows(outputs)

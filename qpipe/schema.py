@@ -52,7 +52,9 @@ class DataSource(Strict):
     inputs: str | dict[str, str] | None = Field(
         None, description="array key of the input, or a mapping of model input name to key"
     )
-    labels: str | None = Field(None, description="array key of the labels")
+    labels: str | dict[str, str] | None = Field(
+        None, description="array key of the labels, or for a model with several outputs a mapping of "
+                          "output name to key (outputs left out are compared with the baseline only)")
 
     @model_validator(mode="after")
     def _check(self) -> "DataSource":
@@ -190,13 +192,17 @@ class SelectConfig(Strict):
 
     allow_baseline: bool = Field(False, description="let the baseline be selected (by default it is "
                                                     "the reference, and only quantized variants can ship)")
+    output_tolerance: float = Field(0.05, ge=0, description="a model with several outputs: a labelled output "
+                                    "no constraint names may lose at most this fraction of the baseline's "
+                                    "headline metrics (0.05: 5%) in the selected variant")
 
 
-def _check_task(value: str | None) -> str | None:
+def _check_task(value: str | dict[str, str] | None) -> str | dict[str, str] | None:
     from qpipe.task import TASKS
 
-    if value is not None and value not in TASKS:
-        raise ValueError(unknown_name_message("task", value, list(TASKS)))
+    for task in (value.values() if isinstance(value, dict) else [value]):
+        if task is not None and task not in TASKS:
+            raise ValueError(unknown_name_message("task", task, list(TASKS)))
     return value
 
 
@@ -215,8 +221,9 @@ class PipelineConfig(Strict):
                                           "(with the built-ins: accuracy, regression, fidelity, size, storage, latency)"
     )
     baseline: str | None = None
-    task: Annotated[str | None, AfterValidator(_check_task)] = Field(
-        None, description="classification, binary or regression; default: inferred from the model and labels")
+    task: Annotated[str | dict[str, str] | None, AfterValidator(_check_task)] = Field(
+        None, description="classification, binary or regression (or a mapping of output name to task for a "
+                          "model with several outputs); default: inferred per output from the model and labels")
     objective: Objective | None = Field(None, description="{maximize: METRIC} or {minimize: METRIC}")
     constraints: list[ConstraintText] = Field(default_factory=list, description="'METRIC OP NUMBER' strings")
     gate: bool = Field(False, description="exit with code 3 when no variant meets the constraints")

@@ -85,3 +85,28 @@ def decide_task(declared: str | None, width: int | None, labels: Any) -> Task:
     if declared is not None:
         return Task(declared, "pipeline", "set by 'task:' in the pipeline")
     return infer_task(width, labels)
+
+
+def decide_tasks(declared: str | dict[str, str] | None, outputs: list[Any], labels: Any) -> dict[str, Task]:
+    """The task of each output of a multi-output model (``outputs``: its ``TensorInfo``s), from
+    ``task:`` (one task for all, or a mapping by output name) or inferred from that output's
+    labels (``labels``: ``{output name: array}``). An output without labels has no task."""
+    names = [t.name for t in outputs]
+    if isinstance(declared, dict):
+        unknown = [name for name in declared if name not in names]
+        if unknown:
+            raise DataError(f"task: no model output '{unknown[0]}'; the model's outputs are: {', '.join(names)}")
+    by_output = labels if isinstance(labels, dict) else {}
+    tasks = {}
+    for info in outputs:
+        given = declared.get(info.name) if isinstance(declared, dict) else declared
+        if given is not None:
+            tasks[info.name] = Task(given, "pipeline", "set by 'task:' in the pipeline")
+            continue
+        try:
+            tasks[info.name] = infer_task(output_width(info.shape), by_output.get(info.name))
+        except DataError as exc:
+            raise DataError(f"output '{info.name}': {exc}") from None
+        if info.name not in by_output:
+            tasks[info.name] = Task(None, "inferred", "no labels for this output in data.evaluation")
+    return tasks

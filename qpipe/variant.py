@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 
 from qpipe.components import Artifact, Calibration, CalibrateContext, EvalContext, QuantizeContext
 from qpipe.config import Bound, ResolvedPipeline, ResolvedVariant
@@ -22,6 +22,7 @@ from qpipe.errors import PluginError, QpipeError, short_error
 from qpipe.inputs import Inputs
 from qpipe.isolation import guard_model
 from qpipe.lifecycle import Emit
+from qpipe.heads import Predictions, name_outputs, output_names, prefixed
 from qpipe.metrics import applicable
 from qpipe.outcome import Baseline, Outcome, error_log_name, new_result, plain_options, with_deltas
 from qpipe.plugins import QpipePluginManager
@@ -60,11 +61,11 @@ class VariantRunner:
         result.seconds = round(time.perf_counter() - started, 3)
         return outcome
 
-    def remeasure(self, rv: ResolvedVariant, artifact: Artifact, outputs: np.ndarray | None,
+    def remeasure(self, rv: ResolvedVariant, artifact: Artifact, outputs: Predictions | None,
                   result: VariantResult, work_dir: Path) -> dict[str, float]:
         """Run the evaluators that measure the machine (``Evaluator.remeasure``, e.g. latency)
         again on a variant restored from the cache; return their fresh metrics."""
-        evaluators = [ev for ev in applicable(self.resolved, self.inputs.task) if type(ev.component).remeasure]
+        evaluators = [ev for ev in self.evaluators() if type(ev.component).remeasure]
         if not evaluators:
             return {}
         report = self.reporter(rv.config.name)
@@ -73,9 +74,32 @@ class VariantRunner:
             ctx = EvalContext(variant=rv.config.name, work_dir=work_dir, report=report, warn=warner(result, report),
                               record=result.metadata.__setitem__, data=self.inputs.evaluation, outputs=outputs,
                               artifact=artifact, runner=runner, model=self.inputs.model)
-            return run_evaluators(evaluators, ctx)
+            return self.measure(evaluators, ctx)
         finally:
             runner.close()
+
+    def evaluators(self) -> list[Bound]:
+        """The evaluators that run for the model's task (for any output's, with several outputs)."""
+        tasks = list(self.inputs.tasks.values()) or [self.inputs.task]
+        return applicable(self.resolved, *tasks)
+
+    def measure(self, evaluators: list[Bound], ctx: EvalContext) -> dict[str, float]:
+        """Run ``evaluators`` on one variant's predictions. A model with several outputs has each
+        quality evaluator that fits an output's task run once per output (its labels, its
+        predictions, the baseline's), named ``<output>/<metric>``; cost evaluators run once."""
+        tasks = self.inputs.tasks
+        if not tasks:
+            return run_evaluators(evaluators, ctx)
+        metrics = run_evaluators([ev for ev in evaluators if type(ev.component).role == "cost"], ctx)
+        outputs: dict = ctx.outputs if isinstance(ctx.outputs, dict) else {}
+        baseline: dict = ctx.baseline_outputs if isinstance(ctx.baseline_outputs, dict) else {}
+        data = ctx.data
+        for name, task in tasks.items():
+            fits = [ev for ev in evaluators if type(ev.component).role != "cost" and type(ev.component).applies_to(task.name)]
+            one = replace(ctx, output=name, outputs=outputs.get(name), baseline_outputs=baseline.get(name),
+                          data=data.for_output(name) if data is not None else None)
+            metrics.update({prefixed(name, key): value for key, value in run_evaluators(fits, one).items()})
+        return metrics
 
     def reporter(self, variant: str) -> Callable[[str], None]:
         """``ctx.report`` for ``variant``: a progress hook call."""
@@ -148,21 +172,22 @@ class _Stages:
                               f"{type(artifact).__name__}, expected qpipe.Artifact")
         return artifact, time.perf_counter() - started
 
-    def evaluate(self, artifact: Artifact, trial: bool = False) -> tuple[np.ndarray, dict[str, float]]:
+    def evaluate(self, artifact: Artifact, trial: bool = False) -> tuple[Predictions, dict[str, float]]:
         """Run ``artifact`` on the evaluation data with the variant's backend: predictions and raw metrics."""
         report, rv, data = self.common["report"], self.rv, self.inputs.evaluation
         report("loading")
         runner = call(rv.backend, "load", artifact, self.inputs.model)
         try:
             report(f"predicting {len(data)} samples")
-            outputs = np.asarray(runner.predict(data, rv.backend.component.batch_size))
+            outputs = name_outputs(runner.predict(data, rv.backend.component.batch_size),
+                                   output_names(self.inputs.model), f"backend {rv.backend.component.name}")
             if self.is_baseline and not trial:
                 reference: tuple[Any, Any] = (outputs, artifact)  # the baseline is compared with itself
             else:
                 reference = (self.baseline.outputs, self.baseline.artifact) if self.baseline else (None, None)
             ctx = EvalContext(**self.common, data=data, outputs=outputs, artifact=artifact, runner=runner,
                               baseline_outputs=reference[0], baseline_artifact=reference[1], model=self.inputs.model)
-            return outputs, run_evaluators(applicable(self.owner.resolved, self.inputs.task), ctx)
+            return outputs, self.owner.measure(self.owner.evaluators(), ctx)
         finally:
             runner.close()
 
@@ -171,7 +196,7 @@ class _Stages:
         _, raw = self.evaluate(artifact, trial=True)
         return with_deltas(raw, self.baseline.metrics if self.baseline else None)
 
-    def check(self, artifact: Artifact, outputs: np.ndarray) -> None:
+    def check(self, artifact: Artifact, outputs: Predictions) -> None:
         """The sanity checks (``qpipe.sanity``): each problem becomes a named warning."""
         if any(vars(artifact.expects).values()):
             self.result.metadata["expects"] = artifact.expects.to_dict()

@@ -81,7 +81,9 @@ def keras_tensors(model: Any, flavor: str) -> tuple[list[TensorInfo], list[Tenso
         out_names = list(model.output_names)
     else:
         in_names = [t.name for t in model.inputs]
-        out_names = [getattr(t, "name", f"output_{i}") for i, t in enumerate(model.outputs)]
+        out_names = list(getattr(model, "output_names", None) or [])  # the output layers' names
+        if len(out_names) != len(model.outputs):
+            out_names = [getattr(t, "name", f"output_{i}") for i, t in enumerate(model.outputs)]
     inputs = [TensorInfo(n, _shape(t.shape), _dtype(t.dtype)) for n, t in zip(in_names, model.inputs, strict=False)]
     outputs = [TensorInfo(n, _shape(t.shape), _dtype(t.dtype)) for n, t in zip(out_names, model.outputs, strict=False)]
     return inputs, outputs
@@ -177,20 +179,22 @@ class KerasOriginal(Quantizer):
 class KerasRunner(Runner):
     def __init__(self, model: LoadedModel):
         self.loaded = model
-        self.output_name = model.outputs[0].name if model.outputs else None
+        self.names = [t.name for t in model.outputs]
 
-    def predict_batch(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def predict_batch(self, inputs: dict[str, np.ndarray]) -> Any:
+        """The output's array; ``{output name: array}`` for a model with several outputs."""
         model = self.loaded.model
         if self.loaded.flavor == "saved_model":
             tf = tensorflow()
             out = model.signatures["serving_default"](**{k: tf.constant(v) for k, v in inputs.items()})
-            return np.asarray(out[self.output_name])
-        args = list(inputs.values())[0] if len(inputs) == 1 else inputs
-        out = model(args, training=False)
+        else:
+            out = model(list(inputs.values())[0] if len(inputs) == 1 else inputs, training=False)
         if isinstance(out, dict):
-            out = out[self.output_name] if self.output_name in out else next(iter(out.values()))
+            out = [out[n] for n in self.names] if set(self.names) <= set(out) else list(out.values())
         if isinstance(out, (list, tuple)):
-            out = out[0]
+            if len(out) == 1:
+                return np.asarray(out[0])
+            return {name: np.asarray(o) for name, o in zip(self.names, out, strict=False)}
         return np.asarray(out)
 
 

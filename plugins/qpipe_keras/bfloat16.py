@@ -106,8 +106,11 @@ class Bfloat16Runner(KerasRunner):
         clone.set_weights(weights)
         super().__init__(dataclasses.replace(model, model=clone))
 
-    def predict_batch(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return np.asarray(super().predict_batch(inputs), dtype=np.float32)
+    def predict_batch(self, inputs: dict[str, np.ndarray]) -> Any:
+        out = super().predict_batch(inputs)
+        if isinstance(out, dict):
+            return {name: np.asarray(v, dtype=np.float32) for name, v in out.items()}
+        return np.asarray(out, dtype=np.float32)
 
 
 class KerasBfloat16Backend(Backend):

@@ -3,7 +3,8 @@
 Batched (the batch dimension is resized to fit; a model whose batch dimension is fixed, e.g. a
 batch-1 export, gets that many samples per invoke, the last group padded), multi-threaded, and transparent about
 quantized inputs and outputs: float data is quantized with each input tensor's scale and
-zero point, integer outputs are dequantized with the output tensor's. It also checks every
+zero point, integer outputs are dequantized with the output tensor's. A model with several
+outputs gives every one of them, by signature name. It also checks every
 .tflite against what its quantizer claimed (``qpipe_check_artifact``, ``qpipe_litert.checks``).
 """
 
@@ -52,7 +53,8 @@ class LiteRTRunner(Runner):
         except (ValueError, RuntimeError) as exc:
             raise QpipeError(f"LiteRT cannot load {os.path.basename(path)}: {exc}") from exc
         self.inputs = tensors_by_name(self.interpreter, "inputs")
-        self.output = next(iter(tensors_by_name(self.interpreter, "outputs").values()))
+        self.outputs = tensors_by_name(self.interpreter, "outputs")  # every output, by signature name
+        self.output = next(iter(self.outputs.values()))
         self._shapes = {d["index"]: tuple(d["shape"]) for d in self.interpreter.get_input_details()}
         self.fixed_batch = fixed_batch(self.inputs)
 
@@ -87,13 +89,17 @@ class LiteRTRunner(Runner):
         return _joined(parts)
 
     def _invoke(self, inputs: dict[str, np.ndarray]) -> Any:
+        """The output's array; ``{signature output name: array}`` for a model with several."""
         feeds = match_inputs(self.inputs, inputs, "the .tflite")
         pairs = [(self.inputs[name], np.asarray(inputs[key])) for name, key in feeds.items()]
         self._resize(pairs)
         for detail, values in pairs:
             self.interpreter.set_tensor(detail["index"], quantize_array(values, detail))
         self.interpreter.invoke()
-        return dequantize_array(self.interpreter.get_tensor(self.output["index"]), self.output)
+        if len(self.outputs) == 1:
+            return dequantize_array(self.interpreter.get_tensor(self.output["index"]), self.output)
+        return {name: dequantize_array(self.interpreter.get_tensor(detail["index"]), detail)
+                for name, detail in self.outputs.items()}
 
     def with_threads(self, threads: int) -> "LiteRTRunner":
         return self if threads == self.threads else LiteRTRunner(self.path, threads, self.xnnpack)

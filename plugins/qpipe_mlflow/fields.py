@@ -76,7 +76,9 @@ def headline_tags(results: PipelineResults) -> dict[str, str]:
     """The task and the headline metrics, as parent tags (``qpipe.headline_spec``: for ``qpipe compare``)."""
     tags = {"qpipe.headline": ", ".join(h["metric"] for h in results.headline or []),
             "qpipe.headline_spec": json.dumps(results.headline or [])}
-    if results.task and results.task.get("name"):
+    if results.tasks:  # several outputs: each one's task ("species: classification, quality: regression")
+        tags["qpipe.task"] = ", ".join(f"{name}: {task.get('name') or 'unlabelled'}" for name, task in results.tasks.items())
+    elif results.task and results.task.get("name"):
         tags["qpipe.task"] = results.task["name"]
     return tags
 

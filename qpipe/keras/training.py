@@ -36,11 +36,30 @@ def model_inputs(data: Dataset) -> Any:
     return next(iter(data.inputs.values())) if len(data.inputs) == 1 else dict(data.inputs)
 
 
-def labels_of(data: Dataset, section: str, what: str) -> np.ndarray:
-    """The labels of ``data`` (from ``data.<section>``); an error naming the section if it has none."""
-    if data.labels is None:
+def labels_of(data: Dataset, section: str, what: str) -> Any:
+    """The labels of ``data`` (from ``data.<section>``): an array, or ``{output name: array}`` for
+    a model with several outputs; an error naming the section if it has none."""
+    if data.labels is None or isinstance(data.labels, dict) and not data.labels:
         raise QpipeError(f"{what}: data.{section} has no labels; add 'labels:' to data.{section}")
+    if isinstance(data.labels, dict):
+        return {name: np.asarray(y) for name, y in data.labels.items()}
     return np.asarray(data.labels)
+
+
+def output_keys(model: Any, original: list[str]) -> Any:
+    """A function re-keying ``{original output name: value}`` by ``model``'s output names (TF-MOT
+    renames the output layers, ``species`` to ``quant_species``; else matched by position)."""
+    names = list(getattr(model, "output_names", None) or original)
+
+    def key(name: str) -> str:
+        if name in names:
+            return name
+        ends = [n for n in names if n.endswith("_" + name)]
+        if len(ends) == 1:
+            return ends[0]
+        return names[original.index(name)] if name in original and len(names) == len(original) else name
+
+    return lambda values: {key(name): value for name, value in values.items()}
 
 
 def _optimizer(options: TrainingOptions) -> Any:
@@ -62,7 +81,14 @@ def fit(model: Any, choice: LossChoice, options: TrainingOptions, ctx: QuantizeC
     validation = None
     if ctx.validation is not None:
         validation = (model_inputs(ctx.validation), labels_of(ctx.validation, "validation", what))
-    model.compile(optimizer=_optimizer(options), loss=choice.loss, metrics=choice.metrics)
+    loss, metrics = choice.loss, choice.metrics
+    if isinstance(loss, dict):  # several outputs: keyed by the trained model's output names
+        original = getattr(ctx.model.model, "output_names", None) if ctx.model is not None else None
+        rename = output_keys(model, list(original or loss))
+        loss, metrics, y = (rename(loss), rename(metrics), rename(y))
+        if validation is not None and isinstance(validation[1], dict):
+            validation = (validation[0], rename(validation[1]))
+    model.compile(optimizer=_optimizer(options), loss=loss, metrics=metrics)
 
     class Progress(k2.callbacks.Callback):  # type: ignore[name-defined]  # a module known at run time
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
