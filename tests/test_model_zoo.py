@@ -8,6 +8,8 @@ converter that kills its process fails that family's test instead of the test se
   done here (int8/int16 I/O quantized with the tensor's scale and zero point, int32 token
   ids fed as they are, a fixed-batch model fed at its batch), and its deltas are against the
   baseline's; for the two-head model, per output (``species/accuracy``, ``quality/mae``);
+- the variants the family must support (``ZooModel.must_work``: every post-training variant,
+  the float ones for recurrent models) are ok;
 - every other variant failed with a reason that names the cause: not empty, not a Python
   internal error, not an MLIR location.
 """
@@ -90,6 +92,14 @@ def test_ok_variants_match_a_direct_litert_evaluation(zoo_run):
             elif key in base["metrics"] and f"{key}_delta" in v["metrics"]:
                 assert v["metrics"][f"{key}_delta"] == pytest.approx(got - base["metrics"][key], abs=1e-9)
     assert not wrong, f"{zm.family}: reported vs direct LiteRT evaluation (None: not measured): {wrong}"
+
+
+def test_the_variants_this_family_must_support_are_ok(zoo_run):
+    zm, _, _ = zoo_run
+    results = _results(zoo_run)
+    failed = {v["name"]: v.get("error") for v in results["variants"]
+              if v["name"] in zm.must_work and v["status"] != "ok"}
+    assert not failed, f"{zm.family}: variants that must work failed: {failed}"
 
 
 def test_failed_variants_name_their_cause(zoo_run):
