@@ -183,7 +183,7 @@ MAE in the target's own unit, with the relative change) and the size ratio (floa
 variant file); for a failure, a note number: the reasons follow the table, per family.
 The float32 column is the baseline's own headline metric and file size. Variant options:
 `int8` is full-integer with int8 I/O, `mixed` is `litert.mixed` under `budget: {size_ratio: 4}`,
-`qat`/`ternary`/`binary` train one epoch on the training split.
+`qat`/`ternary`/`binary` train one epoch on 256 training rows.
 
 """
 

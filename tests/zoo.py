@@ -283,11 +283,20 @@ BUILDERS: dict[str, Callable[[Path], ZooModel]] = {
 }
 
 
+FIT_ROWS = 256
+
+
 def build(family: str, root: Path) -> ZooModel:
-    """Build, train and write one zoo model into ``root`` (created)."""
+    """Build, train and write one zoo model into ``root`` (created). The ``.npz`` also gets
+    ``x_fit``/``y_fit*``: the first ``FIT_ROWS`` training rows, the training split of the
+    quantizers that train (QAT, ternary, binary), to keep their epoch short."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    return BUILDERS[family](root)
+    zm = BUILDERS[family](root)
+    arrays = zm.arrays()
+    arrays.update({key.replace("_train", "_fit"): arrays[key][:FIT_ROWS] for key in list(arrays) if "_train" in key})
+    np.savez(root / zm.data, **arrays)
+    return zm
 
 
 #: the full variant list: every built-in quantizer, with small training and search settings
@@ -306,6 +315,12 @@ VARIANTS: list[dict[str, Any]] = [
 ]
 
 
+def _fit_keys(labels: dict[str, str] | str) -> dict[str, str] | str:
+    if isinstance(labels, dict):
+        return {k: v.replace("_train", "_fit") for k, v in labels.items()}
+    return labels.replace("_train", "_fit")
+
+
 def _section(inputs: str, labels: dict[str, str] | str) -> dict[str, Any]:
     return {"path": "data.npz", "inputs": inputs, "labels": labels}
 
@@ -321,7 +336,7 @@ def pipeline_dict(zm: ZooModel, variants: list[dict[str, Any]] | None = None) ->
         "model": {"path": zm.model},
         "data": {"evaluation": _section("x_test", zm.labels),
                  "calibration": _section("x_train", zm.train_labels),
-                 "training": _section("x_train", zm.train_labels)},
+                 "training": _section("x_fit", _fit_keys(zm.train_labels))},
         "calibrator": {"name": "sample", "options": {"count": 64, "method": "random", "seed": 0}},
         "backends": {"litert": {"threads": 2}},
         "variants": variants if variants is not None else VARIANTS,
