@@ -58,7 +58,7 @@ def run(pipeline: Path, output: Path, timeout: float) -> dict[str, Any]:
 def headline(zm: zoo.ZooModel, metrics: dict[str, float]) -> list[tuple[str, str | None]]:
     """(metric name, the key it is found under) per output: ``quality/mae`` where the run
     measured each output, the plain name where it measured one output only."""
-    out = []
+    out: list[tuple[str, str | None]] = []
     for output, task in zm.tasks.items():
         metric = "accuracy" if task in ("classification", "binary") else "mae"
         per_output = f"{output}/{metric}" if output else metric
@@ -119,7 +119,7 @@ def baseline_text(zm: zoo.ZooModel, results: dict[str, Any]) -> str:
 
 
 def family_rows(zm: zoo.ZooModel, label: str, outcome: dict[str, Any]) -> tuple[str, list[str]]:
-    results, notes = outcome["results"], []
+    results, notes = outcome["results"], list[str]()
     by_name = {v["name"]: v for v in results.get("variants", [])}
     cells = [cell(zm, by_name.get(v["name"]), notes) for v in zoo.VARIANTS]
     if not results:
@@ -135,7 +135,7 @@ def single_output_variant(zm: zoo.ZooModel) -> zoo.ZooModel:
     """The two-head model with the first head's labels only, as a single-output pipeline (what
     qpipe without per-output labels accepts): its verdict covers that head alone."""
     first = next(iter(zm.tasks))
-    assert isinstance(zm.labels, dict) and isinstance(zm.train_labels, dict)
+    assert first is not None and isinstance(zm.labels, dict) and isinstance(zm.train_labels, dict)
     return zoo.ZooModel(zm.family, zm.title, zm.flavor, zm.root, zm.model, labels=zm.labels[first],
                         train_labels=zm.train_labels[first], tasks={None: zm.tasks[first]}, batch=zm.batch)
 

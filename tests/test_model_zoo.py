@@ -166,7 +166,7 @@ def direct_metrics(zm: zoo.ZooModel, outputs: list[np.ndarray], data: dict) -> d
     metrics: dict[str, float] = {}
     widths = [o.shape[1] for o in outputs]
     for output, task in zm.tasks.items():
-        labels = data[zm.labels[output] if isinstance(zm.labels, dict) else zm.labels]
+        labels = data[zm.labels[output] if isinstance(zm.labels, dict) and output else str(zm.labels)]
         if output is None:
             predicted = outputs[0]
         else:  # the two-head model: the class head is the wide one, the regression head has one value

@@ -295,7 +295,7 @@ def build(family: str, root: Path) -> ZooModel:
     zm = BUILDERS[family](root)
     arrays = zm.arrays()
     arrays.update({key.replace("_train", "_fit"): arrays[key][:FIT_ROWS] for key in list(arrays) if "_train" in key})
-    np.savez(root / zm.data, **arrays)
+    np.savez(root / zm.data, **arrays)  # type: ignore[arg-type]
     return zm
 
 
