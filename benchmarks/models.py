@@ -114,7 +114,7 @@ def baseline_text(zm: zoo.ZooModel, results: dict[str, Any]) -> str:
     if base is None:
         return "—"
     m = base["metrics"]
-    shown = [f"{name} {m[key]:.4g}" for name, key in headline(zm, m) if key is not None]
+    shown = [f"{name} {m[key]:.4f}" for name, key in headline(zm, m) if key is not None]
     return ", ".join(shown) + f"; {m.get('size_bytes', 0) / 1024:.1f} KB"
 
 
@@ -127,6 +127,8 @@ def family_rows(zm: zoo.ZooModel, label: str, outcome: dict[str, Any]) -> tuple[
     elif results.get("status") != "finished" or outcome["code"] not in (0, 1):
         notes.insert(0, f"run ended with exit {outcome['code']}, results.json status "
                         f"'{results.get('status')}': {clean(outcome['error'])}")
+    if outcome.get("by_hand"):
+        notes.insert(0, hand_note(outcome["by_hand"]))
     row = f"| {label} | {baseline_text(zm, results)} | " + " | ".join(cells) + " |"
     return row, notes
 
@@ -138,6 +140,25 @@ def single_output_variant(zm: zoo.ZooModel) -> zoo.ZooModel:
     assert first is not None and isinstance(zm.labels, dict) and isinstance(zm.train_labels, dict)
     return zoo.ZooModel(zm.family, zm.title, zm.flavor, zm.root, zm.model, labels=zm.labels[first],
                         train_labels=zm.train_labels[first], tasks={None: zm.tasks[first]}, batch=zm.batch)
+
+
+def by_hand(zm: zoo.ZooModel, out: Path, results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Every head's headline metric of each ok variant, from a direct LiteRT evaluation."""
+    data = zm.arrays()
+    return {v["name"]: zoo.direct_metrics(zm, zoo.litert_outputs(out / v["artifact"], data["x_test"]), data)
+            for v in results.get("variants", []) if v["status"] == "ok" and v.get("artifact")}
+
+
+def hand_note(hand: dict[str, dict[str, float]]) -> str:
+    """One line: each head's metric per variant, measured by hand (not by qpipe)."""
+    base = hand.get("float32", {})
+    parts = []
+    for name, values in hand.items():
+        shown = [f"{k} {delta_text(k, v, v - base[k]) if k in base and name != 'float32' else f'{v:.4f}'}"
+                 for k, v in values.items() if not k.endswith("rmse")]
+        parts.append(f"{name}: {', '.join(shown)}")
+    return ("every head measured by hand (direct LiteRT evaluation of each .tflite; the run itself measured "
+            "only the labelled head): " + "; ".join(parts))
 
 
 def measure(families: list[str], work: Path, timeout: float) -> list[tuple[zoo.ZooModel, str, dict]]:
@@ -154,6 +175,8 @@ def measure(families: list[str], work: Path, timeout: float) -> list[tuple[zoo.Z
             if model.multi_output and not outcome["results"]:  # per-output labels refused: show today's verdict
                 first = next(iter(model.tasks))
                 tries.append((single_output_variant(model), f"{family} (labels: {first} only)"))
+            if i:  # that verdict covers one head: measure every head by hand to show what it missed
+                outcome["by_hand"] = by_hand(zm, work / "out" / f"{family}{i}", outcome["results"])
     return runs
 
 

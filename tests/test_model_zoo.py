@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from ai_edge_litert.interpreter import Interpreter
 
 import zoo
+from zoo import direct_metrics, litert_outputs
 
 pytestmark = pytest.mark.slow
 
@@ -114,70 +114,3 @@ def names_a_cause(error: str | None) -> bool:
     """A reason a user can act on: some words, no Python internal error, no MLIR location."""
     text = (error or "").strip()
     return len(text) >= 15 and "Traceback" not in text and "loc(" not in text and not INTERNAL.search(text)
-
-
-def litert_outputs(path: Path, x: np.ndarray, batch_size: int = 256) -> list[np.ndarray]:
-    """Every output of the .tflite on ``x``, dequantized to float; at the input's fixed batch if
-    its signature has one (the last chunk padded), else in chunks of ``batch_size``."""
-    interpreter = Interpreter(model_path=str(path), num_threads=2)
-    inp = interpreter.get_input_details()[0]
-    fixed = int(inp["shape_signature"][0]) != -1
-    batch = int(inp["shape"][0]) if fixed else min(batch_size, len(x))
-    chunks: list[list[np.ndarray]] = [[] for _ in interpreter.get_output_details()]
-    allocated = None
-    for start in range(0, len(x), batch):
-        chunk = x[start:start + batch]
-        n = len(chunk)
-        if fixed and n < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
-        if not fixed and allocated != len(chunk):
-            interpreter.resize_tensor_input(inp["index"], [len(chunk), *x.shape[1:]])
-            interpreter.allocate_tensors()
-            allocated = len(chunk)
-        elif allocated is None:
-            interpreter.allocate_tensors()
-            allocated = batch
-        interpreter.set_tensor(inp["index"], quantize(chunk, inp))
-        interpreter.invoke()
-        for i, detail in enumerate(interpreter.get_output_details()):
-            chunks[i].append(dequantize(interpreter.get_tensor(detail["index"]), detail)[:n])
-    return [np.concatenate(c).reshape(len(x), -1) for c in chunks]
-
-
-def quantize(values: np.ndarray, detail: dict) -> np.ndarray:
-    dtype = np.dtype(detail["dtype"])
-    scale, zero_point = detail["quantization"]
-    if dtype.kind == "f" or not scale:  # float input, or integer ids (no scale)
-        return values.astype(dtype)
-    q = np.rint(values.astype(np.float32) / np.float32(scale) + np.float32(zero_point))
-    return np.clip(q, np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
-
-
-def dequantize(values: np.ndarray, detail: dict) -> np.ndarray:
-    scale, zero_point = detail["quantization"]
-    if np.dtype(detail["dtype"]).kind == "f" or not scale:
-        return values.astype(np.float32)
-    return ((values.astype(np.float32) - zero_point) * scale).astype(np.float32)
-
-
-def direct_metrics(zm: zoo.ZooModel, outputs: list[np.ndarray], data: dict) -> dict[str, float]:
-    """The headline metrics computed here: accuracy per classification output, MAE and RMSE per
-    regression output; ``<output>/<metric>`` for a multi-output model."""
-    metrics: dict[str, float] = {}
-    widths = [o.shape[1] for o in outputs]
-    for output, task in zm.tasks.items():
-        labels = data[zm.labels[output] if isinstance(zm.labels, dict) and output else str(zm.labels)]
-        if output is None:
-            predicted = outputs[0]
-        else:  # the two-head model: the class head is the wide one, the regression head has one value
-            width = 1 if task == "regression" else int(labels.max()) + 1
-            assert widths.count(width) == 1, f"cannot tell the outputs apart by width: {widths}"
-            predicted = outputs[widths.index(width)]
-        prefix = f"{output}/" if output else ""
-        if task == "regression":
-            error = predicted.astype(np.float64) - labels.reshape(predicted.shape)
-            metrics[f"{prefix}mae"] = float(np.mean(np.abs(error)))
-            metrics[f"{prefix}rmse"] = float(np.sqrt(np.mean(error ** 2)))
-        else:
-            metrics[f"{prefix}accuracy"] = float(np.mean(predicted.argmax(axis=1) == labels))
-    return metrics
