@@ -80,13 +80,22 @@ def delta_text(metric: str, value: float, delta: float) -> str:
     return f"{delta:+.4f}{rel}"
 
 
-def cell(zm: zoo.ZooModel, v: dict[str, Any] | None, notes: list[str]) -> str:
-    """One table cell: 'ok Δ, ratio' or 'failed [n]' with the reason appended to ``notes``."""
+def note(notes: list[list[str]], name: str, text: str) -> int:
+    """The number of ``text`` among ``notes`` ([variant names..., text]), added if new."""
+    for i, entry in enumerate(notes, 1):
+        if entry[-1] == text:
+            entry.insert(-1, name)
+            return i
+    notes.append([name, text])
+    return len(notes)
+
+
+def cell(zm: zoo.ZooModel, v: dict[str, Any] | None, notes: list[list[str]]) -> str:
+    """One table cell: 'ok Δ, ratio' or 'failed [n]', n the number of its reason in ``notes``."""
     if v is None:
         return "not run"
     if v.get("status") != "ok":
-        notes.append(f"{v['name']}: {clean(v.get('error') or 'no reason given')}")
-        return f"failed [{len(notes)}]"
+        return f"failed [{note(notes, v['name'], clean(v.get('error') or 'no reason given'))}]"
     m = v.get("metrics", {})
     parts = []
     for name, key in headline(zm, m):
@@ -99,8 +108,7 @@ def cell(zm: zoo.ZooModel, v: dict[str, Any] | None, notes: list[str]) -> str:
     text = "ok: " + ", ".join(parts) + f", {m.get('size_ratio', float('nan')):.2f}×"
     codes = sorted({w.get("code", "?") for w in v.get("warnings", [])})
     if codes:
-        notes.append(f"{v['name']}: warnings {', '.join(codes)}")
-        text += f" ⚠[{len(notes)}]"
+        text += f" ⚠[{note(notes, v['name'], 'warnings ' + ', '.join(codes))}]"
     return text
 
 
@@ -119,18 +127,20 @@ def baseline_text(zm: zoo.ZooModel, results: dict[str, Any]) -> str:
 
 
 def family_rows(zm: zoo.ZooModel, label: str, outcome: dict[str, Any]) -> tuple[str, list[str]]:
-    results, notes = outcome["results"], list[str]()
+    """The table row and the lines under it: run-level notes (bullets), then numbered reasons."""
+    results, notes, lines = outcome["results"], list[list[str]](), []
     by_name = {v["name"]: v for v in results.get("variants", [])}
     cells = [cell(zm, by_name.get(v["name"]), notes) for v in zoo.VARIANTS]
     if not results:
-        notes.insert(0, f"run refused (exit {outcome['code']}): {clean(outcome['error'])}")
+        lines.append(f"- run refused (exit {outcome['code']}): {clean(outcome['error'])}")
     elif results.get("status") != "finished" or outcome["code"] not in (0, 1):
-        notes.insert(0, f"run ended with exit {outcome['code']}, results.json status "
-                        f"'{results.get('status')}': {clean(outcome['error'])}")
+        lines.append(f"- run ended with exit {outcome['code']}, results.json status "
+                     f"'{results.get('status')}': {clean(outcome['error'])}")
     if outcome.get("by_hand"):
-        notes.insert(0, hand_note(outcome["by_hand"]))
+        lines.append("- " + hand_note(outcome["by_hand"]))
+    lines += [f"{i}. {', '.join(entry[:-1])}: {entry[-1]}" for i, entry in enumerate(notes, 1)]
     row = f"| {label} | {baseline_text(zm, results)} | " + " | ".join(cells) + " |"
-    return row, notes
+    return row, lines
 
 
 def single_output_variant(zm: zoo.ZooModel) -> zoo.ZooModel:
@@ -188,7 +198,7 @@ def document(runs: list[tuple[zoo.ZooModel, str, dict]]) -> str:
         row, notes = family_rows(zm, label, outcome)
         lines.append(row)
         reasons.append(f"**{label}** ({zm.title}; {outcome['seconds']:.0f} s)" + ("" if notes else ": all ok"))
-        reasons.extend(f"{i}. {n}" for i, n in enumerate(notes, 1))
+        reasons.extend(notes)
         reasons.append("")
     return "\n".join(lines) + "\n\n" + "\n".join(reasons)
 
