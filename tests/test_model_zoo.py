@@ -12,6 +12,10 @@ converter that kills its process fails that family's test instead of the test se
   the float ones for recurrent models) are ok;
 - every other variant failed with a reason that names the cause: not empty, not a Python
   internal error, not an MLIR location.
+
+Nothing is marked xfail: a family qpipe cannot handle yet fails here, naming what is missing.
+The whole file took 4m15s on a loaded 2-core machine (about 15-40 s per family, mostly the
+TF-MOT variants' rebuild and conversion); ``-k FAMILY`` runs one family.
 """
 
 from __future__ import annotations
