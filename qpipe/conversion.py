@@ -19,6 +19,7 @@ import numpy as np
 from qpipe.components import LoadedModel
 from qpipe.data import Dataset, match_inputs
 from qpipe.errors import QpipeError, short_error
+from qpipe.heads import name_outputs
 
 MEMO_KEY = "qpipe.float_tflite"
 #: the memo keys of the float conversion's failure and of the fixed batch a model needed
@@ -330,9 +331,10 @@ def calibrate_ai_edge_quantizer(engine: Any, flatbuffer: bytes, data: Dataset) -
 
 
 def tflite_outputs(flatbuffer: bytes, data: Dataset, limit: int = 256, threads: int = 1,
-                   batch_size: int = 64) -> dict[str, np.ndarray]:
+                   batch_size: int = 64, names: list[str] | None = None) -> dict[str, np.ndarray]:
     """Every output of ``flatbuffer`` on (up to ``limit`` of) ``data``'s samples, float32, by
-    signature output name in signature order, run in batches with LiteRT.
+    signature output name in signature order (by the model's output ``names``, as labels and
+    metrics name them, when given for a model with several), run in batches with LiteRT.
 
     Integer inputs are fed in their own type (token ids stay ids), quantized inputs are
     quantized and quantized outputs dequantized. A model whose batch dimension is fixed is
@@ -367,7 +369,11 @@ def tflite_outputs(flatbuffer: bytes, data: Dataset, limit: int = 256, threads: 
         interpreter.invoke()
         for name, detail in tensors_by_name(interpreter, "outputs").items():
             parts.setdefault(name, []).append(dequantize_array(interpreter.get_tensor(detail["index"]), detail)[:take])
-    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    outputs = {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    if names and len(names) > 1:
+        named = name_outputs(outputs, names, "the .tflite")
+        return named if isinstance(named, dict) else outputs
+    return outputs
 
 
 def predict_tflite(flatbuffer: bytes, data: Dataset, limit: int = 256) -> np.ndarray:

@@ -95,7 +95,8 @@ class Mixed(Quantizer):
                       extra: tuple[str, ...] = ()) -> tuple[Probe, list[Cost]]:
         """The probe (float outputs on the calibration samples) and every (layer, width) cost."""
         samples = ctx.calibration.samples
-        probe = Probe(source, samples.take(range(min(len(samples), self.options.samples))))
+        probe = Probe(source, samples.take(range(min(len(samples), self.options.samples))),
+                      names=[t.name for t in ctx.model.outputs or []])
         quantized = set(self.options.widths) - {FLOAT}  # float costs nothing and is not measured
         widths = sorted(quantized | {"int8"}, key=width_bits) + list(extra)
         return probe, measure(source, layers, probe, widths, ctx.report)
@@ -244,7 +245,7 @@ class Search:
         metrics = self.ctx.evaluate(self._artifact(content))
         misses = unmet(self.ctx.constraints, metrics)
         self.trials.append({**trial, "size_bytes": len(content), "unmet": misses,
-                            "metrics": {c.metric: metrics.get(c.metric) for c in self.ctx.constraints}})
+                            "metrics": {k: v for c in self.ctx.constraints for k, v in c.measured(metrics).items()}})
         return content, misses
 
     def _artifact(self, content: bytes) -> Artifact:

@@ -159,17 +159,18 @@ class Probe:
     of class scores (``class_output``).
     """
 
-    def __init__(self, flatbuffer: bytes, data: Dataset, threads: int = 2):
-        self.data, self.threads = data, threads
+    def __init__(self, flatbuffer: bytes, data: Dataset, threads: int = 2, names: list[str] | None = None):
+        """``names``: the model's output names, which keyed labels use (``ctx.model.outputs``)."""
+        self.data, self.threads, self.names = data, threads, names
         self.reference = self.outputs(flatbuffer)
         self.labelled = class_output(self.reference, data.labels)
         self.float_accuracy = self.accuracy(self.reference)
 
     def outputs(self, content: bytes) -> dict[str, np.ndarray]:
-        """Every output of ``content`` on the samples, by signature output name."""
+        """Every output of ``content`` on the samples, by the model's output name (else signature's)."""
         with quiet():
             return {name: values.astype(np.float64) for name, values in
-                    tflite_outputs(content, self.data, len(self.data), threads=self.threads).items()}
+                    tflite_outputs(content, self.data, len(self.data), threads=self.threads, names=self.names).items()}
 
     def accuracy(self, outputs: dict[str, np.ndarray]) -> float | None:
         if self.labelled is None:
