@@ -37,11 +37,19 @@ class Constraint:
                              f"(operators: {', '.join(OPERATORS)})")
         return cls(match.group(1), match.group(2), float(match.group(3)))
 
+    def names(self, metrics: dict[str, float]) -> list[str]:
+        """The metrics this constraint checks: its own, else its per-output forms
+        (``species/accuracy_delta`` for ``accuracy_delta``)."""
+        return [self.metric] if self.metric in metrics else per_output(self.metric, metrics) or [self.metric]
+
+    def measured(self, metrics: dict[str, float]) -> dict[str, float | None]:
+        """``{metric: value or None}`` for every metric this constraint checks."""
+        return {name: metrics.get(name) for name in self.names(metrics)}
+
     def check(self, metrics: dict[str, float]) -> str | None:
         """None when met, else why not. A metric measured per output (``species/accuracy_delta``)
         and named without one must hold for every output that measures it."""
-        names = [self.metric] if self.metric in metrics else per_output(self.metric, metrics) or [self.metric]
-        for name in names:
+        for name in self.names(metrics):
             value = metrics.get(name)
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 return f"{name} was not measured"
