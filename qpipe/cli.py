@@ -19,6 +19,7 @@ import typer
 
 from qpipe import __version__
 from qpipe.errors import QpipeError, Terminated, short_error
+from qpipe.scratch import scratch_scope
 
 EXIT_VARIANT_FAILED = 1
 EXIT_USER_ERROR = 2
@@ -340,12 +341,14 @@ def plugin_venv_cmd(
                    f"{python.parent / 'qpipe'} runs the CLI")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, pm: Any = None) -> None:
     """Console-script entry point. A signal that lands outside a command's ErrorGuard (while
-    plugins load, or while click parses or aborts) still exits 130/143, not 1 or a traceback."""
+    plugins load, or while click parses or aborts) still exits 130/143, not 1 or a traceback.
+    Every temporary file of the command lives in one folder, removed when it ends. ``pm``: a
+    plugin manager to use instead of the installed plugins (for an embedding application)."""
     try:
-        with sigterm_stops_like_ctrl_c():
-            app = build_app()
+        with sigterm_stops_like_ctrl_c(), scratch_scope():
+            app = build_app(pm)
             app(args=argv if argv is not None else sys.argv[1:], prog_name="qpipe")
     except SystemExit as exc:  # click turns KeyboardInterrupt into "Aborted!" and exit 1
         interrupt = getattr(exc.__context__, "__cause__", None)

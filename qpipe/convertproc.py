@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from qpipe.errors import QpipeError
+from qpipe.scratch import at_scope_end
 
 #: converter attributes that describe the SavedModel or hold live objects, not settings
 NOT_SETTINGS = {"saved_model_dir", "_saved_model_tags", "_saved_model_version", "_saved_model_exported_names",
@@ -113,6 +114,7 @@ def _worker() -> _Worker:
     global _WORKER
     if _WORKER is None or _WORKER.process.poll() is not None:
         _WORKER = _Worker()
+        at_scope_end(shutdown)  # it works in the command's scratch folder: stop it before that goes
     return _WORKER
 
 

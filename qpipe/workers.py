@@ -26,6 +26,7 @@ from qpipe.inputs import Inputs, load_inputs
 from qpipe.lifecycle import EventLog
 from qpipe.outcome import Baseline, Outcome, ShippedBaseline, WorkerError, collect_files
 from qpipe.plugins import QpipePluginManager
+from qpipe.scratch import ensure_scratch
 from qpipe.variant import VariantRunner
 
 #: the hooks a worker's plugins may need: loading the model, checking artifacts
@@ -92,6 +93,7 @@ def _worker(spec: WorkerSpec, load: Loader | None = None) -> _Worker:
     from qpipe.tfenv import prepare_environment
 
     prepare_environment()
+    ensure_scratch()  # this worker's temporary files go in one folder, removed when it exits
     pm = QpipePluginManager()
     for name, kind, value in spec.plugins:
         pm.register_plugin(importlib.import_module(value) if kind == "module" else value, name)
