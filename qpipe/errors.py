@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 
 
@@ -29,6 +30,11 @@ class DataError(QpipeError):
 class Terminated(KeyboardInterrupt):
     """The process got SIGTERM (``kill``, a CI timeout): handled like Ctrl-C, so every open
     run is closed (MLflow runs end KILLED) and results.json says ``interrupted``."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or the user's quota) is full."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 #: the longest one-line error the host prints or stores (the full text goes to a log file)

@@ -26,6 +26,9 @@ from qpipe.errors import QpipeError
 
 #: written when qpipe claims a folder; its presence means "a qpipe run lives here"
 MARKER = ".qpipe-run"
+#: the marker is padded with this many bytes of spaces while the run lasts: space set aside so
+#: that on a disk that fills up, results.json can still be rewritten to say how the run ended
+RESERVE_BYTES = 256 * 1024
 DEFAULT_DIR = "runs/{name}-{timestamp}"
 _ATTEMPTS = 50
 
@@ -129,5 +132,28 @@ def _write_marker(folder: OutputFolder, exclusive: bool) -> None:
             folder.release()
         raise QpipeError(f"output folder {folder.path} is not writable: {exc.strerror or exc}; "
                          "choose another --output (or output.dir)") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(info) + "\n")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(info) + "\n")
+            handle.write(" " * RESERVE_BYTES)  # still valid JSON: trailing whitespace
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        folder.release()
+        raise QpipeError(f"output folder {folder.path}: cannot write there ({exc.strerror or exc}; qpipe needs "
+                         f"at least {RESERVE_BYTES // 1024} KB free to record a run); free some space or choose "
+                         "another --output") from None
+
+
+def free_reserve(output_dir: Path) -> bool:
+    """Give back the space the marker set aside (truncate it to its JSON); True if it held any."""
+    path = Path(output_dir) / MARKER
+    try:
+        with open(path, "r+b") as handle:
+            first = handle.readline()
+            if os.fstat(handle.fileno()).st_size <= len(first):
+                return False
+            handle.truncate(len(first))
+        return True
+    except OSError:
+        return False

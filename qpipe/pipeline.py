@@ -21,12 +21,13 @@ from qpipe import __version__
 from qpipe.cached import RunCache, inputs_if_all_cached
 from qpipe.components import file_sha256
 from qpipe.config import ResolvedPipeline, ResolvedVariant
+from qpipe.errors import short_error
 from qpipe.executors import RunSetup
 from qpipe.inputs import Inputs, load_inputs
 from qpipe.lifecycle import Lifecycle
 from qpipe.metrics import check_for_task, headline
 from qpipe.outcome import Outcome, WorkerError, error_log_name, write_files
-from qpipe.outputs import claim_output
+from qpipe.outputs import claim_output, free_reserve
 from qpipe.plugins import QpipePluginManager
 from qpipe.results import PipelineResults, PipelineRun
 from qpipe.sanity import apply_strict
@@ -85,13 +86,19 @@ class PipelineRunner:
         except BaseException as exc:
             interrupted = isinstance(exc, KeyboardInterrupt)
             results.status, results.finished = ("interrupted" if interrupted else "crashed"), now()
-            results.write(self.output_dir)
-            lifecycle.fire("qpipe_pipeline_failed", error=exc, interrupted=interrupted)
+            if not interrupted:
+                results.extra["error"] = short_error(exc)
+            try:
+                results.write(self.output_dir, last=True)
+            finally:  # the trackers close their runs even when the record cannot be written
+                lifecycle.fire("qpipe_pipeline_failed", error=exc, interrupted=interrupted)
+                free_reserve(self.output_dir)
             raise
         results.status, results.finished = "finished", now()
-        results.write(self.output_dir)
+        results.write(self.output_dir, last=True)
         lifecycle.fire("qpipe_pipeline_finished", results=results)
-        results.write(self.output_dir)  # plugins may add to results.extra
+        results.write(self.output_dir, last=True)  # plugins may add to results.extra
+        free_reserve(self.output_dir)
         return results
 
     def _start(self, inputs: Inputs) -> PipelineRun:

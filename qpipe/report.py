@@ -343,10 +343,15 @@ def write_report(results: PipelineResults, output_dir: Path, cache_dir: Path | N
 
 
 def try_write_report(results: PipelineResults, output_dir: Path, cache_dir: Path | None = None) -> list[str]:
-    """``write_report``, turning a failure into a warning (the run's results matter more)."""
+    """``write_report``, turning a failure into a warning (the run's results matter more);
+    a full disk is raised, and ends the run."""
+    from qpipe.errors import is_disk_full
+
     try:
         write_report(results, output_dir, cache_dir)
     except Exception as exc:  # noqa: BLE001 - a broken chart must not fail the run
+        if is_disk_full(exc):  # a full disk does: the run cannot be written out
+            raise
         return [f"report: could not write the summary or charts: {type(exc).__name__}: {exc}"]
     return []
 

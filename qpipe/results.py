@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qpipe.errors import is_disk_full
+
 RESULTS_FILE = "results.json"
 
 
@@ -78,13 +80,58 @@ class PipelineResults:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "variants"}
         return cls(variants=variants, **known)
 
-    def write(self, output_dir: Path) -> Path:
-        """Atomically (re)write ``results.json`` in ``output_dir``."""
+    def write(self, output_dir: Path, last: bool = False) -> Path:
+        """Atomically (re)write ``results.json`` in ``output_dir``.
+
+        On a full disk (``last``: the record of how the run ended), the space the output
+        folder's marker set aside is given back and the write retried; failing that, the record is written compactly over the old file's own
+        bytes (no new space when it is not longer). If even that fails, the OSError is raised
+        and the old file is left as it was.
+        """
+        from qpipe.outputs import free_reserve
+
         path = Path(output_dir) / RESULTS_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+        try:
+            _replace(path, text)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            if last and free_reserve(output_dir):  # the space the output folder's marker set aside
+                try:
+                    _replace(path, text)
+                    return path
+                except OSError:
+                    pass
+            if not last or not _overwrite_in_place(path, json.dumps(self.to_dict()).encode() + b"\n"):
+                raise
         return path
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` beside ``path`` and rename it into place (no half-written file left)."""
+    tmp = path.with_suffix(".json.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _overwrite_in_place(path: Path, data: bytes) -> bool:
+    """Write ``data`` over ``path``'s existing bytes; False when it is longer than the file."""
+    try:
+        if not path.is_file() or path.stat().st_size < len(data):
+            return False
+        with open(path, "r+b") as handle:
+            handle.write(data)
+            handle.truncate()
+            handle.flush()
+            os.fsync(handle.fileno())
+        return True
+    except OSError:
+        return False
 
 
 #: the types ``results.json`` must hold where these keys are present (None allowed where listed)
