@@ -1,5 +1,5 @@
 """``python -m qpipe``: the same command line as the ``qpipe`` script."""
 
-from qpipe.cli import main
+from qpipe.cli import entry
 
-main()
+entry()

@@ -7,6 +7,7 @@ unless ``--debug``); 3 the accuracy gate failed; 70 an internal error; 130 inter
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -18,12 +19,13 @@ from typing import Any, Literal, Optional
 import typer
 
 from qpipe import __version__
-from qpipe.errors import QpipeError, Terminated, short_error
+from qpipe.errors import QpipeError, Terminated, is_disk_full, short_error
 from qpipe.scratch import scratch_scope
 
 EXIT_VARIANT_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_GATE_FAILED = 3
+EXIT_IO_ERROR = 74  # the disk is full (sysexits' EX_IOERR)
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
@@ -64,6 +66,10 @@ class ErrorGuard:
             raise fail(*interrupt_message(exc))
         if isinstance(exc, QpipeError):
             raise fail(str(exc), exc.exit_code)
+        if is_disk_full(exc):
+            where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+            raise fail(f"no space left on the device{where}; free some space or write the output elsewhere "
+                       "(--output); results.json records the run as crashed", EXIT_IO_ERROR)
         hint = "" if self.debug else " (rerun with --debug for the traceback)"
         raise fail(f"internal error: {short_error(exc)}{hint}", EXIT_INTERNAL)
 
@@ -361,5 +367,25 @@ def main(argv: list[str] | None = None, pm: Any = None) -> None:
         raise SystemExit(code) from None
 
 
+def entry() -> None:
+    """The ``qpipe`` console script: ``main``; and a signal that lands once the command is done,
+    while the interpreter shuts down (where Python would print it as ignored and exit 0),
+    still exits 130/143."""
+    late: list[int] = []
+
+    def exit_for_late_signal() -> None:
+        if late:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + late[0])
+
+    atexit.register(exit_for_late_signal)  # registered first, so it runs after every other
+    try:
+        main()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda sig, frame: late.append(sig))
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    entry()

@@ -309,7 +309,7 @@ def overlay_venv(folder: Path) -> Path:
     (Path(purelib) / "_qpipe_overlay.pth").write_text("\n".join(lines) + "\n")
     if sys.platform != "win32":  # the qpipe command, as a console script would be
         script = folder / "bin" / "qpipe"
-        script.write_text(f"#!{python.absolute()}\nimport sys\nfrom qpipe.cli import main\nsys.exit(main())\n")
+        script.write_text(f"#!{python.absolute()}\nfrom qpipe.cli import entry\nentry()\n")
         script.chmod(0o755)
     return python
 

@@ -31,5 +31,5 @@ def test_wheel_contains_plugins_and_entry_points(tmp_path):
         assert f"{module}/__init__.py" in names, module
     assert "qpipe_tflm/probe.py" in names  # the TFLM worker is started from its file
     assert dict(parser["qpipe"]) == BUILTINS
-    assert parser["console_scripts"]["qpipe"] == "qpipe.cli:main"
+    assert parser["console_scripts"]["qpipe"] == "qpipe.cli:entry"
     assert not any(n.startswith(("tests/", "examples/")) for n in names)

@@ -129,3 +129,27 @@ def test_signals_during_tracking_always_stop_the_run(_tiny_session, tmp_path, ca
     interrupted = sum(o[4] == "interrupted" for o in outcomes)
     assert interrupted >= RUNS // 2, outcomes  # most signals landed inside the run proper
     assert signals.stats["held"] > held_before, "no signal landed inside a tracker call"
+
+
+#: the console script with a command that, once done, gets a real signal while the
+#: interpreter shuts down (from an exit handler that runs before qpipe's last one)
+LATE = """
+import atexit, os, signal, sys
+from qpipe import cli
+
+def command(argv=None, pm=None):
+    atexit.register(lambda: os.kill(os.getpid(), getattr(signal, sys.argv[1])))
+    raise SystemExit(0)
+
+cli.main = command
+cli.entry()
+"""
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_interpreter_shuts_down_still_exits_non_zero(signum):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", LATE, signum], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + getattr(signal, signum), (proc.returncode, proc.stderr[-500:])
