@@ -212,6 +212,32 @@ def test_compare_prints_the_latest_or_the_given_run(tracked, store):
     assert out.exit_code == 2 and "no MLflow experiment 'nope'" in out.output and "tiny-tracked" in out.output
 
 
+@pytest.mark.parametrize("damage", ["not_sqlite", "truncated", "headline_tag"])
+def test_compare_on_a_damaged_store_or_tag_is_one_line_naming_it(tracked, store, tmp_path, damage):
+    import shutil
+
+    db = tmp_path / "copy.db"
+    shutil.copy(store[len("sqlite:///"):], db)
+    uri = f"sqlite:///{db}"
+    if damage == "not_sqlite":
+        db.write_bytes(b"this is not an MLflow database\n" * 100)
+    elif damage == "truncated":
+        data = db.read_bytes()
+        db.write_bytes(data[:len(data) // 3])
+    else:
+        latest = parent_runs(uri, "tiny-tracked")[-1]
+        client(uri).set_tag(latest.info.run_id, "qpipe.headline_spec", "{not json")
+    out = CliRunner().invoke(build_app(tracked_pm()), ["compare", "--experiment", "tiny-tracked", "--tracking-uri", uri])
+    lines = out.output.strip().splitlines()
+    assert out.exit_code == 2, out.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.output
+    assert "internal error" not in out.output and "Traceback" not in out.output
+    if damage == "headline_tag":
+        assert "qpipe.headline_spec is damaged" in lines[0], lines[0]
+    else:
+        assert f"cannot read the MLflow store at {uri}" in lines[0], lines[0]
+
+
 def test_untracked_run_writes_the_report_and_qpipe_log_sends_it_later(tiny, store):
     path = tiny.write_pipeline([{"name": "dynamic", "quantizer": "tflite.dynamic"}], name="later.yaml",
                                tracking={"experiment": "tiny-later"})

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from qpipe import QpipeError
+from qpipe.errors import short_error
 from qpipe.results import PipelineResults, VariantResult
 
 from qpipe_mlflow.target import Target, resolve_uri
@@ -72,12 +73,18 @@ def read_run(target: Target, run_id: str | None, by_experiment: bool) -> tuple[A
     """The parent run (given, or the latest) and its variants as PipelineResults."""
     from mlflow import MlflowClient
 
-    with quiet_logs():
-        client = MlflowClient(tracking_uri=target.uri)
-        parent = _parent(client, target, run_id, by_experiment)
-        children = client.search_runs([parent.info.experiment_id],
-                                      filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
-                                      order_by=["attributes.start_time ASC"], max_results=1000)
+    try:
+        with quiet_logs():
+            client = MlflowClient(tracking_uri=target.uri)
+            parent = _parent(client, target, run_id, by_experiment)
+            children = client.search_runs([parent.info.experiment_id],
+                                          filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+                                          order_by=["attributes.start_time ASC"], max_results=1000)
+    except QpipeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign store: one line naming it
+        raise QpipeError(f"cannot read the MLflow store at {target.uri}: {short_error(exc)}; check that it "
+                         "is an MLflow store (--tracking-uri) and not damaged") from None
     tags = parent.data.tags
     selected = None
     if tags.get("qpipe.selected") or tags.get("qpipe.selected_reason"):
@@ -90,9 +97,23 @@ def read_run(target: Target, run_id: str | None, by_experiment: bool) -> tuple[A
                               baseline=tags.get("qpipe.baseline", ""), variants=variants,
                               status=tags.get("qpipe.status", parent.info.status.lower()),
                               qpipe_version=tags.get("qpipe.version"), selected=selected,
-                              headline=json.loads(tags.get("qpipe.headline_spec") or "[]"),
+                              headline=_headline(parent),
                               task={"name": tags["qpipe.task"]} if tags.get("qpipe.task") else None)
     return parent, results
+
+
+def _headline(parent: Any) -> list[dict[str, str]]:
+    """The parent's ``qpipe.headline_spec`` tag, checked: a list of ``{name: str, ...}`` mappings."""
+    text = parent.data.tags.get("qpipe.headline_spec") or "[]"
+    try:
+        spec = json.loads(text)
+    except ValueError:
+        spec = None
+    if not isinstance(spec, list) or not all(isinstance(item, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in item.items()) for item in spec):
+        raise QpipeError(f"run '{parent.info.run_id}': its tag qpipe.headline_spec is damaged (expected a JSON "
+                         f"list of {{name: metric}} mappings, got {text[:60]!r}); fix or delete the tag")
+    return spec
 
 
 def _parent(client: Any, target: Target, run_id: str | None, by_experiment: bool) -> Any:
