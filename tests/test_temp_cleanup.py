@@ -68,7 +68,10 @@ def _cli(tmp_path: Path, args: list[str], interrupt_after: str | None = None) ->
     env = dict(os.environ, TMPDIR=str(system_tmp), PYTHONUNBUFFERED="1", PYTHONPATH=f"{ROOT}:{ROOT / 'plugins'}",
                MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     proc = subprocess.Popen([sys.executable, "-c", DRIVER.format(tests=str(ROOT / "tests")), *args],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a test runner may ignore SIGINT (pytest-xdist's workers do); a child
+                            # would inherit that and never see the Ctrl-C
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     if interrupt_after is not None:  # wait for the progress line (on stderr), then Ctrl-C
         assert proc.stderr is not None
