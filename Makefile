@@ -18,8 +18,9 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/qpipe run pipeline.yaml
 
+# Two workers (CI has 2 cores), whole test files per worker so module fixtures are built once.
 test: $(STAMP) chromium lint
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 # House rules, run by 'make test' (and so by CI): ruff on everything, mypy on the host (qpipe/).
 lint: $(STAMP)
