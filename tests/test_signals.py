@@ -153,3 +153,31 @@ def test_a_signal_while_the_interpreter_shuts_down_still_exits_non_zero(signum):
 
     proc = subprocess.run([sys.executable, "-c", LATE, signum], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 128 + getattr(signal, signum), (proc.returncode, proc.stderr[-500:])
+
+
+@pytest.mark.parametrize("delay", [1.0, 2.0, 3.0, 4.5])
+def test_a_signal_while_the_model_loads_stops_the_run(project, tmp_path, delay):
+    """The real script in a child, signalled 1-4.5 s in (start-up, plugins, model and data
+    loading, the first conversion on a loaded machine): never exit 0, never ``running``."""
+    import subprocess
+    import sys
+
+    signum = signal.SIGINT if delay in (1.0, 3.0) else signal.SIGTERM
+    pipeline = project.write_pipeline([{"name": "dynamic", "quantizer": "tflite.dynamic"}], cache=False)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "qpipe", "run", str(pipeline), "--no-tracking", "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # xdist ignores it
+    time.sleep(delay)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    status = json.loads((out / "results.json").read_text())["status"] if (out / "results.json").exists() else None
+    if status == "finished":  # the whole run was over before the signal: still not exit 0 (see above)
+        assert proc.returncode in (EXPECTED[signum], -signum), (proc.returncode, err[-500:])
+        return
+    if proc.returncode == -signum:  # it landed while the interpreter started, before qpipe's code ran:
+        assert status is None and not out.exists(), status  # killed like any program, nothing written
+        return
+    assert proc.returncode == EXPECTED[signum], (proc.returncode, err[-800:])
+    assert status in (None, "interrupted"), status
+    assert "Traceback" not in err
