@@ -8,7 +8,6 @@ with the real LiteRT interpreter; metrics are checked against a direct evaluatio
 
 from __future__ import annotations
 
-import ctypes
 import json
 from pathlib import Path
 
@@ -16,8 +15,9 @@ import numpy as np
 import pytest
 import yaml
 
-import qpipe
 from qpipe.testing import plugin_manager, run_pipeline_file
+
+from crashing import CrashingPlugin
 
 T, F = 8, 3
 
@@ -144,30 +144,6 @@ def test_a_fixed_batch_saved_model_runs_with_the_default_batch_size(tmp_path, ba
         x_test, c_test, _ = sequences(60, 2)
         expected = float(np.mean(model.predict(x_test, verbose=0).argmax(1) == c_test))
         assert results.variant("float32").metrics["accuracy"] == pytest.approx(expected, abs=1e-9)
-
-
-class _Segfault:
-    """Unpickled in the converter process, it reads address 0: a real SIGSEGV there."""
-
-    def __reduce__(self):
-        return (ctypes.string_at, (0,))
-
-
-class CrashingPlugin:
-    @qpipe.hookimpl
-    def qpipe_register_quantizers(self, register):
-        from qpipe_tflite import Dynamic
-
-        class Crashing(Dynamic):
-            """Dynamic range, with a setting that crashes the converter's process."""
-
-            name = "test.crashing"
-
-            def configure(self, converter, ctx) -> None:
-                super().configure(converter, ctx)
-                converter._qpipe_test_crash = _Segfault()
-
-        register(Crashing)
 
 
 @pytest.mark.slow

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-import qpipe
 from qpipe.cli import EXIT_GATE_FAILED
 
 pytestmark = pytest.mark.slow
@@ -30,35 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 DRIVER = """
 import sys
 sys.path.insert(0, {tests!r})
-from test_temp_cleanup import CrashingPlugin
+from crashing import CrashingPlugin, LeaveAndCrash
 from qpipe.cli import main
 from qpipe.testing import plugin_manager
-main(sys.argv[1:], plugin_manager(CrashingPlugin()))
+main(sys.argv[1:], plugin_manager(CrashingPlugin(LeaveAndCrash())))
 """
-
-
-class _LeaveAndCrash:
-    """Unpickled in the converter process: it makes a temp folder, then reads address 0."""
-
-    def __reduce__(self):
-        return (exec, ("import ctypes, tempfile; tempfile.mkdtemp(prefix='left-by-crash-'); ctypes.string_at(0)",))
-
-
-class CrashingPlugin:
-    @qpipe.hookimpl
-    def qpipe_register_quantizers(self, register):
-        from qpipe_tflite import Dynamic
-
-        class Crashing(Dynamic):
-            """Dynamic range, with a setting that crashes the converter's process."""
-
-            name = "test.crashing"
-
-            def configure(self, converter, ctx) -> None:
-                super().configure(converter, ctx)
-                converter._qpipe_test_crash = _LeaveAndCrash()
-
-        register(Crashing)
 
 
 def _cli(tmp_path: Path, args: list[str], interrupt_after: str | None = None) -> tuple[int, str, list[str]]:
