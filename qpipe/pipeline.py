@@ -83,6 +83,9 @@ class PipelineRunner:
             from qpipe.report import try_write_report  # summary table and charts, tracked or not
 
             self.warnings += try_write_report(results, self.output_dir, (results.extra.get("cache") or {}).get("dir"))
+            # inside the try: a signal landing during this write still closes the trackers' runs
+            results.status, results.finished = "finished", now()
+            results.write(self.output_dir, last=True)
         except BaseException as exc:
             interrupted = isinstance(exc, KeyboardInterrupt)
             results.status, results.finished = ("interrupted" if interrupted else "crashed"), now()
@@ -94,8 +97,6 @@ class PipelineRunner:
                 lifecycle.fire("qpipe_pipeline_failed", error=exc, interrupted=interrupted)
                 free_reserve(self.output_dir)
             raise
-        results.status, results.finished = "finished", now()
-        results.write(self.output_dir, last=True)
         lifecycle.fire("qpipe_pipeline_finished", results=results)
         results.write(self.output_dir, last=True)  # plugins may add to results.extra
         free_reserve(self.output_dir)
