@@ -84,9 +84,9 @@ class PipelineResults:
         """Atomically (re)write ``results.json`` in ``output_dir``.
 
         On a full disk (``last``: the record of how the run ended), the space the output
-        folder's marker set aside is given back and the write retried; failing that, the record is written compactly over the old file's own
-        bytes (no new space when it is not longer). If even that fails, the OSError is raised
-        and the old file is left as it was.
+        folder's marker set aside is given back and the write retried; failing that, the
+        record is written compactly over the old file's own bytes (no new space when it is
+        not longer). If even that fails, the OSError is raised and the old file is kept.
         """
         from qpipe.outputs import free_reserve
 
